@@ -1,0 +1,193 @@
+//! The joiner's configuration: documented environment variables, read once at start-up.
+//! `template.yaml` and the local tooling set exactly these names (a test checks it).
+
+use std::time::Duration;
+
+use crate::emit::RetryPolicy;
+use crate::join::JoinRules;
+
+/// Source stream of impressions (name or ARN). Records are told apart by their source stream.
+pub const IMPRESSIONS_STREAM_NAME: &str = "IMPRESSIONS_STREAM_NAME";
+/// Source stream of clicks (name or ARN).
+pub const CLICKS_STREAM_NAME: &str = "CLICKS_STREAM_NAME";
+/// Output stream of joined records (name or ARN).
+pub const JOINED_STREAM_NAME: &str = "JOINED_STREAM_NAME";
+/// DynamoDB table holding the join state (hash key `pk`, TTL attribute `ttl`).
+pub const STATE_TABLE_NAME: &str = "STATE_TABLE_NAME";
+/// S3 bucket for dead-letter and late-pair entries.
+pub const DEAD_LETTER_BUCKET: &str = "DEAD_LETTER_BUCKET";
+/// Key prefix of dead-letter entries. Default `dead-letter/`.
+pub const DEAD_LETTER_PREFIX: &str = "DEAD_LETTER_PREFIX";
+/// Key prefix of late-pair entries. Default `late/`.
+pub const LATE_PREFIX: &str = "LATE_PREFIX";
+/// Join window in milliseconds, both ends inclusive. Default 30000.
+pub const JOIN_WINDOW_MS: &str = "JOIN_WINDOW_MS";
+/// How long one side waits for its partner, in seconds. Default 86400.
+pub const STATE_RETENTION_SECONDS: &str = "STATE_RETENTION_SECONDS";
+/// How long DynamoDB keeps an item after its retention, so that a partner arriving then is
+/// recognised as late instead of being buffered as new. Default 86400.
+pub const STATE_TTL_GRACE_SECONDS: &str = "STATE_TTL_GRACE_SECONDS";
+/// How long a decided but unemitted pair is left to the invocation that decided it, in
+/// seconds; at least the function timeout. Default 900.
+pub const RECOVERY_LEASE_SECONDS: &str = "RECOVERY_LEASE_SECONDS";
+/// Concurrent DynamoDB / S3 requests per invocation. Default 32.
+pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
+/// Attempts per output entry on partial `PutRecords` failures. Default 5.
+pub const EMIT_MAX_ATTEMPTS: &str = "EMIT_MAX_ATTEMPTS";
+/// CloudWatch namespace of the EMF metrics. Default `adpipe`.
+pub const METRICS_NAMESPACE: &str = "METRICS_NAMESPACE";
+
+/// Every variable the joiner reads.
+pub const JOINER_ENV: &[&str] = &[
+    IMPRESSIONS_STREAM_NAME,
+    CLICKS_STREAM_NAME,
+    JOINED_STREAM_NAME,
+    STATE_TABLE_NAME,
+    DEAD_LETTER_BUCKET,
+    DEAD_LETTER_PREFIX,
+    LATE_PREFIX,
+    JOIN_WINDOW_MS,
+    STATE_RETENTION_SECONDS,
+    STATE_TTL_GRACE_SECONDS,
+    RECOVERY_LEASE_SECONDS,
+    MAX_IN_FLIGHT,
+    EMIT_MAX_ATTEMPTS,
+    METRICS_NAMESPACE,
+];
+
+/// A missing or malformed setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is required")]
+    Missing(&'static str),
+    #[error("environment variable {name} = {value:?} is not valid: {why}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// The joiner's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinerConfig {
+    pub impressions_stream: String,
+    pub clicks_stream: String,
+    pub joined_stream: String,
+    pub state_table: String,
+    pub dead_letter_bucket: String,
+    pub dead_letter_prefix: String,
+    pub late_prefix: String,
+    pub rules: JoinRules,
+    pub ttl_grace_ms: i64,
+    pub max_in_flight: usize,
+    pub emit_retry: RetryPolicy,
+    pub metrics_namespace: String,
+}
+
+impl JoinerConfig {
+    /// Reads the configuration through `lookup` (the process environment in production).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let required = |name: &'static str| {
+            lookup(name)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(ConfigError::Missing(name))
+        };
+        let text =
+            |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
+        let positive = |name: &'static str, default: i64| -> Result<i64, ConfigError> {
+            match lookup(name) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<i64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(ConfigError::Invalid {
+                        name,
+                        value: v,
+                        why: "expected a positive whole number",
+                    }),
+                },
+            }
+        };
+        Ok(JoinerConfig {
+            impressions_stream: stream_name(&required(IMPRESSIONS_STREAM_NAME)?).to_owned(),
+            clicks_stream: stream_name(&required(CLICKS_STREAM_NAME)?).to_owned(),
+            joined_stream: stream_name(&required(JOINED_STREAM_NAME)?).to_owned(),
+            state_table: required(STATE_TABLE_NAME)?,
+            dead_letter_bucket: required(DEAD_LETTER_BUCKET)?,
+            dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
+            late_prefix: text(LATE_PREFIX, "late/"),
+            rules: JoinRules {
+                window_ms: positive(JOIN_WINDOW_MS, 30_000)?,
+                retention_ms: positive(STATE_RETENTION_SECONDS, 86_400)? * 1000,
+                recovery_lease_ms: positive(RECOVERY_LEASE_SECONDS, 900)? * 1000,
+            },
+            ttl_grace_ms: positive(STATE_TTL_GRACE_SECONDS, 86_400)? * 1000,
+            max_in_flight: positive(MAX_IN_FLIGHT, 32)? as usize,
+            emit_retry: RetryPolicy {
+                max_attempts: positive(EMIT_MAX_ATTEMPTS, 5)? as u32,
+                base_delay: Duration::from_millis(50),
+                max_delay: Duration::from_secs(2),
+            },
+            metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
+        })
+    }
+}
+
+/// The stream name of a name or a stream ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
+pub fn stream_name(name_or_arn: &str) -> &str {
+    match name_or_arn.rsplit_once(":stream/") {
+        Some((_, name)) => name,
+        None => name_or_arn,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const REQUIRED: &[(&str, &str)] = &[
+        (
+            IMPRESSIONS_STREAM_NAME,
+            "arn:aws:kinesis:us-east-1:123456789012:stream/imps",
+        ),
+        (CLICKS_STREAM_NAME, "clicks"),
+        (JOINED_STREAM_NAME, "joined"),
+        (STATE_TABLE_NAME, "state"),
+        (DEAD_LETTER_BUCKET, "bucket"),
+    ];
+
+    #[test]
+    fn defaults_apply_and_arns_become_names() {
+        let c = JoinerConfig::from_lookup(env(REQUIRED)).unwrap();
+        assert_eq!(c.impressions_stream, "imps");
+        assert_eq!(c.rules, JoinRules::default());
+        assert_eq!(c.max_in_flight, 32);
+        assert_eq!(c.dead_letter_prefix, "dead-letter/");
+    }
+
+    #[test]
+    fn missing_and_invalid_values_are_named() {
+        assert_eq!(
+            JoinerConfig::from_lookup(env(&REQUIRED[1..])).unwrap_err(),
+            ConfigError::Missing(IMPRESSIONS_STREAM_NAME)
+        );
+        let mut pairs = REQUIRED.to_vec();
+        pairs.push((JOIN_WINDOW_MS, "-5"));
+        assert!(matches!(
+            JoinerConfig::from_lookup(env(&pairs)).unwrap_err(),
+            ConfigError::Invalid {
+                name: JOIN_WINDOW_MS,
+                ..
+            }
+        ));
+    }
+}

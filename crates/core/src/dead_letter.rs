@@ -1,0 +1,131 @@
+//! Dead-letter and late-pair entries: their JSON body and their deterministic object keys.
+//!
+//! A key names the record's identity (its Kinesis position, or the pair key for late pairs), so
+//! a retried batch rewrites the same object: every bad record is dead-lettered exactly once.
+
+use base64::Engine;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde_json::json;
+
+use crate::join::LatePair;
+use crate::model::{JoinedRecord, SourcePosition};
+use crate::ports::DeadLetter;
+use crate::time::format_millis;
+use crate::validate::Rejection;
+
+/// Everything but `A-Z a-z 0-9 - _ .` is escaped, so a key segment can never contain `/` or
+/// form `..`-style traversal, whatever the input.
+const KEY_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+
+/// One safe S3 key segment from untrusted text. `.` and `..` are escaped too.
+pub fn key_segment(raw: &str) -> String {
+    let enc = utf8_percent_encode(raw, KEY_SEGMENT).to_string();
+    if enc.is_empty() {
+        "%00".to_owned()
+    } else {
+        enc
+    }
+}
+
+/// The entry for a refused record.
+pub fn rejected(
+    prefix: &str,
+    function: &str,
+    position: &SourcePosition,
+    data: &[u8],
+    rejection: &Rejection,
+    now_ms: i64,
+) -> DeadLetter {
+    let key = format!(
+        "{prefix}{}/{}/{}/{}.json",
+        key_segment(function),
+        key_segment(&position.stream),
+        key_segment(&position.shard),
+        key_segment(&position.sequence_number)
+    );
+    let mut body = json!({
+        "kind": "rejected",
+        "function": function,
+        "reason": rejection.reason.as_str(),
+        "detail": rejection.detail,
+        "stream": position.stream,
+        "shard": position.shard,
+        "sequence_number": position.sequence_number,
+        "recorded_at": format_millis(now_ms),
+        "data_base64": base64::engine::general_purpose::STANDARD.encode(data),
+    });
+    if let Ok(text) = std::str::from_utf8(data) {
+        body["data"] = json!(text);
+    }
+    DeadLetter {
+        key,
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// The entry for a pair whose partners met only after the retention.
+pub fn late(
+    prefix: &str,
+    function: &str,
+    pair: &LatePair,
+    retention_ms: i64,
+    now_ms: i64,
+) -> DeadLetter {
+    let key = format!(
+        "{prefix}{}/{}/{}.json",
+        key_segment(function),
+        key_segment(&pair.impression.impression_id),
+        key_segment(&pair.click.click_id)
+    );
+    let body = json!({
+        "kind": "late",
+        "function": function,
+        "reason": "partner arrived after the state retention",
+        "arrival_gap_ms": pair.arrival_gap_ms,
+        "retention_ms": retention_ms,
+        "recorded_at": format_millis(now_ms),
+        "pair": JoinedRecord::new(&pair.impression, &pair.click),
+    });
+    DeadLetter {
+        key,
+        body: body.to_string().into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::RejectReason;
+
+    #[test]
+    fn key_segments_cannot_traverse_or_nest() {
+        for raw in ["../x", "a/b", "%2F", "..", ".", "", "ü/é", "a b"] {
+            let seg = key_segment(raw);
+            assert!(!seg.contains('/'), "{raw} -> {seg}");
+            assert!(seg != "." && seg != "..", "{raw} -> {seg}");
+            assert!(seg.is_ascii());
+        }
+        assert_eq!(key_segment("shardId-000000000000"), "shardId-000000000000");
+        assert_ne!(key_segment("%2F"), key_segment("/"));
+    }
+
+    #[test]
+    fn rejected_entry_keeps_reason_position_and_raw_bytes() {
+        let pos = SourcePosition {
+            stream: "adpipe-impressions".into(),
+            shard: "shardId-000000000001".into(),
+            sequence_number: "4959".into(),
+        };
+        let rej = Rejection::new(RejectReason::InvalidJson, "bad");
+        let letter = rejected("dead-letter/", "joiner", &pos, b"\xffoops", &rej, 0);
+        assert_eq!(
+            letter.key,
+            "dead-letter/joiner/adpipe-impressions/shardId-000000000001/4959.json"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
+        assert_eq!(body["reason"], "invalid_json");
+        assert_eq!(body["sequence_number"], "4959");
+        assert_eq!(body["data_base64"], "/29vcHM=");
+        assert!(body.get("data").is_none(), "not UTF-8, so only base64");
+    }
+}

@@ -1,0 +1,162 @@
+//! The domain records: impressions, clicks, joined pairs, and where each input came from.
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::format_millis;
+
+/// Version of the joined-record JSON schema written to the joined stream (see `docs/SCHEMAS.md`).
+pub const JOINED_SCHEMA_VERSION: u32 = 1;
+
+/// Which input stream a record came from. Decided by configuration (the source stream's
+/// name), never by guessing from the record's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Impression,
+    Click,
+}
+
+/// Where an input record sits in Kinesis. Sequence numbers are opaque strings: real ones have
+/// up to 129 digits, local endpoints use short ones, so they are never parsed as numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub stream: String,
+    pub shard: String,
+    pub sequence_number: String,
+}
+
+impl SourcePosition {
+    /// A short, stable digest of the position, stored with each side of the join state so a
+    /// later delivery can tell whether it is the very record that wrote that side (a Lambda
+    /// retry) or another delivery of the same event.
+    pub fn key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [&self.stream, &self.shard, &self.sequence_number] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// One raw record of a Kinesis batch, as the event source mapping delivered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRecord {
+    pub position: SourcePosition,
+    pub data: Vec<u8>,
+}
+
+/// A validated ad impression. Event time is held in UTC epoch milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Impression {
+    pub ad_id: String,
+    pub impression_id: String,
+    pub campaign_id: String,
+    pub publisher_id: String,
+    pub event_time_ms: i64,
+    pub device_type: String,
+    pub geo_location: String,
+    pub platform: String,
+    pub ad_type: String,
+    pub bid_price: f64,
+}
+
+/// A validated click. `click_id` is the producer's, or derived from the content when absent
+/// (`click_id_derived`), so that a redelivered click keeps its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Click {
+    pub ad_id: String,
+    pub impression_id: String,
+    pub campaign_id: String,
+    pub publisher_id: String,
+    pub event_time_ms: i64,
+    pub device_type: String,
+    pub geo_location: String,
+    pub platform: String,
+    pub click_price: f64,
+    pub click_id: String,
+    pub click_id_derived: bool,
+}
+
+/// A validated input event of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Impression(Impression),
+    Click(Click),
+}
+
+impl Event {
+    /// The key both sides share in the join state.
+    pub fn impression_id(&self) -> &str {
+        match self {
+            Event::Impression(i) => &i.impression_id,
+            Event::Click(c) => &c.impression_id,
+        }
+    }
+}
+
+/// One attributed click: the joined stream's record (schema version [`JOINED_SCHEMA_VERSION`]).
+///
+/// The pair key is `(impression_id, click_id)`. Shared fields hold the impression's values;
+/// the click's own values of the fields both sides carry are kept under `click_*`, so no input
+/// field is lost. The content is a pure function of the two stored events, so a re-emitted
+/// pair is byte-for-byte the same record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinedRecord {
+    pub schema_version: u32,
+    pub impression_id: String,
+    pub click_id: String,
+    pub click_id_derived: bool,
+    pub ad_id: String,
+    pub campaign_id: String,
+    pub publisher_id: String,
+    pub impression_time: String,
+    pub click_time: String,
+    pub device_type: String,
+    pub geo_location: String,
+    pub platform: String,
+    pub ad_type: String,
+    pub bid_price: f64,
+    pub click_price: f64,
+    pub click_campaign_id: String,
+    pub click_publisher_id: String,
+    pub click_device_type: String,
+    pub click_geo_location: String,
+    pub click_platform: String,
+}
+
+impl JoinedRecord {
+    pub fn new(imp: &Impression, click: &Click) -> Self {
+        JoinedRecord {
+            schema_version: JOINED_SCHEMA_VERSION,
+            impression_id: imp.impression_id.clone(),
+            click_id: click.click_id.clone(),
+            click_id_derived: click.click_id_derived,
+            ad_id: imp.ad_id.clone(),
+            campaign_id: imp.campaign_id.clone(),
+            publisher_id: imp.publisher_id.clone(),
+            impression_time: format_millis(imp.event_time_ms),
+            click_time: format_millis(click.event_time_ms),
+            device_type: imp.device_type.clone(),
+            geo_location: imp.geo_location.clone(),
+            platform: imp.platform.clone(),
+            ad_type: imp.ad_type.clone(),
+            bid_price: imp.bid_price,
+            click_price: click.click_price,
+            click_campaign_id: click.campaign_id.clone(),
+            click_publisher_id: click.publisher_id.clone(),
+            click_device_type: click.device_type.clone(),
+            click_geo_location: click.geo_location.clone(),
+            click_platform: click.platform.clone(),
+        }
+    }
+
+    /// The pair key, `(impression_id, click_id)`.
+    pub fn pair_key(&self) -> (&str, &str) {
+        (&self.impression_id, &self.click_id)
+    }
+}

@@ -1,0 +1,112 @@
+//! Ports: the capabilities the joiner needs from the outside world, in domain types only.
+//! AWS adapters live in `adpipe-aws`; in-memory ones in [`crate::memory`].
+
+use std::future::Future;
+
+use crate::join::{click_token, JoinItem, StoredClick, StoredImpression, IMPRESSION_TOKEN};
+
+/// A failure reported by an adapter. Every variant fails the record that needed it, so Lambda
+/// redelivers it; `retryable` says whether trying again can help (for logs and alarms).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    /// The service throttled us (e.g. DynamoDB `ProvisionedThroughputExceededException`)
+    /// after the SDK's own retries.
+    #[error("throttled: {0}")]
+    Throttled(String),
+    /// Network trouble, timeouts, 5xx.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// The service refused the request as malformed or forbidden; retrying will not help.
+    #[error("request rejected: {0}")]
+    Rejected(String),
+    /// Stored state could not be read back (a schema or encoding bug).
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+impl PortError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, PortError::Throttled(_) | PortError::Unavailable(_))
+    }
+}
+
+/// One side of a join, to be stored in its impression's item.
+#[derive(Debug, Clone, Copy)]
+pub enum SideWrite<'a> {
+    Impression(&'a StoredImpression),
+    Click(&'a StoredClick),
+}
+
+impl SideWrite<'_> {
+    pub fn impression_id(&self) -> &str {
+        match self {
+            SideWrite::Impression(i) => &i.impression.impression_id,
+            SideWrite::Click(c) => &c.click.impression_id,
+        }
+    }
+
+    /// The token appended to the item's write order ([`JoinItem::order`]).
+    pub fn order_token(&self) -> String {
+        match self {
+            SideWrite::Impression(_) => IMPRESSION_TOKEN.to_owned(),
+            SideWrite::Click(c) => click_token(&c.click.click_id),
+        }
+    }
+}
+
+/// Join state keyed by `impression_id`.
+pub trait JoinState: Send + Sync {
+    /// Atomically: stores `side` unless that side (the impression, or this click id) is already
+    /// stored, appends its [`SideWrite::order_token`] to the write order, sets the item's expiry
+    /// to `ttl_epoch_s`, and returns the item as it was before.
+    fn put_if_absent(
+        &self,
+        side: SideWrite<'_>,
+        ttl_epoch_s: i64,
+    ) -> impl Future<Output = Result<JoinItem, PortError>> + Send;
+
+    /// Records that the pair's joined record is on the output stream.
+    fn mark_emitted(
+        &self,
+        impression_id: &str,
+        click_id: &str,
+        ttl_epoch_s: i64,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// One record for an output stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutRecord {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+/// The per-entry result of a multi-record put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryResult {
+    Accepted,
+    Failed { code: String, message: String },
+}
+
+/// An output stream.
+pub trait RecordSink: Send + Sync {
+    /// Sends one request of at most [`crate::emit::MAX_RECORDS_PER_PUT`] records and
+    /// [`crate::emit::MAX_BYTES_PER_PUT`] bytes. `Ok` holds one result per record, in order.
+    fn put_records(
+        &self,
+        records: &[OutRecord],
+    ) -> impl Future<Output = Result<Vec<EntryResult>, PortError>> + Send;
+}
+
+/// An object written to the dead-letter (or late/orphan) destination. The key is derived from
+/// the record's identity, so writing it again after a retry overwrites, never adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub key: String,
+    pub body: Vec<u8>,
+}
+
+/// The dead-letter destination.
+pub trait DeadLetterSink: Send + Sync {
+    fn put(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PortError>> + Send;
+}

@@ -1,0 +1,515 @@
+//! Test kit (feature `testkit`): random join scenarios, a poller that replays Lambda's Kinesis
+//! event source mapping (batches, checkpoint at the first reported failure, redelivery),
+//! fault-injecting wrappers for any port, and the plain nested-loop reference join.
+//!
+//! Used by the core's property tests (in-memory state, many cases) and by the integration
+//! tests (DynamoDB on the local endpoint, fewer cases): the same property for both.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use serde_json::json;
+
+use crate::batch::BatchJoiner;
+use crate::join::{attributes, JoinItem, JoinRules};
+use crate::model::{Click, Impression, InputRecord, JoinedRecord, SourcePosition};
+use crate::ports::{
+    DeadLetter, DeadLetterSink, EntryResult, JoinState, OutRecord, PortError, RecordSink, SideWrite,
+};
+use crate::time::format_millis;
+
+/// A small deterministic PRNG (SplitMix64), so a scenario is a pure function of its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Offsets (click − impression event time, ms) that probe the window edges.
+const EDGE_OFFSETS: [i64; 9] = [-30_001, -30_000, -29_999, -1, 0, 1, 29_999, 30_000, 30_001];
+
+/// A generated workload: events, and the order and duplication of their delivery.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub impressions: Vec<Impression>,
+    pub clicks: Vec<Click>,
+    /// Raw records of the impressions stream in delivery order (duplicates included).
+    pub impression_stream: Vec<Vec<u8>>,
+    /// Raw records of the clicks stream in delivery order (duplicates included).
+    pub click_stream: Vec<Vec<u8>>,
+}
+
+/// Knobs for [`Scenario::generate`].
+#[derive(Debug, Clone, Copy)]
+pub struct ScenarioSize {
+    pub impressions: usize,
+    pub clicks: usize,
+    /// Share of deliveries repeated later in the stream.
+    pub duplicate_rate: f64,
+}
+
+impl Scenario {
+    /// Builds a scenario from a seed. `id_prefix` keeps scenarios apart in a shared table.
+    pub fn generate(seed: u64, size: ScenarioSize, id_prefix: &str) -> Scenario {
+        let mut rng = Rng::new(seed);
+        let base = 1_795_169_730_000i64;
+        let impressions: Vec<Impression> = (0..size.impressions)
+            .map(|n| Impression {
+                ad_id: format!("ad-{}", rng.below(3)),
+                impression_id: format!("{id_prefix}imp-{n}"),
+                campaign_id: format!("camp-{}", rng.below(4)),
+                publisher_id: format!("pub-{}", rng.below(5)),
+                event_time_ms: base + rng.below(600_000) as i64,
+                device_type: ["mobile", "Tablet", " desktop ", "tv"][rng.below(4) as usize].into(),
+                geo_location: "US".into(),
+                platform: "ios".into(),
+                ad_type: "banner".into(),
+                bid_price: (rng.below(10_000) as f64) / 100.0,
+            })
+            .collect();
+        let clicks: Vec<Click> = (0..size.clicks)
+            .map(|n| {
+                // Mostly clicks on a real impression; some for an impression that never comes.
+                let (imp_id, ad_id, imp_time) = if impressions.is_empty() || rng.chance(0.1) {
+                    (
+                        format!("{id_prefix}imp-missing-{}", rng.below(3)),
+                        "ad-0".to_owned(),
+                        base,
+                    )
+                } else {
+                    let i = &impressions[rng.below(impressions.len() as u64) as usize];
+                    let ad = if rng.chance(0.9) {
+                        i.ad_id.clone()
+                    } else {
+                        "ad-other".into()
+                    };
+                    (i.impression_id.clone(), ad, i.event_time_ms)
+                };
+                let offset = if rng.chance(0.5) {
+                    EDGE_OFFSETS[rng.below(EDGE_OFFSETS.len() as u64) as usize]
+                } else {
+                    rng.below(80_001) as i64 - 40_000
+                };
+                let explicit_id = rng.chance(0.5);
+                let mut click = Click {
+                    ad_id,
+                    impression_id: imp_id,
+                    campaign_id: "camp-0".into(),
+                    publisher_id: "pub-0".into(),
+                    event_time_ms: imp_time + offset,
+                    device_type: "mobile".into(),
+                    geo_location: "US".into(),
+                    platform: "ios".into(),
+                    // Distinct prices keep derived ids distinct.
+                    click_price: n as f64 / 100.0,
+                    click_id: format!("{id_prefix}clk-{n}"),
+                    click_id_derived: false,
+                };
+                if !explicit_id {
+                    click.click_id = crate::validate::derive_click_id(&click);
+                    click.click_id_derived = true;
+                }
+                click
+            })
+            .collect();
+        let impression_stream = deliveries(
+            &mut rng,
+            impressions.iter().map(impression_json).collect(),
+            size.duplicate_rate,
+        );
+        let click_stream = deliveries(
+            &mut rng,
+            clicks.iter().map(click_json).collect(),
+            size.duplicate_rate,
+        );
+        Scenario {
+            impressions,
+            clicks,
+            impression_stream,
+            click_stream,
+        }
+    }
+
+    /// The plain nested-loop reference join over the distinct events.
+    pub fn reference_join(&self, rules: &JoinRules) -> Vec<JoinedRecord> {
+        let mut out = Vec::new();
+        for imp in &self.impressions {
+            for click in &self.clicks {
+                if attributes(rules, imp, click) {
+                    out.push(JoinedRecord::new(imp, click));
+                }
+            }
+        }
+        sorted(out)
+    }
+}
+
+fn deliveries(rng: &mut Rng, records: Vec<Vec<u8>>, duplicate_rate: f64) -> Vec<Vec<u8>> {
+    let mut out = records.clone();
+    for r in &records {
+        if rng.chance(duplicate_rate) {
+            out.push(r.clone());
+        }
+    }
+    rng.shuffle(&mut out);
+    out
+}
+
+/// The wire JSON of an impression, as a producer would send it.
+pub fn impression_json(i: &Impression) -> Vec<u8> {
+    json!({
+        "ad_id": i.ad_id, "impression_id": i.impression_id, "campaign_id": i.campaign_id,
+        "publisher_id": i.publisher_id, "event_time": format_millis(i.event_time_ms),
+        "device_type": i.device_type, "geo_location": i.geo_location, "platform": i.platform,
+        "ad_type": i.ad_type, "bid_price": i.bid_price,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The wire JSON of a click; a derived id is left out, as a producer without ids would.
+pub fn click_json(c: &Click) -> Vec<u8> {
+    let mut v = json!({
+        "ad_id": c.ad_id, "impression_id": c.impression_id, "campaign_id": c.campaign_id,
+        "publisher_id": c.publisher_id, "event_time": format_millis(c.event_time_ms),
+        "device_type": c.device_type, "geo_location": c.geo_location, "platform": c.platform,
+        "click_price": c.click_price,
+    });
+    if !c.click_id_derived {
+        v["click_id"] = json!(c.click_id);
+    }
+    v.to_string().into_bytes()
+}
+
+/// Joined records sorted by pair key (duplicates kept, so a comparison sees them).
+pub fn sorted(mut v: Vec<JoinedRecord>) -> Vec<JoinedRecord> {
+    v.sort_by(|a, b| a.pair_key().cmp(&b.pair_key()));
+    v
+}
+
+/// Decodes what an output stream received.
+pub fn decode_joined(records: &[OutRecord]) -> Vec<JoinedRecord> {
+    sorted(
+        records
+            .iter()
+            .map(|r| serde_json::from_slice(&r.data).expect("joined record is valid JSON"))
+            .collect(),
+    )
+}
+
+/// Replays one shard the way Lambda's event source mapping does: batches of up to
+/// `batch_size`, and on a reported failure the next batch starts at the failed record.
+#[derive(Debug)]
+pub struct ShardPoller {
+    pub stream: String,
+    pub shard: String,
+    records: Vec<Vec<u8>>,
+    cursor: usize,
+    pub invocations: u32,
+    pub redelivered: u64,
+}
+
+impl ShardPoller {
+    pub fn new(stream: &str, shard: &str, records: Vec<Vec<u8>>) -> Self {
+        ShardPoller {
+            stream: stream.into(),
+            shard: shard.into(),
+            records,
+            cursor: 0,
+            invocations: 0,
+            redelivered: 0,
+        }
+    }
+
+    pub fn drained(&self) -> bool {
+        self.cursor >= self.records.len()
+    }
+
+    /// The next batch, as the event source mapping would deliver it.
+    pub fn next_batch(&self, batch_size: usize) -> Vec<InputRecord> {
+        let end = (self.cursor + batch_size.max(1)).min(self.records.len());
+        (self.cursor..end)
+            .map(|i| InputRecord {
+                position: SourcePosition {
+                    stream: self.stream.clone(),
+                    shard: self.shard.clone(),
+                    // Opaque, zero-padded like real ones; never parsed as a number.
+                    sequence_number: format!("4960{i:020}"),
+                },
+                data: self.records[i].clone(),
+            })
+            .collect()
+    }
+
+    /// Advances past the batch, or to its first failed record.
+    pub fn checkpoint(&mut self, batch_len: usize, first_failure: Option<usize>) {
+        self.invocations += 1;
+        match first_failure {
+            Some(f) => {
+                self.redelivered += (batch_len - f) as u64;
+                self.cursor += f;
+            }
+            None => self.cursor += batch_len,
+        }
+    }
+}
+
+/// Runs both input streams through the joiner until drained, interleaving their batches by the
+/// seed (as two concurrent event source mappings would), with `now_ms` advancing per batch.
+/// Gives up after `max_invocations` (so a stuck shard fails the test instead of hanging).
+pub async fn run_to_completion<S: JoinState, K: RecordSink, D: DeadLetterSink>(
+    joiner: &BatchJoiner<S, K, D>,
+    scenario: &Scenario,
+    seed: u64,
+    max_batch: usize,
+    max_invocations: u32,
+) -> Result<(ShardPoller, ShardPoller), String> {
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let mut imps = ShardPoller::new(
+        &joiner.config.impressions_stream,
+        "shardId-000000000000",
+        scenario.impression_stream.clone(),
+    );
+    let mut clicks = ShardPoller::new(
+        &joiner.config.clicks_stream,
+        "shardId-000000000000",
+        scenario.click_stream.clone(),
+    );
+    let mut now_ms = 1_795_169_800_000i64;
+    while !(imps.drained() && clicks.drained()) {
+        if imps.invocations + clicks.invocations >= max_invocations {
+            return Err(format!(
+                "streams not drained after {max_invocations} invocations (impressions at {}, clicks at {})",
+                imps.cursor, clicks.cursor
+            ));
+        }
+        let poller = if clicks.drained() || (!imps.drained() && rng.chance(0.5)) {
+            &mut imps
+        } else {
+            &mut clicks
+        };
+        let batch = poller.next_batch(1 + rng.below(max_batch as u64) as usize);
+        now_ms += 1 + rng.below(500) as i64;
+        let report = joiner.process(&batch, now_ms).await;
+        poller.checkpoint(batch.len(), report.first_failure);
+    }
+    Ok((imps, clicks))
+}
+
+/// Like [`run_to_completion`], but the two streams' pollers run as concurrent tasks, as two
+/// event source mappings invoke the function in parallel: partners of one pair can be written
+/// by overlapping invocations. Each poller still processes its own shard in order.
+pub async fn run_concurrently<S: JoinState, K: RecordSink, D: DeadLetterSink>(
+    joiner: &BatchJoiner<S, K, D>,
+    scenario: &Scenario,
+    seed: u64,
+    max_batch: usize,
+    max_invocations: u32,
+) -> Result<(ShardPoller, ShardPoller), String> {
+    let clock = std::sync::atomic::AtomicI64::new(1_795_169_800_000);
+    let drive = |mut poller: ShardPoller, mut rng: Rng| {
+        let clock = &clock;
+        async move {
+            while !poller.drained() {
+                if poller.invocations >= max_invocations {
+                    return Err(format!(
+                        "{} not drained after {max_invocations} invocations",
+                        poller.stream
+                    ));
+                }
+                let batch = poller.next_batch(1 + rng.below(max_batch as u64) as usize);
+                let now_ms = clock.fetch_add(
+                    1 + rng.below(500) as i64,
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+                let report = joiner.process(&batch, now_ms).await;
+                poller.checkpoint(batch.len(), report.first_failure);
+            }
+            Ok(poller)
+        }
+    };
+    let imps = ShardPoller::new(
+        &joiner.config.impressions_stream,
+        "shardId-000000000000",
+        scenario.impression_stream.clone(),
+    );
+    let clicks = ShardPoller::new(
+        &joiner.config.clicks_stream,
+        "shardId-000000000000",
+        scenario.click_stream.clone(),
+    );
+    let (a, b) = futures::join!(
+        drive(imps, Rng::new(seed ^ 0xA)),
+        drive(clicks, Rng::new(seed ^ 0xB))
+    );
+    Ok((a?, b?))
+}
+
+/// How a wrapped port misbehaves: each call fails with probability `rate`, at most `budget`
+/// times in all, so every scenario terminates.
+#[derive(Debug)]
+pub struct FaultPlan {
+    rng: Mutex<Rng>,
+    rate: f64,
+    budget: Mutex<u32>,
+    injected: Mutex<u32>,
+}
+
+impl FaultPlan {
+    pub fn new(seed: u64, rate: f64, budget: u32) -> Self {
+        FaultPlan {
+            rng: Mutex::new(Rng::new(seed)),
+            rate,
+            budget: Mutex::new(budget),
+            injected: Mutex::new(0),
+        }
+    }
+
+    /// Whether to fail this call, and a second random bit for the failure mode.
+    fn roll(&self) -> Option<bool> {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        if *budget > 0 && rng.chance(self.rate) {
+            *budget -= 1;
+            *self.injected.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            Some(rng.chance(0.5))
+        } else {
+            None
+        }
+    }
+
+    pub fn injected(&self) -> u32 {
+        *self.injected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Join state that throttles before a write, or loses the response after the write succeeded.
+/// `mark_emitted` is left alone (see [`FaultySink`] and DESIGN.md on the mark's crash window).
+pub struct FaultyState<S> {
+    pub inner: S,
+    pub plan: FaultPlan,
+}
+
+impl<S: JoinState> JoinState for FaultyState<S> {
+    async fn put_if_absent(
+        &self,
+        side: SideWrite<'_>,
+        ttl_epoch_s: i64,
+    ) -> Result<JoinItem, PortError> {
+        match self.plan.roll() {
+            Some(true) => Err(PortError::Throttled(
+                "injected: ProvisionedThroughputExceededException".into(),
+            )),
+            Some(false) => {
+                self.inner.put_if_absent(side, ttl_epoch_s).await?;
+                Err(PortError::Unavailable(
+                    "injected: response lost after the write".into(),
+                ))
+            }
+            None => self.inner.put_if_absent(side, ttl_epoch_s).await,
+        }
+    }
+
+    async fn mark_emitted(
+        &self,
+        impression_id: &str,
+        click_id: &str,
+        ttl_epoch_s: i64,
+    ) -> Result<(), PortError> {
+        self.inner
+            .mark_emitted(impression_id, click_id, ttl_epoch_s)
+            .await
+    }
+}
+
+/// An output stream with partial `PutRecords` failures: failed entries are not forwarded, the
+/// rest go to the real sink, and the results line up as Kinesis' would.
+pub struct FaultySink<K> {
+    pub inner: K,
+    pub plan: FaultPlan,
+}
+
+impl<K: RecordSink> RecordSink for FaultySink<K> {
+    async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<EntryResult>, PortError> {
+        let fail: Vec<bool> = records.iter().map(|_| self.plan.roll().is_some()).collect();
+        let forward: Vec<OutRecord> = records
+            .iter()
+            .zip(&fail)
+            .filter(|(_, f)| !**f)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut forwarded = if forward.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.put_records(&forward).await?
+        }
+        .into_iter();
+        Ok(fail
+            .iter()
+            .map(|&f| {
+                if f {
+                    EntryResult::Failed {
+                        code: "ProvisionedThroughputExceededException".into(),
+                        message: "injected partial failure".into(),
+                    }
+                } else {
+                    forwarded.next().unwrap_or(EntryResult::Failed {
+                        code: "InternalFailure".into(),
+                        message: "missing result".into(),
+                    })
+                }
+            })
+            .collect())
+    }
+}
+
+/// A dead-letter destination that fails some puts before writing.
+pub struct FaultyDeadLetters<D> {
+    pub inner: D,
+    pub plan: FaultPlan,
+}
+
+impl<D: DeadLetterSink> DeadLetterSink for FaultyDeadLetters<D> {
+    async fn put(&self, letter: &DeadLetter) -> Result<(), PortError> {
+        match self.plan.roll() {
+            Some(_) => Err(PortError::Unavailable("injected: S3 503 SlowDown".into())),
+            None => self.inner.put(letter).await,
+        }
+    }
+}
+
+/// The distinct pair keys of some joined records.
+pub fn pair_keys(records: &[JoinedRecord]) -> BTreeSet<(String, String)> {
+    records
+        .iter()
+        .map(|r| (r.impression_id.clone(), r.click_id.clone()))
+        .collect()
+}

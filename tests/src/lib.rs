@@ -1,0 +1,316 @@
+//! Integration-test harness: a real AWS-compatible endpoint (`moto_server`, from the project's
+//! venv) started by the tests themselves on a free loopback port, SDK clients pointed at it,
+//! and helpers to provision resources and read back what the functions wrote.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use adpipe_aws::Clients;
+use anyhow::{anyhow, bail, Context, Result};
+use aws_credential_types::Credentials;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    TimeToLiveSpecification,
+};
+use aws_sdk_kinesis::types::ShardIteratorType;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Reads a sample event from `events/` — the same files `cargo lambda invoke --data-file` uses.
+pub fn load_event(name: &str) -> KinesisEvent {
+    let path = workspace_root().join("events").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// A running local endpoint.
+#[derive(Debug)]
+pub struct LocalAws {
+    pub endpoint: String,
+}
+
+static LOCAL: OnceLock<std::result::Result<LocalAws, String>> = OnceLock::new();
+
+impl LocalAws {
+    /// The endpoint shared by every test in this process, started on first use.
+    pub fn shared() -> &'static LocalAws {
+        match LOCAL.get_or_init(|| start().map_err(|e| format!("{e:#}"))) {
+            Ok(local) => local,
+            Err(e) => panic!("local AWS endpoint did not start: {e}"),
+        }
+    }
+
+    /// SDK configuration for the endpoint: fixed region and dummy credentials.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "adpipe-tests"))
+            .endpoint_url(&self.endpoint)
+            .load()
+            .await
+    }
+
+    pub async fn clients(&self) -> Clients {
+        Clients::new(&self.sdk_config().await)
+    }
+}
+
+fn moto_server() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ADPIPE_MOTO_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    let path = root.join(".venv/bin/moto_server");
+    // Idempotent and fast once installed: a plain `cargo test` works on a fresh machine too.
+    let status = Command::new("bash")
+        .arg(root.join("scripts/venv.sh"))
+        .status()
+        .context("running scripts/venv.sh")?;
+    if !status.success() {
+        bail!("scripts/venv.sh failed ({status})");
+    }
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start() -> Result<LocalAws> {
+    let server = moto_server()?;
+    let mut last_error = anyhow!("not started");
+    for _ in 0..3 {
+        let port = free_port()?;
+        let log = workspace_root().join(format!("target/moto-{port}.log"));
+        let (tx, rx) = mpsc::channel();
+        let program = server.clone();
+        // The child gets SIGTERM when the thread that forked it exits (PR_SET_PDEATHSIG). This
+        // thread never exits, so the server lives exactly as long as the test process.
+        std::thread::Builder::new()
+            .name("moto-server".into())
+            .spawn(move || {
+                let spawned = (|| -> Result<std::process::Child> {
+                    let log = std::fs::File::create(&log)?;
+                    let mut cmd = Command::new(&program);
+                    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                        .stdin(Stdio::null())
+                        .stdout(log.try_clone()?)
+                        .stderr(log);
+                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                    unsafe {
+                        use std::os::unix::process::CommandExt;
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    Ok(cmd.spawn()?)
+                })();
+                match spawned {
+                    Ok(child) => {
+                        let _ = tx.send(Ok(()));
+                        let _keep = child;
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+        rx.recv()?
+            .with_context(|| format!("spawning {}", server.display()))?;
+        match wait_ready(port, Duration::from_secs(60)) {
+            Ok(()) => {
+                return Ok(LocalAws {
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                })
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
+fn wait_ready(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::Write;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            if s.write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .is_ok()
+            {
+                let mut buf = [0u8; 12];
+                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
+                    return Ok(());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("moto_server on port {port} not ready within {timeout:?}")
+}
+
+/// A name no other test in this run uses (lowercase, valid for buckets, tables and streams).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates the join-state table: key `pk`, on-demand, TTL on `ttl` (as `template.yaml` does).
+pub async fn create_state_table(clients: &Clients, name: &str) -> Result<()> {
+    clients
+        .dynamodb
+        .create_table()
+        .table_name(name)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(KeyType::Hash)
+                .build()?,
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await?;
+    clients
+        .dynamodb
+        .update_time_to_live()
+        .table_name(name)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name("ttl")
+                .enabled(true)
+                .build()?,
+        )
+        .send()
+        .await?;
+    Ok(())
+}
+
+/// Creates a stream and waits until it is active.
+pub async fn create_stream(clients: &Clients, name: &str, shards: i32) -> Result<()> {
+    clients
+        .kinesis
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await?;
+    for _ in 0..100 {
+        let d = clients
+            .kinesis
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await?;
+        if d.stream_description_summary()
+            .map(|s| s.stream_status().as_str())
+            == Some("ACTIVE")
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("stream {name} did not become active")
+}
+
+pub async fn create_bucket(clients: &Clients, name: &str) -> Result<()> {
+    clients.s3.create_bucket().bucket(name).send().await?;
+    Ok(())
+}
+
+/// Every record on every shard of a stream, from the start.
+pub async fn read_stream(clients: &Clients, name: &str) -> Result<Vec<Vec<u8>>> {
+    let shards = clients
+        .kinesis
+        .list_shards()
+        .stream_name(name)
+        .send()
+        .await?;
+    let mut out = Vec::new();
+    for shard in shards.shards() {
+        let mut iterator = clients
+            .kinesis
+            .get_shard_iterator()
+            .stream_name(name)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await?
+            .shard_iterator
+            .context("no shard iterator")?;
+        loop {
+            let page = clients
+                .kinesis
+                .get_records()
+                .shard_iterator(&iterator)
+                .send()
+                .await?;
+            let empty = page.records().is_empty();
+            out.extend(page.records().iter().map(|r| r.data().as_ref().to_vec()));
+            match page.next_shard_iterator {
+                Some(next) if !empty => iterator = next,
+                _ => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every object under a prefix, with its body, sorted by key.
+pub async fn read_objects(
+    clients: &Clients,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut pages = clients
+        .s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for obj in page?.contents() {
+            let key = obj.key().context("object without key")?.to_owned();
+            let body = clients
+                .s3
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await?;
+            out.push((key, body.body.collect().await?.into_bytes().to_vec()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
