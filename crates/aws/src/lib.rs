@@ -4,10 +4,12 @@
 pub mod dynamodb;
 pub mod error;
 pub mod kinesis;
+pub mod metering;
 pub mod s3;
 
 pub use dynamodb::DynamoDbJoinState;
 pub use kinesis::KinesisRecordSink;
+pub use metering::RequestCounter;
 pub use s3::S3DeadLetterSink;
 
 /// The AWS clients the functions use, built once per process from one shared configuration.
@@ -23,13 +25,28 @@ impl Clients {
     /// local endpoint uses) S3 is addressed path-style, since local servers have no DNS for
     /// virtual-hosted buckets.
     pub fn new(sdk: &aws_config::SdkConfig) -> Self {
-        let s3 = aws_sdk_s3::config::Builder::from(sdk)
-            .force_path_style(sdk.endpoint_url().is_some())
-            .build();
+        Self::build(sdk, None)
+    }
+
+    /// Clients whose every request is counted by `counter` (benchmarks).
+    pub fn metered(sdk: &aws_config::SdkConfig, counter: &RequestCounter) -> Self {
+        Self::build(sdk, Some(counter))
+    }
+
+    fn build(sdk: &aws_config::SdkConfig, counter: Option<&RequestCounter>) -> Self {
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(sdk);
+        let mut kinesis = aws_sdk_kinesis::config::Builder::from(sdk);
+        let mut s3 =
+            aws_sdk_s3::config::Builder::from(sdk).force_path_style(sdk.endpoint_url().is_some());
+        if let Some(c) = counter {
+            dynamodb = dynamodb.interceptor(c.clone());
+            kinesis = kinesis.interceptor(c.clone());
+            s3 = s3.interceptor(c.clone());
+        }
         Clients {
-            dynamodb: aws_sdk_dynamodb::Client::new(sdk),
-            kinesis: aws_sdk_kinesis::Client::new(sdk),
-            s3: aws_sdk_s3::Client::from_conf(s3),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            kinesis: aws_sdk_kinesis::Client::from_conf(kinesis.build()),
+            s3: aws_sdk_s3::Client::from_conf(s3.build()),
         }
     }
 

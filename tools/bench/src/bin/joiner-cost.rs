@@ -1,0 +1,137 @@
+//! Joiner cost per input event, counted from the real requests the AWS SDK sends to the local
+//! endpoint: DynamoDB requests and write/read units, Kinesis `PutRecords`, S3 `PutObject`.
+//!
+//! Usage: cargo run --release -p adpipe-bench --bin joiner-cost -- \
+//!          [--impressions 20000] [--ctr 0.02] [--batch 100] [--duplicates 0.0] [--seed 7]
+//!
+//! Write units follow DynamoDB's rule (larger of the item before and after, 1 KB units),
+//! computed by the adapter from the real items, because local endpoints do not report them.
+
+use adpipe_aws::{Clients, RequestCounter};
+use adpipe_bench::arg;
+use adpipe_core::config::JoinerConfig;
+use adpipe_core::metrics::Counts;
+use adpipe_core::testkit::{Scenario, ScenarioSize, ShardPoller};
+use adpipe_it::{create_bucket, create_state_table, create_stream, unique, LocalAws};
+use std::sync::atomic::Ordering;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let impressions: usize = arg("--impressions", 20_000);
+    let ctr: f64 = arg("--ctr", 0.02);
+    let batch: usize = arg("--batch", 100);
+    let duplicates: f64 = arg("--duplicates", 0.0);
+    let seed: u64 = arg("--seed", 7);
+
+    let local = LocalAws::shared();
+    let sdk = local.sdk_config().await;
+    let setup = Clients::new(&sdk);
+    let (table, joined, bucket) = (
+        unique("cost-state"),
+        unique("cost-joined"),
+        unique("cost-dlq"),
+    );
+    create_state_table(&setup, &table).await?;
+    create_stream(&setup, &joined, 1).await?;
+    create_bucket(&setup, &bucket).await?;
+    let vars = [
+        ("IMPRESSIONS_STREAM_NAME", "impressions".to_owned()),
+        ("CLICKS_STREAM_NAME", "clicks".to_owned()),
+        ("JOINED_STREAM_NAME", joined),
+        ("STATE_TABLE_NAME", table),
+        ("DEAD_LETTER_BUCKET", bucket),
+    ];
+    let config =
+        JoinerConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))?;
+
+    let counter = RequestCounter::default();
+    let clients = Clients::metered(&sdk, &counter);
+    let joiner = adpipe_joiner::aws_joiner(&clients, config);
+
+    let clicks = (impressions as f64 * ctr).round() as usize;
+    let scenario = Scenario::generate(
+        seed,
+        ScenarioSize {
+            impressions,
+            clicks,
+            duplicate_rate: duplicates,
+        },
+        "",
+    );
+    let events = scenario.impression_stream.len() + scenario.click_stream.len();
+    eprintln!("joiner-cost: {impressions} impressions, {clicks} clicks, {events} deliveries, batch {batch}");
+    let mut pollers = [
+        ShardPoller::new(
+            "impressions",
+            "shardId-000000000000",
+            scenario.impression_stream.clone(),
+        ),
+        ShardPoller::new(
+            "clicks",
+            "shardId-000000000000",
+            scenario.click_stream.clone(),
+        ),
+    ];
+    let mut totals = Counts::default();
+    let mut now_ms = 1_795_169_800_000i64;
+    let mut done = 0usize;
+    // Both streams' batches alternate, clicks interleaved with impressions as in production.
+    while pollers.iter().any(|p| !p.drained()) {
+        for p in pollers.iter_mut().filter(|p| !p.drained()) {
+            let records = p.next_batch(batch);
+            now_ms += 100;
+            let report = joiner.process(&records, now_ms).await;
+            p.checkpoint(records.len(), report.first_failure);
+            add(&mut totals, &report.counts);
+            done += records.len();
+        }
+        if done % 5_000 < batch * 2 {
+            eprintln!("  {done}/{events} records");
+        }
+    }
+
+    let usage = &joiner.state.usage;
+    let wcu = usage.write_units.load(Ordering::Relaxed);
+    let rcu = usage.read_units.load(Ordering::Relaxed);
+    let per_event = |n: u64| n as f64 / events as f64;
+    println!(
+        "## joiner cost, {events} input events (ctr {ctr}, batch {batch}, duplicates {duplicates})"
+    );
+    println!(
+        "joined pairs: {}, buffered: {}, duplicates ignored: {}, unmatched: {}",
+        totals.joined, totals.buffered, totals.duplicates, totals.unmatched
+    );
+    println!("| measure | total | per input event | per 1,000 events |");
+    println!("|---|---|---|---|");
+    println!(
+        "| DynamoDB write units | {wcu} | {:.4} | {:.1} |",
+        per_event(wcu),
+        per_event(wcu) * 1000.0
+    );
+    println!(
+        "| DynamoDB read units | {rcu} | {:.4} | {:.1} |",
+        per_event(rcu),
+        per_event(rcu) * 1000.0
+    );
+    for ((service, op), n) in counter.snapshot() {
+        println!(
+            "| {service} {op} requests | {n} | {:.4} | {:.1} |",
+            per_event(n),
+            per_event(n) * 1000.0
+        );
+    }
+    let total = counter.total();
+    println!(
+        "| all AWS API calls | {total} | {:.4} | {:.1} |",
+        per_event(total),
+        per_event(total) * 1000.0
+    );
+    Ok(())
+}
+
+fn add(t: &mut Counts, c: &Counts) {
+    t.joined += c.joined;
+    t.buffered += c.buffered;
+    t.duplicates += c.duplicates;
+    t.unmatched += c.unmatched;
+}
