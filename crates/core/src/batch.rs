@@ -16,7 +16,7 @@ use crate::join::{
     decide_click, decide_impression, Arrival, Arriving, Decision, StoredClick, StoredImpression,
 };
 use crate::metrics::Counts;
-use crate::model::{Event, InputRecord, RecordKind};
+use crate::model::{Event, InputRecord, JoinedStreamRecord, RecordKind};
 use crate::ports::{
     DeadLetter, DeadLetterSink, JoinState, OutRecord, PortError, RecordSink, SideWrite,
 };
@@ -41,6 +41,12 @@ pub struct BatchReport {
     /// Every unfinished record with the reason, by index.
     pub failures: BTreeMap<usize, String>,
     pub counts: Counts,
+}
+
+/// A joined-stream record and, for a pair, the key of the mark to write once it is accepted.
+struct Output {
+    record: OutRecord,
+    mark: Option<(String, String)>,
 }
 
 /// Something to write after the decisions, owned by the earliest record that needs it.
@@ -178,59 +184,73 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
                 .collect()
                 .await;
 
-        // 2. Gather what the decisions ask for; a pair decided twice in one batch (an event and
-        //    its redelivery) is emitted once, owned by the earliest record.
+        // 2. Gather what the decisions ask for. A record at or after the first failure is
+        //    redelivered by Lambda and re-derives its outputs then (as its own retry), so its
+        //    outputs are held back now: sending them twice could only add duplicates.
         let mut failures: BTreeMap<usize, String> = BTreeMap::new();
-        let mut pairs: BTreeMap<String, Owned<OutRecord>> = BTreeMap::new();
-        let mut letters: BTreeMap<String, Owned<DeadLetter>> = BTreeMap::new();
-        let mut pair_keys: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut decisions: Vec<(usize, Decision)> = Vec::new();
         for (i, step) in steps {
-            let decision = match step {
+            match step {
                 Err(e) => {
                     failures.insert(i, e.to_string());
-                    continue;
                 }
-                Ok(None) => continue,
-                Ok(Some(d)) => d,
-            };
+                Ok(None) => {}
+                Ok(Some(d)) => decisions.push((i, d)),
+            }
+        }
+        let cut = failures.keys().next().copied().unwrap_or(records.len());
+        let mut outputs: BTreeMap<String, Owned<Output>> = BTreeMap::new();
+        let mut letters: BTreeMap<String, Owned<DeadLetter>> = BTreeMap::new();
+        for (i, decision) in decisions {
             match decision.arrival {
                 Arrival::New => {
                     counts.buffered += u64::from(decision.buffered);
                     counts.late += decision.late.len() as u64;
                 }
                 Arrival::Duplicate => counts.duplicates += 1,
-                Arrival::Conflicting => {
-                    counts.reject(RejectReason::ConflictingDuplicate);
-                    let rejection = Rejection::new(
-                        RejectReason::ConflictingDuplicate,
-                        "an event with this id and different content is already stored; nothing was overwritten",
-                    );
-                    let letter = dead_letter::rejected(
-                        &cfg.dead_letter_prefix,
-                        FUNCTION,
-                        &records[i].position,
-                        &records[i].data,
-                        &rejection,
-                        now_ms,
-                    );
-                    keep_earliest(&mut letters, letter.key.clone(), i, letter);
-                }
+                Arrival::Conflicting => counts.reject(RejectReason::ConflictingDuplicate),
             }
             counts.unmatched += u64::from(decision.unmatched);
             counts.deferred += u64::from(decision.deferred);
-            for pair in decision.pairs {
-                let key = format!("{}\u{0}{}", pair.impression_id, pair.click_id);
-                match serde_json::to_vec(&pair) {
+            if i >= cut {
+                continue;
+            }
+            if decision.arrival == Arrival::Conflicting {
+                let rejection = Rejection::new(
+                    RejectReason::ConflictingDuplicate,
+                    "an event with this id and different content is already stored; nothing was overwritten",
+                );
+                let letter = dead_letter::rejected(
+                    &cfg.dead_letter_prefix,
+                    FUNCTION,
+                    &records[i].position,
+                    &records[i].data,
+                    &rejection,
+                    now_ms,
+                );
+                keep_earliest(&mut letters, letter.key.clone(), i, letter);
+            }
+            let stream_records = decision
+                .pairs
+                .into_iter()
+                .map(JoinedStreamRecord::Click)
+                .chain(decision.forward.map(JoinedStreamRecord::Impression));
+            for record in stream_records {
+                let (imp, click) = record.key();
+                let key = format!("{imp}\u{0}{click}");
+                let mark = match &record {
+                    JoinedStreamRecord::Click(c) => {
+                        Some((c.impression_id.clone(), c.click_id.clone()))
+                    }
+                    JoinedStreamRecord::Impression(_) => None,
+                };
+                match serde_json::to_vec(&record) {
                     Ok(data) => {
-                        pair_keys.insert(
-                            key.clone(),
-                            (pair.impression_id.clone(), pair.click_id.clone()),
-                        );
-                        let record = OutRecord {
-                            partition_key: pair.impression_id,
+                        let out = OutRecord {
+                            partition_key: record.partition_key().to_owned(),
                             data,
                         };
-                        keep_earliest(&mut pairs, key, i, record);
+                        keep_earliest(&mut outputs, key, i, Output { record: out, mark });
                     }
                     Err(e) => {
                         failures
@@ -251,9 +271,9 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
             }
         }
 
-        // 3. Emit the pairs and write the letters.
-        let pair_list: Vec<(String, Owned<OutRecord>)> = pairs.into_iter().collect();
-        let out: Vec<OutRecord> = pair_list.iter().map(|(_, o)| o.item.clone()).collect();
+        // 3. Emit the outputs and write the letters.
+        let output_list: Vec<Owned<Output>> = outputs.into_values().collect();
+        let out: Vec<OutRecord> = output_list.iter().map(|o| o.item.record.clone()).collect();
         let letter_list: Vec<Owned<DeadLetter>> = letters.into_values().collect();
         let (emitted, letter_results) = futures::join!(
             emit::send_all(&self.sink, &out, &cfg.emit_retry),
@@ -269,20 +289,23 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
         }
         counts.emit_retries = u64::from(emitted.retried_entries);
         let mut accepted = Vec::new();
-        for ((key, owned), error) in pair_list.iter().zip(emitted.errors) {
+        for (owned, error) in output_list.iter().zip(emitted.errors) {
             match error {
                 Some(e) => {
                     failures
                         .entry(owned.owner)
                         .or_insert_with(|| format!("joined record not accepted: {e}"));
                 }
-                None => accepted.push(&pair_keys[key]),
+                None => match &owned.item.mark {
+                    Some(pair) => accepted.push(pair),
+                    None => counts.forwarded += 1,
+                },
             }
         }
         counts.joined = accepted.len() as u64;
 
-        // 4. Mark what the output stream accepted. A failed mark is not a failed record: it can
-        //    only cause a re-emission if the record is redelivered anyway (see DESIGN.md).
+        // 4. Mark the pairs the output stream accepted. A failed mark is not a failed record: it
+        //    can only cause a re-emission if the record is redelivered anyway (see DESIGN.md).
         let ttl = self.ttl_epoch_s(now_ms);
         let marks: Vec<Result<(), PortError>> = stream::iter(accepted)
             .map(|(imp, click)| self.state.mark_emitted(imp, click, ttl))

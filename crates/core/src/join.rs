@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Click, Impression, JoinedRecord};
+use crate::model::{Click, Impression, ImpressionRecord, JoinedRecord};
 
 /// The join contract's tunables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +156,9 @@ pub struct Decision {
     pub unmatched: u32,
     /// Pending pairs this redelivery left to their decider (still within the recovery lease).
     pub deferred: u32,
+    /// The impression to forward to the lake: a first-seen impression, or (flagged recovered)
+    /// the impression's own record coming back, whose first forward may not have happened.
+    pub forward: Option<ImpressionRecord>,
 }
 
 impl Decision {
@@ -167,6 +170,7 @@ impl Decision {
             buffered: false,
             unmatched: 0,
             deferred: 0,
+            forward: None,
         }
     }
 }
@@ -230,9 +234,11 @@ fn push_pair(
         PairStatus::NoJoin => d.unmatched += 1,
         PairStatus::Joins if click.emitted => {}
         PairStatus::Joins if !may_emit(rules, d, before, imp, click, at) => d.deferred += 1,
-        PairStatus::Joins => d
-            .pairs
-            .push(JoinedRecord::new(&imp.impression, &click.click)),
+        PairStatus::Joins => {
+            let mut pair = JoinedRecord::new(&imp.impression, &click.click);
+            pair.recovered = d.arrival != Arrival::New;
+            d.pairs.push(pair);
+        }
         PairStatus::Late => d.late.push(LatePair {
             impression: imp.impression.clone(),
             click: click.click.clone(),
@@ -268,6 +274,18 @@ pub fn decide_impression(
     for click in before.clicks.values() {
         push_pair(&mut d, rules, before, &stored, click, at);
     }
+    // Impressions carry no emitted mark (it would double the writes per event): the first
+    // sighting forwards it, and only its own record's redelivery, or any delivery after the
+    // lease, forwards it again, flagged so the lake checks before landing it.
+    d.forward = match d.arrival {
+        Arrival::New => Some(ImpressionRecord::new(imp, false)),
+        _ if stored.source == at.source
+            || at.now_ms - stored.arrived_at_ms > rules.recovery_lease_ms =>
+        {
+            Some(ImpressionRecord::new(&stored.impression, true))
+        }
+        _ => None,
+    };
     d.buffered = d.arrival == Arrival::New && before.clicks.is_empty();
     d
 }
@@ -561,6 +579,35 @@ mod tests {
         assert_eq!(d.pairs.len(), 1);
         assert_eq!(d.pairs[0].click_id, "pending");
         assert!(!d.buffered);
+    }
+
+    #[test]
+    fn new_impression_is_forwarded_once_and_only_its_own_retry_forwards_again() {
+        let r = JoinRules::default();
+        let i = imp("i", "a", T0);
+        let d = decide_impression(&r, &JoinItem::default(), &i, at(100));
+        assert_eq!(d.forward.as_ref().map(|f| f.recovered), Some(false));
+
+        let before = with_impression(&i, 100);
+        let own = decide_impression(&r, &before, &i, from("imp-src", 200));
+        assert_eq!(own.forward.as_ref().map(|f| f.recovered), Some(true));
+        let other = decide_impression(&r, &before, &i, at(200));
+        assert!(
+            other.forward.is_none(),
+            "a producer duplicate forwards nothing"
+        );
+        let stale = decide_impression(&r, &before, &i, at(100 + r.recovery_lease_ms + 1));
+        assert_eq!(stale.forward.map(|f| f.recovered), Some(true));
+    }
+
+    #[test]
+    fn recovered_pairs_are_flagged_and_new_ones_are_not() {
+        let r = JoinRules::default();
+        let c = click("c", "i", "a", T0);
+        let mut before = with_impression(&imp("i", "a", T0), 100);
+        assert!(!decide_click(&r, &before, &c, at(150)).pairs[0].recovered);
+        store_click(&mut before, &c, 150, false);
+        assert!(decide_click(&r, &before, &c, from("c-src", 300)).pairs[0].recovered);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub struct Counts {
     pub clicks: u64,
     /// Joined records accepted by the output stream (new pairs and completed re-emissions).
     pub joined: u64,
+    /// First-seen impressions forwarded to the joined stream (for the lake), accepted.
+    pub forwarded: u64,
     /// New arrivals stored with no partner yet.
     pub buffered: u64,
     /// Redelivered events recognised from the state and not applied again.
@@ -51,6 +53,7 @@ pub fn emf_line(namespace: &str, function: &str, counts: &Counts, timestamp_ms: 
         ("Impressions".into(), counts.impressions),
         ("Clicks".into(), counts.clicks),
         ("Joined".into(), counts.joined),
+        ("ImpressionsForwarded".into(), counts.forwarded),
         ("Buffered".into(), counts.buffered),
         ("DuplicatesIgnored".into(), counts.duplicates),
         ("Late".into(), counts.late),

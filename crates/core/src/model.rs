@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::format_millis;
 
-/// Version of the joined-record JSON schema written to the joined stream (see `docs/SCHEMAS.md`).
+/// Version of the joined stream's JSON schema (see `docs/SCHEMAS.md`).
 pub const JOINED_SCHEMA_VERSION: u32 = 1;
 
 /// Which input stream a record came from. Decided by configuration (the source stream's
@@ -99,15 +99,95 @@ impl Event {
     }
 }
 
-/// One attributed click: the joined stream's record (schema version [`JOINED_SCHEMA_VERSION`]).
+/// A record of the joined stream: an attributed click, or a first-seen impression forwarded so
+/// the lake has CTR denominators. Tagged by `type` (`click` / `impression`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JoinedStreamRecord {
+    Click(JoinedRecord),
+    Impression(ImpressionRecord),
+}
+
+impl JoinedStreamRecord {
+    /// The partition key on the joined stream: every record of one impression lands on one
+    /// shard, in order, so the enricher sees an original before any recovered copy of it.
+    pub fn partition_key(&self) -> &str {
+        match self {
+            JoinedStreamRecord::Click(c) => &c.impression_id,
+            JoinedStreamRecord::Impression(i) => &i.impression_id,
+        }
+    }
+
+    /// The dedup key in the lake: `(impression_id, click_id)` for clicks, `impression_id` alone
+    /// (empty `click_id`) for impressions.
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            JoinedStreamRecord::Click(c) => (&c.impression_id, &c.click_id),
+            JoinedStreamRecord::Impression(i) => (&i.impression_id, ""),
+        }
+    }
+
+    /// Whether this record may repeat one already on the stream (see [`JoinedRecord::recovered`]).
+    pub fn recovered(&self) -> bool {
+        match self {
+            JoinedStreamRecord::Click(c) => c.recovered,
+            JoinedStreamRecord::Impression(i) => i.recovered,
+        }
+    }
+}
+
+/// A first-seen impression on the joined stream (schema version [`JOINED_SCHEMA_VERSION`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImpressionRecord {
+    pub schema_version: u32,
+    /// See [`JoinedRecord::recovered`].
+    #[serde(default)]
+    pub recovered: bool,
+    pub impression_id: String,
+    pub ad_id: String,
+    pub campaign_id: String,
+    pub publisher_id: String,
+    pub impression_time: String,
+    pub device_type: String,
+    pub geo_location: String,
+    pub platform: String,
+    pub ad_type: String,
+    pub bid_price: f64,
+}
+
+impl ImpressionRecord {
+    pub fn new(imp: &Impression, recovered: bool) -> Self {
+        ImpressionRecord {
+            schema_version: JOINED_SCHEMA_VERSION,
+            recovered,
+            impression_id: imp.impression_id.clone(),
+            ad_id: imp.ad_id.clone(),
+            campaign_id: imp.campaign_id.clone(),
+            publisher_id: imp.publisher_id.clone(),
+            impression_time: format_millis(imp.event_time_ms),
+            device_type: imp.device_type.clone(),
+            geo_location: imp.geo_location.clone(),
+            platform: imp.platform.clone(),
+            ad_type: imp.ad_type.clone(),
+            bid_price: imp.bid_price,
+        }
+    }
+}
+
+/// One attributed click on the joined stream (schema version [`JOINED_SCHEMA_VERSION`]).
 ///
 /// The pair key is `(impression_id, click_id)`. Shared fields hold the impression's values;
 /// the click's own values of the fields both sides carry are kept under `click_*`, so no input
-/// field is lost. The content is a pure function of the two stored events, so a re-emitted
-/// pair is byte-for-byte the same record.
+/// field is lost. Apart from `recovered`, the content is a pure function of the two stored
+/// events, so a re-emitted pair carries the same data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JoinedRecord {
     pub schema_version: u32,
+    /// Set when this record was emitted by a redelivery completing earlier work: the first
+    /// attempt may have reached the stream too, so the lake checks for the key before landing
+    /// it. Never set on a first emission.
+    #[serde(default)]
+    pub recovered: bool,
     pub impression_id: String,
     pub click_id: String,
     pub click_id_derived: bool,
@@ -133,6 +213,7 @@ impl JoinedRecord {
     pub fn new(imp: &Impression, click: &Click) -> Self {
         JoinedRecord {
             schema_version: JOINED_SCHEMA_VERSION,
+            recovered: false,
             impression_id: imp.impression_id.clone(),
             click_id: click.click_id.clone(),
             click_id_derived: click.click_id_derived,

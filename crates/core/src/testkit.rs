@@ -12,7 +12,9 @@ use serde_json::json;
 
 use crate::batch::BatchJoiner;
 use crate::join::{attributes, JoinItem, JoinRules};
-use crate::model::{Click, Impression, InputRecord, JoinedRecord, SourcePosition};
+use crate::model::{
+    Click, Impression, InputRecord, JoinedRecord, JoinedStreamRecord, SourcePosition,
+};
 use crate::ports::{
     DeadLetter, DeadLetterSink, EntryResult, JoinState, OutRecord, PortError, RecordSink, SideWrite,
 };
@@ -215,14 +217,61 @@ pub fn sorted(mut v: Vec<JoinedRecord>) -> Vec<JoinedRecord> {
     v
 }
 
-/// Decodes what an output stream received.
+/// Decodes what the joined stream received.
+pub fn decode_stream(records: &[OutRecord]) -> Vec<JoinedStreamRecord> {
+    records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.data).expect("joined-stream record is valid JSON"))
+        .collect()
+}
+
+/// The attributed clicks the joined stream received, sorted by pair key, with the
+/// `recovered` flag cleared (it says how a record was emitted, not what it is).
 pub fn decode_joined(records: &[OutRecord]) -> Vec<JoinedRecord> {
     sorted(
-        records
-            .iter()
-            .map(|r| serde_json::from_slice(&r.data).expect("joined record is valid JSON"))
+        decode_stream(records)
+            .into_iter()
+            .filter_map(|r| match r {
+                JoinedStreamRecord::Click(mut c) => {
+                    c.recovered = false;
+                    Some(c)
+                }
+                JoinedStreamRecord::Impression(_) => None,
+            })
             .collect(),
     )
+}
+
+/// Checks the forwarded impressions: every distinct impression present, none unknown, and at
+/// most one copy per impression *not* flagged `recovered` (the lake drops flagged repeats).
+pub fn check_forwarded_impressions(
+    records: &[OutRecord],
+    scenario: &Scenario,
+) -> Result<(), String> {
+    let mut first_copies: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut seen = BTreeSet::new();
+    for r in decode_stream(records) {
+        if let JoinedStreamRecord::Impression(i) = r {
+            seen.insert(i.impression_id.clone());
+            if !i.recovered {
+                *first_copies.entry(i.impression_id).or_default() += 1;
+            }
+        }
+    }
+    let expected: BTreeSet<String> = scenario
+        .impressions
+        .iter()
+        .map(|i| i.impression_id.clone())
+        .collect();
+    if seen != expected {
+        return Err(format!(
+            "forwarded impressions {seen:?} != expected {expected:?}"
+        ));
+    }
+    match first_copies.iter().find(|(_, n)| **n > 1) {
+        Some((id, n)) => Err(format!("impression {id} forwarded {n} times unflagged")),
+        None => Ok(()),
+    }
 }
 
 /// Replays one shard the way Lambda's event source mapping does: batches of up to

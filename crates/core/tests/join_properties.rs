@@ -5,8 +5,8 @@ use adpipe_core::batch::BatchJoiner;
 use adpipe_core::config::JoinerConfig;
 use adpipe_core::memory::{InMemoryJoinState, MemoryDeadLetterSink, MemoryRecordSink};
 use adpipe_core::testkit::{
-    decode_joined, run_to_completion, FaultPlan, FaultyDeadLetters, FaultySink, FaultyState,
-    Scenario, ScenarioSize,
+    check_forwarded_impressions, decode_joined, run_to_completion, FaultPlan, FaultyDeadLetters,
+    FaultySink, FaultyState, Scenario, ScenarioSize,
 };
 use proptest::prelude::*;
 
@@ -57,6 +57,7 @@ proptest! {
         runtime().block_on(run_to_completion(&joiner, &scenario, seed, max_batch, 10_000)).unwrap();
         let emitted = decode_joined(&joiner.sink.records());
         prop_assert_eq!(emitted, scenario.reference_join(&joiner.config.rules));
+        check_forwarded_impressions(&joiner.sink.records(), &scenario).map_err(TestCaseError::fail)?;
         prop_assert!(joiner.dead_letters.letters().is_empty());
     }
 
@@ -78,5 +79,6 @@ proptest! {
         runtime().block_on(run_to_completion(&joiner, &scenario, seed, max_batch, 10_000)).unwrap();
         let emitted = decode_joined(&joiner.sink.inner.records());
         prop_assert_eq!(emitted, scenario.reference_join(&joiner.config.rules));
+        check_forwarded_impressions(&joiner.sink.inner.records(), &scenario).map_err(TestCaseError::fail)?;
     }
 }
