@@ -89,12 +89,46 @@ malformed = [
     good,  # a valid record after the bad ones: the shard is not blocked
 ]
 
+def joined_click(i, ad, camp, imp_t, click_t, device, bid, click_id, price, recovered=False):
+    return {"type": "click", "schema_version": 1, "recovered": recovered, "impression_id": i,
+            "click_id": click_id, "click_id_derived": False, "ad_id": ad, "campaign_id": camp,
+            "publisher_id": "pub-7", "impression_time": imp_t, "click_time": click_t,
+            "device_type": device, "geo_location": "US-CA", "platform": "ios", "ad_type": "banner",
+            "bid_price": bid, "click_price": price, "click_campaign_id": camp,
+            "click_publisher_id": "pub-7", "click_device_type": "mobile",
+            "click_geo_location": "US-CA", "click_platform": "ios"}
+
+
+def joined_impression(i, ad, camp, t, device, bid, recovered=False):
+    return {"type": "impression", "schema_version": 1, "recovered": recovered, "impression_id": i,
+            "ad_id": ad, "campaign_id": camp, "publisher_id": "pub-7", "impression_time": t,
+            "device_type": device, "geo_location": "US-CA", "platform": "ios", "ad_type": "banner",
+            "bid_price": bid}
+
+
+# The joined stream as the joiner writes it: impressions forwarded for the lake, attributed
+# clicks, a recovered repeat, a malformed record, and campaign ids that try to leave the table.
+joined = [
+    joined_impression("imp-1001", "ad-1", "camp-1", "2026-11-20T10:15:00.000Z", "mobile", 62.5),
+    joined_click("imp-1001", "ad-1", "camp-1", "2026-11-20T10:15:00.000Z", "2026-11-20T10:15:12.000Z", "mobile", 62.5, "clk-1", 0.5),
+    joined_impression("imp-1002", "ad-2", "camp-1", "2026-11-20T10:15:05.250Z", "Tablet", 50),
+    joined_impression("imp-1003", "ad-3", "camp-2", "2026-11-20T10:15:10.500Z", " desktop ", 12.75),
+    joined_click("imp-1003", "ad-3", "camp-2", "2026-11-20T10:15:10.500Z", "2026-11-20T10:15:08.500Z", " desktop ", 12.75, "clk-3", 1.0),
+    joined_click("imp-1001", "ad-1", "camp-1", "2026-11-20T10:15:00.000Z", "2026-11-20T10:15:12.000Z", "mobile", 62.5, "clk-1", 0.5, recovered=True),
+    joined_impression("imp-1004", "ad-1", "../x", "2026-11-20T10:15:20.123Z", "SmartTV", 80),
+    joined_impression("imp-1005", "ad-1", "a/b", "2026-11-20T10:16:20Z", "iPad", 51),
+    joined_impression("imp-1006", "ad-1", "%2F", "2026-11-20T10:16:40Z", "PC", 5),
+    joined_impression("imp-1007", "ad-1", "kampagne-ü", "2026-11-20T23:59:59.999Z", "android", 0),
+    b'{"type":"click","schema_version":1}',
+]
+
 out = ROOT / "events"
 out.mkdir(exist_ok=True)
 for name, ev in {
     "impressions.json": event("adpipe-impressions", impressions),
     "clicks.json": event("adpipe-clicks", clicks, shard="shardId-000000000001"),
     "malformed.json": event("adpipe-impressions", malformed, shard="shardId-000000000002"),
+    "joined.json": event("adpipe-joined", joined, shard="shardId-000000000003"),
 }.items():
     (out / name).write_text(json.dumps(ev, indent=2) + "\n")
     print("wrote", out / name)

@@ -191,3 +191,103 @@ mod tests {
         ));
     }
 }
+
+/// Enricher: S3 bucket of the lake.
+pub const LAKE_BUCKET: &str = "LAKE_BUCKET";
+/// Enricher: key prefix of the Iceberg warehouse in the bucket. Default `lake/`.
+pub const LAKE_PREFIX: &str = "LAKE_PREFIX";
+/// Enricher: Glue database of the lake tables.
+pub const GLUE_DATABASE: &str = "GLUE_DATABASE";
+/// Enricher: table of enriched clicks. Default `enriched_clicks`.
+pub const CLICKS_TABLE: &str = "CLICKS_TABLE";
+/// Enricher: table of impressions. Default `impressions`.
+pub const IMPRESSIONS_TABLE: &str = "IMPRESSIONS_TABLE";
+/// Enricher: DynamoDB table holding the per-table commit lease (hash key `pk`, TTL `ttl`).
+pub const COMMIT_LEASE_TABLE: &str = "COMMIT_LEASE_TABLE";
+/// Enricher: `is_premium_ad` is `Yes` above this bid. Default 50.
+pub const PREMIUM_BID_THRESHOLD: &str = "PREMIUM_BID_THRESHOLD";
+/// Enricher: `click_revenue = click_price × this`. Default 1.2.
+pub const CLICK_REVENUE_FACTOR: &str = "CLICK_REVENUE_FACTOR";
+
+/// Every variable the enricher reads.
+pub const ENRICHER_ENV: &[&str] = &[
+    JOINED_STREAM_NAME,
+    LAKE_BUCKET,
+    LAKE_PREFIX,
+    GLUE_DATABASE,
+    CLICKS_TABLE,
+    IMPRESSIONS_TABLE,
+    COMMIT_LEASE_TABLE,
+    DEAD_LETTER_BUCKET,
+    DEAD_LETTER_PREFIX,
+    PREMIUM_BID_THRESHOLD,
+    CLICK_REVENUE_FACTOR,
+    METRICS_NAMESPACE,
+];
+
+/// The enricher's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnricherConfig {
+    pub joined_stream: String,
+    pub lake_bucket: String,
+    pub lake_prefix: String,
+    pub database: String,
+    pub clicks_table: String,
+    pub impressions_table: String,
+    pub commit_lease_table: String,
+    pub dead_letter_bucket: String,
+    pub dead_letter_prefix: String,
+    pub rules: crate::enrich::EnrichRules,
+    pub metrics_namespace: String,
+}
+
+impl EnricherConfig {
+    /// Reads the configuration through `lookup` (the process environment in production).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let required = |name: &'static str| {
+            lookup(name)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(ConfigError::Missing(name))
+        };
+        let text =
+            |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
+        let number = |name: &'static str, default: f64| -> Result<f64, ConfigError> {
+            match lookup(name) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
+                    _ => Err(ConfigError::Invalid {
+                        name,
+                        value: v,
+                        why: "expected a non-negative number",
+                    }),
+                },
+            }
+        };
+        Ok(EnricherConfig {
+            joined_stream: stream_name(&required(JOINED_STREAM_NAME)?).to_owned(),
+            lake_bucket: required(LAKE_BUCKET)?,
+            lake_prefix: text(LAKE_PREFIX, "lake/"),
+            database: required(GLUE_DATABASE)?,
+            clicks_table: text(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
+            impressions_table: text(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
+            commit_lease_table: required(COMMIT_LEASE_TABLE)?,
+            dead_letter_bucket: required(DEAD_LETTER_BUCKET)?,
+            dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
+            rules: crate::enrich::EnrichRules {
+                premium_bid_threshold: number(PREMIUM_BID_THRESHOLD, 50.0)?,
+                click_revenue_factor: number(CLICK_REVENUE_FACTOR, 1.2)?,
+            },
+            metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
+        })
+    }
+
+    /// `s3://bucket/prefix` of the Iceberg warehouse.
+    pub fn warehouse(&self) -> String {
+        format!(
+            "s3://{}/{}",
+            self.lake_bucket,
+            self.lake_prefix.trim_matches('/')
+        )
+    }
+}

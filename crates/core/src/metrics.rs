@@ -67,6 +67,16 @@ pub fn emf_line(namespace: &str, function: &str, counts: &Counts, timestamp_ms: 
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));
     }
+    emf_values(namespace, function, &values, timestamp_ms)
+}
+
+/// An EMF JSON line with the given named counts.
+pub fn emf_values(
+    namespace: &str,
+    function: &str,
+    values: &[(String, u64)],
+    timestamp_ms: i64,
+) -> String {
     let mut root = Map::new();
     let metrics: Vec<Value> = values
         .iter()
@@ -85,7 +95,7 @@ pub fn emf_line(namespace: &str, function: &str, counts: &Counts, timestamp_ms: 
     );
     root.insert("Function".into(), json!(function));
     for (name, n) in values {
-        root.insert(name, json!(n));
+        root.insert(name.clone(), json!(n));
     }
     Value::Object(root).to_string()
 }

@@ -110,3 +110,77 @@ pub struct DeadLetter {
 pub trait DeadLetterSink: Send + Sync {
     fn put(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PortError>> + Send;
 }
+
+/// Which lake table a batch of rows goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LakeTable {
+    Clicks,
+    Impressions,
+}
+
+/// The Kinesis input a lake commit covers: one shard's records `first..=last`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRange {
+    pub stream: String,
+    pub shard: String,
+    pub first_sequence: String,
+    pub last_sequence: String,
+}
+
+impl InputRange {
+    /// A stable id for exactly this range: data files are named after it and each commit
+    /// records it, so a retried batch rewrites the same objects and is never appended twice.
+    pub fn batch_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            &self.stream,
+            &self.shard,
+            &self.first_sequence,
+            &self.last_sequence,
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        let digest: String = h.finalize()[..10]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{}-{digest}", crate::dead_letter::key_segment(&self.shard))
+    }
+}
+
+/// Rows for one table from one input batch.
+#[derive(Debug, Clone)]
+pub struct LakeAppend {
+    pub table: LakeTable,
+    pub input: InputRange,
+    pub rows: arrow_array::RecordBatch,
+    /// Per row: its dedup key (`(impression_id, click_id)`, empty click id for impressions).
+    pub keys: Vec<(String, String)>,
+    /// Per row: the row may already be in the table (a `recovered` record), so it is landed
+    /// only if its key is absent.
+    pub in_doubt: Vec<bool>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    /// This exact input range was committed before (a retry): nothing was written.
+    pub already_committed: bool,
+    pub rows_written: u64,
+    /// Rows not landed because their key is already in the table.
+    pub duplicates_dropped: u64,
+    pub files_written: u64,
+    pub bytes_written: u64,
+    /// Commit attempts beyond the first (conflicts with concurrent writers).
+    pub commit_retries: u32,
+}
+
+/// A lake table that appends idempotently per input range.
+pub trait TableWriter: Send + Sync {
+    fn append(
+        &self,
+        append: LakeAppend,
+    ) -> impl Future<Output = Result<AppendReport, PortError>> + Send;
+}

@@ -1,0 +1,244 @@
+//! One joined-stream batch through the enricher, generic over the ports: decode, validate and
+//! enrich each record, drop in-batch repeats, and append each table's rows idempotently.
+//!
+//! Failure contract: the two appends are each idempotent per input range, so any failure
+//! reports the batch's first record and Lambda redelivers the whole batch; a table that had
+//! already committed it recognises the range and skips.
+
+use std::collections::HashSet;
+
+use futures::stream::{self, StreamExt};
+
+use crate::dead_letter;
+use crate::enrich::{
+    enrich_click, enrich_impression, EnrichRules, EnrichedClick, EnrichedImpression,
+};
+use crate::lake::{clicks_batch, impressions_batch};
+use crate::metrics::Counts;
+use crate::model::{InputRecord, JoinedStreamRecord, JOINED_SCHEMA_VERSION};
+use crate::ports::{
+    AppendReport, DeadLetterSink, InputRange, LakeAppend, LakeTable, PortError, TableWriter,
+};
+use crate::validate::{RejectReason, Rejection};
+
+/// The function name in dead-letter keys and metrics.
+pub const FUNCTION: &str = "enricher";
+
+/// The enricher's settings that the core needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnricherSettings {
+    pub rules: EnrichRules,
+    pub dead_letter_prefix: String,
+    pub max_in_flight: usize,
+}
+
+/// What an enricher batch came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnrichReport {
+    /// Set when the batch must be redelivered (from its first record).
+    pub failed: Option<String>,
+    pub counts: Counts,
+    pub clicks: AppendReport,
+    pub impressions: AppendReport,
+}
+
+/// The enricher's batch processor.
+pub struct BatchEnricher<T, D> {
+    pub lake: T,
+    pub dead_letters: D,
+    pub settings: EnricherSettings,
+}
+
+/// Decodes one joined-stream record.
+pub fn decode_joined(data: &[u8]) -> Result<JoinedStreamRecord, Rejection> {
+    let text = std::str::from_utf8(data).map_err(|e| {
+        Rejection::new(
+            RejectReason::InvalidUtf8,
+            format!("record is not UTF-8: {e}"),
+        )
+    })?;
+    let record: JoinedStreamRecord = serde_json::from_str(text).map_err(|e| {
+        Rejection::new(
+            RejectReason::InvalidJson,
+            format!("not a joined-stream record: {e}"),
+        )
+    })?;
+    let version = match &record {
+        JoinedStreamRecord::Click(c) => c.schema_version,
+        JoinedStreamRecord::Impression(i) => i.schema_version,
+    };
+    if version != JOINED_SCHEMA_VERSION {
+        return Err(Rejection::new(
+            RejectReason::WrongType,
+            format!("schema_version {version} is not {JOINED_SCHEMA_VERSION}"),
+        ));
+    }
+    Ok(record)
+}
+
+enum Row {
+    Click(EnrichedClick, bool),
+    Impression(EnrichedImpression, bool),
+}
+
+impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
+    pub fn new(lake: T, dead_letters: D, settings: EnricherSettings) -> Self {
+        BatchEnricher {
+            lake,
+            dead_letters,
+            settings,
+        }
+    }
+
+    /// Processes one batch from one joined-stream shard, in sequence order.
+    pub async fn process(&self, records: &[InputRecord], now_ms: i64) -> EnrichReport {
+        let mut report = EnrichReport::default();
+        report.counts.records_in = records.len() as u64;
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return report;
+        };
+        let input = InputRange {
+            stream: first.position.stream.clone(),
+            shard: first.position.shard.clone(),
+            first_sequence: first.position.sequence_number.clone(),
+            last_sequence: last.position.sequence_number.clone(),
+        };
+
+        // Decode and enrich; repeats within the batch keep their first copy. A repeat on the
+        // stream always comes after its original (same partition key, same shard).
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut rows = Vec::new();
+        let mut rejected = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            let decoded = decode_joined(&record.data).and_then(|r| {
+                let recovered = r.recovered();
+                match r {
+                    JoinedStreamRecord::Click(c) => enrich_click(&self.settings.rules, c, now_ms)
+                        .map(|e| Row::Click(e, recovered)),
+                    JoinedStreamRecord::Impression(imp) => {
+                        enrich_impression(&self.settings.rules, imp, now_ms)
+                            .map(|e| Row::Impression(e, recovered))
+                    }
+                }
+            });
+            match decoded {
+                Err(rejection) => {
+                    report.counts.reject(rejection.reason);
+                    rejected.push((i, rejection));
+                }
+                Ok(row) => {
+                    let key = match &row {
+                        Row::Click(c, _) => (c.pair.impression_id.clone(), c.pair.click_id.clone()),
+                        Row::Impression(imp, _) => {
+                            (imp.impression.impression_id.clone(), String::new())
+                        }
+                    };
+                    if seen.insert(key) {
+                        rows.push(row);
+                    } else {
+                        report.counts.duplicates += 1;
+                    }
+                }
+            }
+        }
+
+        // Dead letters first: their keys are positions, so a redelivery rewrites them.
+        let dlq: Vec<Result<(), PortError>> = stream::iter(rejected.iter())
+            .map(|(i, rejection)| {
+                let letter = dead_letter::rejected(
+                    &self.settings.dead_letter_prefix,
+                    FUNCTION,
+                    &records[*i].position,
+                    &records[*i].data,
+                    rejection,
+                    now_ms,
+                );
+                async move { self.dead_letters.put(&letter).await }
+            })
+            .buffer_unordered(self.settings.max_in_flight.max(1))
+            .collect()
+            .await;
+        if let Some(Err(e)) = dlq.into_iter().find(Result::is_err) {
+            report.failed = Some(format!("dead letter not written: {e}"));
+            return report;
+        }
+
+        let mut clicks = Vec::new();
+        let mut impressions = Vec::new();
+        for row in rows {
+            match row {
+                Row::Click(c, r) => clicks.push((c, r)),
+                Row::Impression(i, r) => impressions.push((i, r)),
+            }
+        }
+        report.counts.clicks = clicks.len() as u64;
+        report.counts.impressions = impressions.len() as u64;
+
+        let clicks_append = if clicks.is_empty() {
+            None
+        } else {
+            let (rows, flags): (Vec<EnrichedClick>, Vec<bool>) = clicks.into_iter().unzip();
+            match clicks_batch(&rows) {
+                Ok(batch) => Some(LakeAppend {
+                    table: LakeTable::Clicks,
+                    input: input.clone(),
+                    rows: batch,
+                    keys: rows
+                        .iter()
+                        .map(|r| (r.pair.impression_id.clone(), r.pair.click_id.clone()))
+                        .collect(),
+                    in_doubt: flags,
+                }),
+                Err(e) => {
+                    report.failed = Some(format!("cannot build the clicks batch: {e}"));
+                    return report;
+                }
+            }
+        };
+        let impressions_append = if impressions.is_empty() {
+            None
+        } else {
+            let (rows, flags): (Vec<EnrichedImpression>, Vec<bool>) =
+                impressions.into_iter().unzip();
+            match impressions_batch(&rows) {
+                Ok(batch) => Some(LakeAppend {
+                    table: LakeTable::Impressions,
+                    input: input.clone(),
+                    rows: batch,
+                    keys: rows
+                        .iter()
+                        .map(|r| (r.impression.impression_id.clone(), String::new()))
+                        .collect(),
+                    in_doubt: flags,
+                }),
+                Err(e) => {
+                    report.failed = Some(format!("cannot build the impressions batch: {e}"));
+                    return report;
+                }
+            }
+        };
+
+        let append = |a: Option<LakeAppend>| async move {
+            match a {
+                Some(a) => self.lake.append(a).await,
+                None => Ok(AppendReport::default()),
+            }
+        };
+        let (c, i) = futures::join!(append(clicks_append), append(impressions_append));
+        match (c, i) {
+            (Ok(c), Ok(i)) => {
+                report.counts.duplicates += c.duplicates_dropped + i.duplicates_dropped;
+                report.clicks = c;
+                report.impressions = i;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                report.failed = Some(format!("lake append failed: {e}"));
+                report.counts.failed = records.len() as u64;
+            }
+        }
+        if let Some(reason) = &report.failed {
+            tracing::warn!(%reason, records = records.len(), "enricher batch failed; Lambda will redeliver it");
+        }
+        report
+    }
+}

@@ -1,0 +1,116 @@
+//! `DynamoDbCommitLease`: one writer at a time per table, in the spirit of Delta Lake's
+//! DynamoDB commit coordination. The Glue catalog's optimistic `VersionId` check is the real
+//! guard on AWS, but local endpoints do not enforce it, and a lease also saves wasted commit
+//! attempts on AWS. A lease expires, so a crashed holder blocks nobody for long.
+
+use std::time::Duration;
+
+use adpipe_aws::error::port_error;
+use adpipe_core::ports::PortError;
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::Client;
+
+/// A lease table (hash key `pk` S, TTL attribute `ttl`).
+#[derive(Debug, Clone)]
+pub struct DynamoDbCommitLease {
+    client: Client,
+    table: String,
+    /// How long a holder may keep the lease; longer than any commit takes.
+    pub duration: Duration,
+    /// Attempts to acquire before giving up (the batch then fails and is redelivered).
+    pub max_attempts: u32,
+}
+
+/// A held lease; release it with [`DynamoDbCommitLease::release`].
+#[derive(Debug)]
+pub struct Lease {
+    key: String,
+    owner: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl DynamoDbCommitLease {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        DynamoDbCommitLease {
+            client,
+            table: table.into(),
+            duration: Duration::from_secs(60),
+            max_attempts: 200,
+        }
+    }
+
+    /// Waits for the lease on `resource` (bounded), then holds it.
+    pub async fn acquire(&self, resource: &str, owner: &str) -> Result<Lease, PortError> {
+        let key = format!("commit-lease#{resource}");
+        let mut delay = Duration::from_millis(20);
+        for _ in 0..self.max_attempts {
+            let now = now_ms();
+            let expires = now + self.duration.as_millis() as i64;
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", AttributeValue::S(key.clone()))
+                .item("owner", AttributeValue::S(owner.to_owned()))
+                .item("expires_at", AttributeValue::N(expires.to_string()))
+                .item(
+                    "ttl",
+                    AttributeValue::N((expires / 1000 + 3600).to_string()),
+                )
+                .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
+                .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+                .send()
+                .await;
+            match result {
+                Ok(_) => {
+                    return Ok(Lease {
+                        key,
+                        owner: owner.to_owned(),
+                    })
+                }
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(port_error("DynamoDB PutItem (commit lease)", e)),
+            }
+        }
+        Err(PortError::Throttled(format!(
+            "commit lease on {resource} still held by another writer after {} attempts",
+            self.max_attempts
+        )))
+    }
+
+    /// Releases a lease this owner holds (a no-op if it expired and someone else holds it).
+    pub async fn release(&self, lease: Lease) -> Result<(), PortError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(lease.key))
+            .condition_expression("#o = :me")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":me", AttributeValue::S(lease.owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(port_error("DynamoDB DeleteItem (commit lease)", e)),
+        }
+    }
+}

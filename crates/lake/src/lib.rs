@@ -1,0 +1,648 @@
+//! `IcebergLake`: the enricher's `TableWriter`, appending to Iceberg format-v2 tables in the
+//! Glue Data Catalog with iceberg-rust.
+//!
+//! Idempotency (see `docs/DESIGN.md`, "The lake"):
+//! - data files are named after the input range (`InputRange::batch_id`) and the partition, so
+//!   a retried batch rewrites the same objects;
+//! - every commit records its input range in the snapshot summary, and a range found in the
+//!   table's snapshot *ancestry* is never appended again. After any commit error the table is
+//!   reloaded and checked before retrying: a commit whose response was lost is not re-appended;
+//! - a batch overlapping a committed range (Lambda's bisect-on-error re-splits batches) or a row
+//!   flagged `recovered` is landed only if its key is not in the table yet;
+//! - commits to one table are serialised by a DynamoDB lease, with bounded retries.
+
+pub mod lease;
+pub mod location;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use adpipe_core::ports::{AppendReport, InputRange, LakeAppend, LakeTable, PortError, TableWriter};
+use arrow_array::{Array, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use futures::TryStreamExt;
+use iceberg::arrow::arrow_schema_to_schema;
+use iceberg::expr::Reference;
+use iceberg::spec::{
+    DataFile, DataFileFormat, Datum, Literal, PartitionKey, Struct, Transform, UnboundPartitionSpec,
+};
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::DefaultFileNameGenerator;
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+use iceberg::{Catalog, CatalogBuilder, NamespaceIdent, TableCreation, TableIdent};
+use iceberg_catalog_glue::{GlueCatalog, GlueCatalogBuilder};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+pub use lease::DynamoDbCommitLease;
+use location::{partition_path, EscapingLocationGenerator};
+
+/// Snapshot summary keys recording the input a commit covers.
+pub const BATCH_ID: &str = "adpipe.batch-id";
+pub const INPUT_STREAM: &str = "adpipe.input.stream";
+pub const INPUT_SHARD: &str = "adpipe.input.shard";
+pub const INPUT_FIRST: &str = "adpipe.input.first-sequence";
+pub const INPUT_LAST: &str = "adpipe.input.last-sequence";
+
+/// Where the lake is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct LakeConfig {
+    /// `s3://bucket/prefix`: new tables go to `<warehouse>/<database>.db/<table>`.
+    pub warehouse: String,
+    /// The Glue database.
+    pub database: String,
+    pub clicks_table: String,
+    pub impressions_table: String,
+    /// Endpoint override (a local AWS-compatible server), also used for S3.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Static credentials (local endpoints); on Lambda the environment provides them.
+    pub credentials: Option<(String, String)>,
+    /// Parquet row groups hold at most this many rows.
+    pub row_group_rows: usize,
+    /// Commit attempts per table and batch (conflicts with concurrent writers).
+    pub max_commit_attempts: u32,
+}
+
+fn lake_error(context: &str, e: iceberg::Error) -> PortError {
+    let message = format!("{context}: {e}");
+    if e.retryable() {
+        PortError::Unavailable(message)
+    } else {
+        PortError::Rejected(message)
+    }
+}
+
+/// The lake's tables in a Glue catalog.
+pub struct IcebergLake {
+    catalog: GlueCatalog,
+    namespace: NamespaceIdent,
+    config: LakeConfig,
+    lease: DynamoDbCommitLease,
+    owner: String,
+    writer_props: WriterProperties,
+}
+
+impl std::fmt::Debug for IcebergLake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IcebergLake")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IcebergLake {
+    /// Connects to the catalog. `owner` names this writer in the commit lease.
+    pub async fn connect(
+        config: LakeConfig,
+        lease: DynamoDbCommitLease,
+        owner: String,
+    ) -> Result<Self, PortError> {
+        let mut props: HashMap<String, String> = HashMap::new();
+        props.insert("warehouse".into(), config.warehouse.clone());
+        if let Some(endpoint) = &config.endpoint {
+            props.insert("uri".into(), endpoint.clone());
+            props.insert("s3.endpoint".into(), endpoint.clone());
+            // Local servers have no per-bucket DNS names.
+            props.insert("s3.path-style-access".into(), "true".into());
+        }
+        if let Some(region) = &config.region {
+            props.insert("region_name".into(), region.clone());
+            props.insert("s3.region".into(), region.clone());
+        }
+        if let Some((key, secret)) = &config.credentials {
+            props.insert("aws_access_key_id".into(), key.clone());
+            props.insert("aws_secret_access_key".into(), secret.clone());
+        }
+        let catalog = GlueCatalogBuilder::default()
+            .load("adpipe", props)
+            .await
+            .map_err(|e| lake_error("connecting to the Glue catalog", e))?;
+        let writer_props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
+            .build();
+        Ok(IcebergLake {
+            catalog,
+            namespace: NamespaceIdent::new(config.database.clone()),
+            config,
+            lease,
+            owner,
+            writer_props,
+        })
+    }
+
+    pub fn catalog(&self) -> &GlueCatalog {
+        &self.catalog
+    }
+
+    pub fn ident(&self, table: LakeTable) -> TableIdent {
+        let name = match table {
+            LakeTable::Clicks => &self.config.clicks_table,
+            LakeTable::Impressions => &self.config.impressions_table,
+        };
+        TableIdent::new(self.namespace.clone(), name.clone())
+    }
+
+    /// Creates the database and both tables if they do not exist (format v2, partitioned by
+    /// `identity(campaign_id)` and `day(impression_time)`, zstd Parquet).
+    pub async fn ensure_tables(&self) -> Result<(), PortError> {
+        let exists = self
+            .catalog
+            .namespace_exists(&self.namespace)
+            .await
+            .map_err(|e| lake_error("checking the Glue database", e))?;
+        if !exists {
+            self.catalog
+                .create_namespace(&self.namespace, HashMap::new())
+                .await
+                .map_err(|e| lake_error("creating the Glue database", e))?;
+        }
+        for (table, arrow) in [
+            (LakeTable::Clicks, adpipe_core::lake::clicks_schema()),
+            (
+                LakeTable::Impressions,
+                adpipe_core::lake::impressions_schema(),
+            ),
+        ] {
+            let ident = self.ident(table);
+            if self
+                .catalog
+                .table_exists(&ident)
+                .await
+                .map_err(|e| lake_error("checking a table", e))?
+            {
+                continue;
+            }
+            let schema = arrow_schema_to_schema(&arrow)
+                .map_err(|e| lake_error("converting the schema", e))?;
+            let field_id = |name: &str| {
+                schema
+                    .field_by_name(name)
+                    .map(|f| f.id)
+                    .ok_or_else(|| PortError::Rejected(format!("schema has no column {name}")))
+            };
+            let (campaign, time) = (field_id("campaign_id")?, field_id("impression_time")?);
+            let spec = UnboundPartitionSpec::builder()
+                .add_partition_field(campaign, "campaign_id", Transform::Identity)
+                .and_then(|b| b.add_partition_field(time, "impression_day", Transform::Day))
+                .map_err(|e| lake_error("building the partition spec", e))?
+                .build();
+            let creation = TableCreation::builder()
+                .name(ident.name().to_owned())
+                .schema(schema)
+                .partition_spec(spec)
+                .properties([
+                    ("write.format.default".to_owned(), "parquet".to_owned()),
+                    (
+                        "write.parquet.compression-codec".to_owned(),
+                        "zstd".to_owned(),
+                    ),
+                    // Our own commit loop retries (after checking what landed); iceberg-rust's
+                    // would re-apply an append whose response was lost.
+                    ("commit.retry.num-retries".to_owned(), "0".to_owned()),
+                ])
+                .build();
+            self.catalog
+                .create_table(&self.namespace, creation)
+                .await
+                .map_err(|e| lake_error("creating a table", e))?;
+        }
+        Ok(())
+    }
+
+    async fn load(&self, ident: &TableIdent) -> Result<Table, PortError> {
+        self.catalog
+            .load_table(ident)
+            .await
+            .map_err(|e| lake_error("loading the table", e))
+    }
+}
+
+/// The input ranges committed in the table's current snapshot and its ancestors.
+pub fn committed_inputs(table: &Table) -> Vec<(String, InputRange)> {
+    let metadata = table.metadata();
+    let mut out = Vec::new();
+    let mut next = metadata.current_snapshot().cloned();
+    while let Some(snapshot) = next {
+        let props = &snapshot.summary().additional_properties;
+        if let (Some(id), Some(stream), Some(shard), Some(first), Some(last)) = (
+            props.get(BATCH_ID),
+            props.get(INPUT_STREAM),
+            props.get(INPUT_SHARD),
+            props.get(INPUT_FIRST),
+            props.get(INPUT_LAST),
+        ) {
+            out.push((
+                id.clone(),
+                InputRange {
+                    stream: stream.clone(),
+                    shard: shard.clone(),
+                    first_sequence: first.clone(),
+                    last_sequence: last.clone(),
+                },
+            ));
+        }
+        next = snapshot
+            .parent_snapshot_id()
+            .and_then(|p| metadata.snapshot_by_id(p).cloned());
+    }
+    out
+}
+
+/// Orders Kinesis sequence numbers: decimal digit strings compare as numbers. Anything else is
+/// only ever equal to itself (`None`).
+pub fn sequence_cmp(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    if a == b {
+        return Some(std::cmp::Ordering::Equal);
+    }
+    if !(digits(a) && digits(b)) {
+        return None;
+    }
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    Some(a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
+}
+
+/// Whether two ranges of the same shard may share records.
+pub fn overlaps(a: &InputRange, b: &InputRange) -> bool {
+    use std::cmp::Ordering::*;
+    if a.stream != b.stream || a.shard != b.shard {
+        return false;
+    }
+    let le = |x: &str, y: &str| matches!(sequence_cmp(x, y), Some(Less | Equal));
+    match (
+        sequence_cmp(&a.first_sequence, &b.last_sequence),
+        sequence_cmp(&b.first_sequence, &a.last_sequence),
+    ) {
+        (Some(_), Some(_)) => {
+            le(&a.first_sequence, &b.last_sequence) && le(&b.first_sequence, &a.last_sequence)
+        }
+        // Not comparable: only shared endpoints prove an overlap.
+        _ => {
+            a.first_sequence == b.first_sequence
+                || a.last_sequence == b.last_sequence
+                || a.first_sequence == b.last_sequence
+                || a.last_sequence == b.first_sequence
+        }
+    }
+}
+
+fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, PortError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| PortError::Rejected(format!("batch has no string column {name}")))
+}
+
+/// The keys among `candidates` that the table already holds.
+async fn existing_keys(
+    table: &Table,
+    lake_table: LakeTable,
+    candidates: &[(String, String)],
+) -> Result<HashSet<(String, String)>, PortError> {
+    if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
+        return Ok(HashSet::new());
+    }
+    let ids: BTreeMap<&str, ()> = candidates.iter().map(|(i, _)| (i.as_str(), ())).collect();
+    let filter = Reference::new("impression_id").is_in(ids.keys().map(|i| Datum::string(*i)));
+    let columns: Vec<&str> = match lake_table {
+        LakeTable::Clicks => vec!["impression_id", "click_id"],
+        LakeTable::Impressions => vec!["impression_id"],
+    };
+    let scan = table
+        .scan()
+        .select(columns)
+        .with_filter(filter)
+        .build()
+        .map_err(|e| lake_error("planning the key check", e))?;
+    let batches: Vec<RecordBatch> = scan
+        .to_arrow()
+        .await
+        .map_err(|e| lake_error("scanning for existing keys", e))?
+        .try_collect()
+        .await
+        .map_err(|e| lake_error("reading existing keys", e))?;
+    let mut out = HashSet::new();
+    for b in &batches {
+        let imp = string_column(b, "impression_id")?;
+        let click = match lake_table {
+            LakeTable::Clicks => Some(string_column(b, "click_id")?),
+            LakeTable::Impressions => None,
+        };
+        for row in 0..b.num_rows() {
+            let c = click.map(|c| c.value(row).to_owned()).unwrap_or_default();
+            out.insert((imp.value(row).to_owned(), c));
+        }
+    }
+    Ok(out)
+}
+
+/// Splits rows by partition (sorted, so file names are deterministic): the partition key and
+/// the rows of each.
+fn split_by_partition(
+    table: &Table,
+    rows: &RecordBatch,
+) -> Result<Vec<(PartitionKey, RecordBatch)>, PortError> {
+    let metadata = table.metadata();
+    let schema = metadata.current_schema().clone();
+    let spec = metadata.default_partition_spec().as_ref().clone();
+    let mut values: Vec<Vec<Literal>> =
+        vec![Vec::with_capacity(spec.fields().len()); rows.num_rows()];
+    for field in spec.fields() {
+        let source = schema.field_by_id(field.source_id).ok_or_else(|| {
+            PortError::Rejected(format!(
+                "partition source {} not in schema",
+                field.source_id
+            ))
+        })?;
+        let column = rows.column_by_name(&source.name).ok_or_else(|| {
+            PortError::Rejected(format!("batch lacks partition column {}", source.name))
+        })?;
+        match field.transform {
+            Transform::Identity => {
+                let strings = column
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| {
+                        PortError::Rejected(format!("{} is not a string column", source.name))
+                    })?;
+                for (row, v) in values.iter_mut().enumerate() {
+                    v.push(Literal::string(strings.value(row)));
+                }
+            }
+            Transform::Day => {
+                let times = column
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .ok_or_else(|| {
+                        PortError::Rejected(format!("{} is not a timestamp column", source.name))
+                    })?;
+                for (row, v) in values.iter_mut().enumerate() {
+                    let day = times.value(row).div_euclid(86_400_000_000) as i32;
+                    v.push(Literal::date(day));
+                }
+            }
+            other => {
+                return Err(PortError::Rejected(format!(
+                    "partition transform {other} is not supported"
+                )));
+            }
+        }
+    }
+    let mut groups: BTreeMap<String, (Vec<Literal>, Vec<u32>)> = BTreeMap::new();
+    for (row, v) in values.into_iter().enumerate() {
+        let key = format!("{v:?}");
+        groups
+            .entry(key)
+            .or_insert_with(|| (v, Vec::new()))
+            .1
+            .push(row as u32);
+    }
+    let mut out = Vec::new();
+    for (_, (literals, rows_idx)) in groups {
+        let data: Struct = literals.into_iter().map(Some).collect();
+        let key = PartitionKey::new(spec.clone(), schema.clone(), data);
+        let idx = arrow_array::UInt32Array::from(rows_idx);
+        let part = arrow_select::take::take_record_batch(rows, &idx)
+            .map_err(|e| PortError::Rejected(format!("splitting rows by partition: {e}")))?;
+        out.push((key, part));
+    }
+    Ok(out)
+}
+
+fn short_hash(s: &str) -> String {
+    // FNV-1a: stable across builds and platforms (std's hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+impl IcebergLake {
+    async fn write_files(
+        &self,
+        table: &Table,
+        batch_id: &str,
+        rows: &RecordBatch,
+    ) -> Result<Vec<DataFile>, PortError> {
+        let mut files = Vec::new();
+        for (key, part) in split_by_partition(table, rows)? {
+            // Deterministic: same input range and partition → same object key.
+            let names = DefaultFileNameGenerator::new(
+                format!("{batch_id}-{}", short_hash(&partition_path(&key))),
+                None,
+                DataFileFormat::Parquet,
+            );
+            let parquet = ParquetWriterBuilder::new(
+                self.writer_props.clone(),
+                table.metadata().current_schema().clone(),
+            );
+            let rolling = RollingFileWriterBuilder::new_with_default_file_size(
+                parquet,
+                table.file_io().clone(),
+                EscapingLocationGenerator::new(table.metadata().location()),
+                names,
+            );
+            let mut writer = DataFileWriterBuilder::new(rolling)
+                .build(Some(key))
+                .await
+                .map_err(|e| lake_error("opening a data file", e))?;
+            writer
+                .write(part)
+                .await
+                .map_err(|e| lake_error("writing a data file", e))?;
+            files.extend(
+                writer
+                    .close()
+                    .await
+                    .map_err(|e| lake_error("closing a data file", e))?,
+            );
+        }
+        Ok(files)
+    }
+
+    /// One commit attempt under the lease. `Ok(true)`: the range was already in the table.
+    async fn commit_once(
+        &self,
+        ident: &TableIdent,
+        batch_id: &str,
+        input: &InputRange,
+        files: &[DataFile],
+    ) -> Result<bool, PortError> {
+        let lease = self.lease.acquire(&ident.to_string(), &self.owner).await?;
+        let result = async {
+            let table = self.load(ident).await?;
+            if committed_inputs(&table)
+                .iter()
+                .any(|(id, _)| id == batch_id)
+            {
+                return Ok(true);
+            }
+            let props = HashMap::from([
+                (BATCH_ID.to_owned(), batch_id.to_owned()),
+                (INPUT_STREAM.to_owned(), input.stream.clone()),
+                (INPUT_SHARD.to_owned(), input.shard.clone()),
+                (INPUT_FIRST.to_owned(), input.first_sequence.clone()),
+                (INPUT_LAST.to_owned(), input.last_sequence.clone()),
+            ]);
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .fast_append()
+                .add_data_files(files.to_vec())
+                .set_snapshot_properties(props)
+                .apply(tx)
+                .map_err(|e| lake_error("preparing the append", e))?;
+            tx.commit(&self.catalog)
+                .await
+                .map_err(|e| lake_error("committing the append", e))?;
+            Ok(false)
+        }
+        .await;
+        let released = self.lease.release(lease).await;
+        let already = result?;
+        released?;
+        Ok(already)
+    }
+}
+
+impl TableWriter for IcebergLake {
+    async fn append(&self, append: LakeAppend) -> Result<AppendReport, PortError> {
+        let ident = self.ident(append.table);
+        let batch_id = append.input.batch_id();
+        let mut report = AppendReport::default();
+        let table = self.load(&ident).await?;
+        let committed = committed_inputs(&table);
+        if committed.iter().any(|(id, _)| *id == batch_id) {
+            report.already_committed = true;
+            return Ok(report);
+        }
+
+        // Rows that may already be there: flagged repeats, and every row of a batch that
+        // overlaps a committed range (a re-split retry of work that landed).
+        let overlap = committed.iter().any(|(_, r)| overlaps(r, &append.input));
+        let doubtful: Vec<(String, String)> = append
+            .keys
+            .iter()
+            .zip(&append.in_doubt)
+            .filter(|(_, d)| overlap || **d)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let existing = existing_keys(&table, append.table, &doubtful).await?;
+        let keep: Vec<bool> = append
+            .keys
+            .iter()
+            .zip(&append.in_doubt)
+            .map(|(k, d)| !((overlap || *d) && existing.contains(k)))
+            .collect();
+        report.duplicates_dropped = keep.iter().filter(|k| !**k).count() as u64;
+        let rows = if report.duplicates_dropped == 0 {
+            append.rows
+        } else {
+            arrow_select::filter::filter_record_batch(&append.rows, &BooleanArray::from(keep))
+                .map_err(|e| PortError::Rejected(format!("dropping duplicate rows: {e}")))?
+        };
+        if rows.num_rows() == 0 {
+            return Ok(report);
+        }
+
+        let files = self.write_files(&table, &batch_id, &rows).await?;
+        report.files_written = files.len() as u64;
+        report.bytes_written = files.iter().map(|f| f.file_size_in_bytes()).sum();
+        report.rows_written = files.iter().map(|f| f.record_count()).sum();
+
+        let attempts = self.config.max_commit_attempts.max(1);
+        for attempt in 1..=attempts {
+            match self
+                .commit_once(&ident, &batch_id, &append.input, &files)
+                .await
+            {
+                Ok(already) => {
+                    report.already_committed = already;
+                    if already {
+                        report.rows_written = 0;
+                    }
+                    return Ok(report);
+                }
+                Err(e) => {
+                    // Never re-append blindly: the failed attempt may have landed.
+                    if let Ok(table) = self.load(&ident).await {
+                        if committed_inputs(&table)
+                            .iter()
+                            .any(|(id, _)| *id == batch_id)
+                        {
+                            return Ok(report);
+                        }
+                    }
+                    if attempt == attempts {
+                        return Err(e);
+                    }
+                    report.commit_retries += 1;
+                    tracing::warn!(table = %ident, attempt, error = %e, "lake commit failed; retrying");
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Arrow → Iceberg schema of a lake table, for checks and tools.
+pub fn iceberg_schema(table: LakeTable) -> Result<Arc<iceberg::spec::Schema>, PortError> {
+    let arrow = match table {
+        LakeTable::Clicks => adpipe_core::lake::clicks_schema(),
+        LakeTable::Impressions => adpipe_core::lake::impressions_schema(),
+    };
+    arrow_schema_to_schema(&arrow)
+        .map(Arc::new)
+        .map_err(|e| lake_error("converting the schema", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(first: &str, last: &str) -> InputRange {
+        InputRange {
+            stream: "joined".into(),
+            shard: "shardId-000000000000".into(),
+            first_sequence: first.into(),
+            last_sequence: last.into(),
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_compare_as_big_decimals() {
+        use std::cmp::Ordering::*;
+        let long_a = "49656853465235457112345678901234567890123456789000";
+        let long_b = "49656853465235457112345678901234567890123456789010";
+        assert_eq!(sequence_cmp(long_a, long_b), Some(Less));
+        assert_eq!(sequence_cmp("9", "10"), Some(Less));
+        assert_eq!(sequence_cmp("0010", "9"), Some(Greater));
+        assert_eq!(sequence_cmp("abc", "abd"), None);
+        assert_eq!(sequence_cmp("abc", "abc"), Some(Equal));
+    }
+
+    #[test]
+    fn bisected_retries_overlap_the_committed_range() {
+        let committed = range("100", "200");
+        assert!(overlaps(&committed, &range("100", "150")));
+        assert!(overlaps(&committed, &range("150", "250")));
+        assert!(!overlaps(&committed, &range("201", "300")));
+        let mut other_shard = range("100", "200");
+        other_shard.shard = "shardId-000000000001".into();
+        assert!(!overlaps(&committed, &other_shard));
+        assert!(
+            overlaps(&range("x1", "x9"), &range("x1", "x5")),
+            "shared endpoint"
+        );
+        assert!(
+            !overlaps(&range("x1", "x9"), &range("x2", "x5")),
+            "incomparable, no shared endpoint"
+        );
+    }
+}
