@@ -314,3 +314,21 @@ pub async fn read_objects(
     out.sort();
     Ok(out)
 }
+
+/// Runs `tools/lake_check.py` (pyiceberg / DuckDB, from the project venv) and parses its JSON.
+pub fn lake_check(endpoint: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let root = workspace_root();
+    let output = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tools/lake_check.py"))
+        .args(args)
+        .args(["--endpoint", endpoint])
+        .output()
+        .context("running tools/lake_check.py")?;
+    if !output.status.success() {
+        bail!(
+            "lake_check.py {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("lake_check.py printed no JSON")
+}

@@ -145,3 +145,284 @@ async fn joined_batch_lands_once_in_both_tables() {
     }
     println!("{:#?}", objects.iter().map(|(k, _)| k).collect::<Vec<_>>());
 }
+
+/// A copy of `event` keeping records `range` (Lambda's bisect-on-error re-splits a batch).
+fn slice(
+    event: &aws_lambda_events::event::kinesis::KinesisEvent,
+    range: std::ops::Range<usize>,
+) -> aws_lambda_events::event::kinesis::KinesisEvent {
+    let mut e = event.clone();
+    e.records = e.records[range].to_vec();
+    e
+}
+
+fn snapshots(t: &iceberg::table::Table) -> usize {
+    t.metadata().snapshots().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bisected_retry_of_a_committed_batch_adds_nothing() {
+    let env = env().await;
+    let e = enricher(&env, "test-writer").await;
+    let event = load_event("joined.json");
+    handle(&e, "adpipe", &event, NOW_MS).await;
+    // The commit landed but Lambda did not hear of it (timeout): bisect retries the halves.
+    for half in [slice(&event, 0..5), slice(&event, 5..11)] {
+        let (response, report) = handle(&e, "adpipe", &half, NOW_MS + 5_000).await;
+        assert!(response.batch_item_failures.is_empty());
+        assert!(
+            !report.clicks.already_committed,
+            "a new range, overlapping the committed one"
+        );
+        assert_eq!(
+            report.clicks.rows_written + report.impressions.rows_written,
+            0
+        );
+    }
+    assert_eq!(
+        column(&rows(&e, LakeTable::Clicks).await, "click_id"),
+        ["clk-1", "clk-3"]
+    );
+    assert_eq!(
+        column(&rows(&e, LakeTable::Impressions).await, "impression_id").len(),
+        7
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_record_in_a_later_batch_lands_only_if_absent() {
+    let env = env().await;
+    let e = enricher(&env, "test-writer").await;
+    let event = load_event("joined.json");
+    handle(&e, "adpipe", &slice(&event, 0..5), NOW_MS).await;
+    // Later on the shard: a recovered repeat of clk-1 (dropped) and a first copy of imp-1004.
+    let mut later = slice(&event, 5..7);
+    for (n, r) in later.records.iter_mut().enumerate() {
+        r.kinesis.sequence_number =
+            format!("59656853465235457112345678901234567890123456789{n:03}");
+    }
+    let (response, report) = handle(&e, "adpipe", &later, NOW_MS + 1_000).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+    assert_eq!(report.clicks.duplicates_dropped, 1);
+    assert_eq!(report.impressions.rows_written, 1);
+    assert_eq!(
+        column(&rows(&e, LakeTable::Clicks).await, "click_id"),
+        ["clk-1", "clk-3"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_enrichers_committing_at_once_both_land_once() {
+    let env = env().await;
+    let (a, b) = (
+        enricher(&env, "writer-a").await,
+        enricher(&env, "writer-b").await,
+    );
+    let event = load_event("joined.json");
+    // Two shards' batches: the same joined records under different shards and impression ids.
+    let mut other = event.clone();
+    for r in &mut other.records {
+        let id = r
+            .event_id
+            .clone()
+            .unwrap_or_default()
+            .replace("shardId-000000000003", "shardId-000000000004");
+        r.event_id = Some(id);
+        let text = String::from_utf8(r.kinesis.data.0.clone())
+            .unwrap()
+            .replace("imp-", "imp-b");
+        r.kinesis.data.0 = text.into_bytes();
+    }
+    let ((ra, _), (rb, _)) = tokio::join!(
+        handle(&a, "adpipe", &event, NOW_MS),
+        handle(&b, "adpipe", &other, NOW_MS)
+    );
+    assert!(ra.batch_item_failures.is_empty() && rb.batch_item_failures.is_empty());
+    let clicks = rows(&a, LakeTable::Clicks).await;
+    assert_eq!(
+        column(&clicks, "click_id"),
+        ["clk-1", "clk-1", "clk-3", "clk-3"]
+    );
+    assert_eq!(
+        column(&rows(&a, LakeTable::Impressions).await, "impression_id").len(),
+        14
+    );
+    let t = a
+        .lake
+        .catalog()
+        .load_table(&a.lake.ident(LakeTable::Clicks))
+        .await
+        .unwrap();
+    assert_eq!(snapshots(&t), 2, "one append per writer, neither lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_files_carry_field_ids_iceberg_types_and_the_enriched_values() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::basic::{Compression, LogicalType, TimeUnit};
+
+    let env = env().await;
+    let e = enricher(&env, "test-writer").await;
+    handle(&e, "adpipe", &load_event("joined.json"), NOW_MS).await;
+    let objects = read_objects(&env.clients, &env.config.lake_bucket, "lake/")
+        .await
+        .unwrap();
+    let (_, body) = objects
+        .iter()
+        .find(|(k, _)| k.contains("/enriched_clicks/data/campaign_id=camp-2/"))
+        .expect("the camp-2 clicks file");
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body.clone())).unwrap();
+    let meta = reader.metadata().clone();
+    let schema = meta.file_metadata().schema_descr();
+    for (i, col) in schema.root_schema().get_fields().iter().enumerate() {
+        assert_eq!(
+            col.get_basic_info().id(),
+            i as i32 + 1,
+            "field id of {}",
+            col.name()
+        );
+    }
+    let rg = meta.row_group(0);
+    for c in rg.columns() {
+        assert!(
+            matches!(c.compression(), Compression::ZSTD(_)),
+            "{:?}",
+            c.compression()
+        );
+    }
+    let ts = schema.column(6);
+    assert_eq!(ts.name(), "impression_time");
+    assert_eq!(ts.physical_type(), parquet::basic::Type::INT64);
+    assert_eq!(
+        ts.logical_type_ref(),
+        Some(&LogicalType::Timestamp {
+            is_adjusted_to_u_t_c: false,
+            unit: TimeUnit::MICROS
+        })
+    );
+    let batch = reader.build().unwrap().next().unwrap().unwrap();
+    assert_eq!(batch.num_rows(), 1);
+    let get = |name: &str| batch.column_by_name(name).unwrap().clone();
+    let s = |name: &str| {
+        arrow_array::cast::as_string_array(get(name).as_ref())
+            .value(0)
+            .to_owned()
+    };
+    assert_eq!(s("click_id"), "clk-3");
+    assert_eq!(s("is_premium_ad"), "No", "bid 12.75");
+    assert_eq!(s("platform_category"), "Desktop", "' desktop ' trimmed");
+    let n = get("engagement_duration");
+    assert_eq!(
+        arrow_array::cast::as_primitive_array::<arrow_array::types::Int64Type>(n.as_ref()).value(0),
+        -2
+    );
+    let r = get("click_revenue");
+    let revenue =
+        arrow_array::cast::as_primitive_array::<arrow_array::types::Float64Type>(r.as_ref())
+            .value(0);
+    assert!((revenue - 1.2).abs() < 1e-12);
+    let t = get("impression_time");
+    let micros = arrow_array::cast::as_primitive_array::<
+        arrow_array::types::TimestampMicrosecondType,
+    >(t.as_ref())
+    .value(0);
+    assert_eq!(
+        micros, 1_795_169_710_500_000,
+        "2026-11-20T10:15:10.500Z in microseconds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyiceberg_and_duckdb_read_exactly_the_rows_written() {
+    let env = env().await;
+    let e = enricher(&env, "test-writer").await;
+    let event = load_event("joined.json");
+    handle(&e, "adpipe", &event, NOW_MS).await;
+    handle(&e, "adpipe", &event, NOW_MS + 1_000).await; // a retry changes nothing
+
+    let db = env.config.database.clone();
+    let scan = adpipe_it::lake_check(
+        &env.endpoint,
+        &[
+            "scan",
+            "--database",
+            &db,
+            "--table",
+            "enriched_clicks",
+            "--table",
+            "impressions",
+        ],
+    )
+    .unwrap();
+    let clicks = &scan["enriched_clicks"];
+    assert_eq!(clicks["format_version"], 2);
+    let names: Vec<&str> = clicks["schema"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 24);
+    assert_eq!(
+        clicks["schema"][6]["type"], "timestamp",
+        "zone-less, as Athena needs"
+    );
+    assert_eq!(clicks["schema"][0]["id"], 1);
+    assert_eq!(clicks["partition_spec"][0]["name"], "campaign_id");
+    assert_eq!(clicks["partition_spec"][1]["transform"], "day");
+    assert_eq!(clicks["snapshots"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        clicks["snapshots"][0]["adpipe.input.shard"],
+        "shardId-000000000003"
+    );
+    let mut rows: Vec<&serde_json::Value> = clicks["rows"].as_array().unwrap().iter().collect();
+    rows.sort_by_key(|r| r["click_id"].as_str().unwrap().to_owned());
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["click_id"], "clk-1");
+    assert_eq!(rows[0]["is_premium_ad"], "Yes");
+    assert_eq!(rows[0]["engagement_duration"], 12);
+    assert_eq!(rows[0]["platform_category"], "Mobile");
+    assert_eq!(rows[0]["impression_time"], "2026-11-20T10:15:00");
+    assert_eq!(rows[1]["engagement_duration"], -2);
+
+    let imps = &scan["impressions"];
+    let mut ids: Vec<&str> = imps["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["impression_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["imp-1001", "imp-1002", "imp-1003", "imp-1004", "imp-1005", "imp-1006", "imp-1007"]
+    );
+    let campaigns: std::collections::BTreeSet<&str> = imps["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["campaign_id"].as_str().unwrap())
+        .collect();
+    assert!(campaigns.contains("../x") && campaigns.contains("a/b") && campaigns.contains("%2F"));
+
+    // DuckDB reads the same tables through their Glue metadata locations.
+    let dir = std::env::temp_dir().join(format!("adpipe-sql-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sql = dir.join("counts.sql");
+    std::fs::write(
+        &sql,
+        "SELECT (SELECT count(*) FROM enriched_clicks) AS clicks, (SELECT count(*) FROM impressions) AS impressions",
+    )
+    .unwrap();
+    let q = adpipe_it::lake_check(
+        &env.endpoint,
+        &["query", "--database", &db, "--file", sql.to_str().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(q["counts.sql"]["rows"][0], serde_json::json!([2, 7]));
+}
