@@ -1,0 +1,165 @@
+//! Enricher throughput and memory for Lambda's largest batches.
+//!
+//! Usage: cargo build --release --workspace && ./target/release/enricher-bench [--records N] [--click-share 0.02] [--rounds 5]
+//!
+//! 1. CPU path (in process, no I/O): decode + validate + enrich + Arrow + Parquet (zstd) for one
+//!    batch, repeated `--rounds` times; reports rows/s per core (median round).
+//! 2. End to end against the local endpoint: one batch through the real enricher (Parquet to S3,
+//!    Iceberg commits in Glue); reports files and bytes written and the process's peak RSS.
+
+use std::time::Instant;
+
+use adpipe_bench::arg;
+use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
+use adpipe_core::enricher::decode_joined;
+use adpipe_core::lake::{clicks_batch, impressions_batch};
+use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord, JoinedStreamRecord};
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+fn peak_rss_mib() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+fn records(n: usize, click_share: f64) -> Vec<Vec<u8>> {
+    let base = 1_795_169_730_000i64;
+    (0..n)
+        .map(|i| {
+            let imp = Impression {
+                ad_id: format!("ad-{}", i % 50),
+                impression_id: format!("imp-{i:08}-0b6f2a58-93c1-4b8e-a7c2"),
+                campaign_id: format!("camp-{}", i % 20),
+                publisher_id: format!("pub-{}", i % 100),
+                event_time_ms: base + (i as i64) * 37,
+                device_type: ["mobile", "tablet", "desktop", "ios", "tv"][i % 5].into(),
+                geo_location: "US-CA".into(),
+                platform: "android".into(),
+                ad_type: "banner".into(),
+                bid_price: (i % 10_000) as f64 / 100.0,
+            };
+            let is_click = (i as f64 * click_share).fract() + click_share >= 1.0;
+            let record = if is_click {
+                let click = Click {
+                    ad_id: imp.ad_id.clone(),
+                    impression_id: imp.impression_id.clone(),
+                    campaign_id: imp.campaign_id.clone(),
+                    publisher_id: imp.publisher_id.clone(),
+                    event_time_ms: imp.event_time_ms + 4_321,
+                    device_type: "mobile".into(),
+                    geo_location: "US-CA".into(),
+                    platform: "android".into(),
+                    click_price: 0.35,
+                    click_id: format!("clk-{i:08}-5d1e"),
+                    click_id_derived: false,
+                };
+                JoinedStreamRecord::Click(JoinedRecord::new(&imp, &click))
+            } else {
+                JoinedStreamRecord::Impression(ImpressionRecord::new(&imp, false))
+            };
+            serde_json::to_vec(&record).expect("serialisable")
+        })
+        .collect()
+}
+
+/// The CPU path of one batch; returns Parquet bytes produced.
+fn cpu_path(data: &[Vec<u8>]) -> usize {
+    let rules = EnrichRules::default();
+    let (mut clicks, mut imps) = (Vec::new(), Vec::new());
+    for d in data {
+        match decode_joined(d).expect("valid") {
+            JoinedStreamRecord::Click(c) => clicks.push(enrich_click(&rules, c, 0).expect("valid")),
+            JoinedStreamRecord::Impression(i) => imps.push(enrich_impression(&rules, i, 0).expect("valid")),
+        }
+    }
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut bytes = 0;
+    for batch in [clicks_batch(&clicks).expect("batch"), impressions_batch(&imps).expect("batch")] {
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props.clone())).expect("writer");
+        w.write(&batch).expect("write");
+        w.close().expect("close");
+        bytes += out.len();
+    }
+    bytes
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = arg("--records", 10_000);
+    let click_share: f64 = arg("--click-share", 0.02);
+    let rounds: usize = arg("--rounds", 5);
+    let data = records(n, click_share);
+    let payload: usize = data.iter().map(Vec::len).sum();
+    println!("## enricher, one batch of {n} records ({:.2} MiB of JSON, click share {click_share})", payload as f64 / 1048576.0);
+
+    let mut rates = Vec::new();
+    let mut parquet_bytes = 0;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        parquet_bytes = cpu_path(&data);
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    rates.sort_by(|a, b| a.total_cmp(b));
+    println!("CPU path (decode+enrich+Arrow+Parquet zstd), rows/s on one core: median {:.0} (min {:.0}, max {:.0}, {rounds} rounds)", rates[rates.len() / 2], rates[0], rates[rates.len() - 1]);
+    println!("Parquet bytes for the batch: {parquet_bytes} ({:.1}x smaller than the JSON)", payload as f64 / parquet_bytes as f64);
+    let rss_cpu = peak_rss_mib();
+
+    // End to end through the real enricher against the local endpoint.
+    use adpipe_aws::Clients;
+    use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
+    let local = LocalAws::shared();
+    let clients = Clients::new(&local.sdk_config().await);
+    let (bucket, lease, db) = (unique("bench-lake"), unique("bench-lease"), unique("bench").replace('-', "_"));
+    create_bucket(&clients, &bucket).await?;
+    create_state_table(&clients, &lease).await?;
+    let vars = [
+        ("JOINED_STREAM_NAME", "joined".to_owned()),
+        ("LAKE_BUCKET", bucket.clone()),
+        ("GLUE_DATABASE", db),
+        ("COMMIT_LEASE_TABLE", lease),
+        ("DEAD_LETTER_BUCKET", bucket),
+    ];
+    let config = adpipe_core::config::EnricherConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))?;
+    let mut lake = adpipe_enricher::lake_config(&config, Some(local.endpoint.clone()), Some("us-east-1".into()));
+    lake.credentials = Some(("test".into(), "test".into()));
+    let enricher = adpipe_enricher::aws_enricher(&clients, config, lake, "bench".into())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let event = kinesis_event(&data);
+    let t = Instant::now();
+    let (response, report) = adpipe_enricher::handle(&enricher, "adpipe", &event, 1_795_219_200_000).await;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(response.batch_item_failures.is_empty(), "batch failed: {:?}", report.failed);
+    let files = report.clicks.files_written + report.impressions.files_written;
+    let bytes = report.clicks.bytes_written + report.impressions.bytes_written;
+    let rows = report.clicks.rows_written + report.impressions.rows_written;
+    println!("end to end (local endpoint): {rows} rows, {files} data files, {bytes} bytes of Parquet, {:.0} rows/s (dominated by the local endpoint)", rows as f64 / secs);
+    println!("peak RSS: {rss_cpu:.1} MiB after the CPU rounds, {:.1} MiB after the end-to-end batch (whole bench process)", peak_rss_mib());
+    Ok(())
+}
+
+fn kinesis_event(data: &[Vec<u8>]) -> KinesisEvent {
+    use base64::Engine;
+    let records: Vec<serde_json::Value> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let seq = format!("4965685346523545711234567890{i:022}");
+            serde_json::json!({
+                "kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": "p", "sequenceNumber": seq,
+                    "data": base64::engine::general_purpose::STANDARD.encode(d), "approximateArrivalTimestamp": 1795169730.5},
+                "eventSource": "aws:kinesis", "eventVersion": "1.0", "eventID": format!("shardId-000000000000:{seq}"),
+                "eventName": "aws:kinesis:record", "awsRegion": "us-east-1",
+                "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/joined"
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": records })).expect("a Kinesis event")
+}
