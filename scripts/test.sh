@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test: format and lint checks, unit and property tests, and the integration tests
-# against the local AWS-compatible endpoint (moto_server, installed into .venv on first use and
-# started by the tests themselves on a free loopback port). Idempotent; a second run reuses
-# .venv and target/.
+# Runs every test: the SAM template checks, format and lint checks, unit and property tests,
+# and the integration tests against the local AWS-compatible endpoint (moto_server, installed
+# into .venv on first use and started by the tests themselves on a free loopback port).
+# Idempotent; a second run reuses .venv and target/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -10,6 +10,9 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "Python tools (.venv)"
 bash scripts/venv.sh
+
+step "SAM template (named queries, cfn-lint, SAM transform, template tests)"
+bash scripts/check-template.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,0 +1,418 @@
+"""Tests over template.yaml: it agrees with deploy/resources.json, grants least privilege, wires
+the event source mappings and alarms as docs/DEPLOY.md says, embeds the sql/ files, and passes
+the SAM-level lint (which must catch misspelt properties that plain cfn-lint lets through).
+
+Run by scripts/check-template.sh:  .venv/bin/python -m unittest tools/test_template.py
+The joiner's side of the contract (JOINER_ENV, its defaults and its EMF metric names against
+deploy/resources.json) is checked in Rust, by tests/tests/deploy_contract.rs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import unittest
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import resources  # noqa: E402
+import sam_lint  # noqa: E402
+import template_sql  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "template.yaml"
+
+# Iceberg type (deploy/resources.json) -> Glue column type (template.yaml).
+GLUE_TYPE = {"string": "string", "boolean": "boolean", "timestamp": "timestamp", "double": "double", "long": "bigint"}
+# The property that holds each resource type's physical name.
+NAME_PROPERTY = {
+    "AWS::Kinesis::Stream": ("Name",),
+    "AWS::DynamoDB::Table": ("TableName",),
+    "AWS::S3::Bucket": ("BucketName",),
+    "AWS::Glue::Database": ("DatabaseInput", "Name"),
+    "AWS::Glue::Table": ("TableInput", "Name"),
+    "AWS::Athena::WorkGroup": ("Name",),
+    "AWS::SQS::Queue": ("QueueName",),
+    "AWS::Serverless::Function": ("FunctionName",),
+}
+FUNCTIONS = {"joiner": "JoinerFunction", "enricher": "EnricherFunction"}
+
+
+@cache
+def template() -> dict[str, Any]:
+    from cfnlint.decode.decode import decode_str
+
+    decoded, errors = decode_str(TEMPLATE.read_text(encoding="utf-8"))
+    assert not errors, errors
+    # Plain JSON values: intrinsic functions become {"Ref": ...}, {"Fn::Sub": ...}, ...
+    return json.loads(json.dumps(decoded))
+
+
+@cache
+def contract() -> dict[str, Any]:
+    return resources.load()
+
+
+def resource(logical_id: str) -> dict[str, Any]:
+    return template()["Resources"][logical_id]
+
+
+def props(logical_id: str) -> dict[str, Any]:
+    return resource(logical_id)["Properties"]
+
+
+def sub_pattern(name: str) -> str:
+    """A resources.json name pattern as the template's !Sub string."""
+    return name.replace("{stage}", "${Stage}").replace("{account}", "${AWS::AccountId}").replace(
+        "{region}", "${AWS::Region}"
+    )
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def statements(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from as_list(document["Statement"])
+
+
+def policy_documents() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every policy document in the template, named by where it lives."""
+    for logical_id, res in template()["Resources"].items():
+        p = res.get("Properties", {})
+        if res["Type"] == "AWS::IAM::Role":
+            for policy in p.get("Policies", []):
+                yield f"{logical_id}/{policy['PolicyName']}", policy["PolicyDocument"]
+        elif res["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+            yield logical_id, p["PolicyDocument"]
+        elif res["Type"] in ("AWS::S3::BucketPolicy", "AWS::SQS::QueuePolicy"):
+            yield logical_id, p["PolicyDocument"]
+        elif res["Type"] == "AWS::KMS::Key":
+            yield logical_id, p["KeyPolicy"]
+
+
+def grants(role: str) -> list[tuple[set[str], list[Any]]]:
+    """(actions, resources) of each Allow statement of a role's inline policies."""
+    out = []
+    for policy in props(role)["Policies"]:
+        for st in statements(policy["PolicyDocument"]):
+            if st["Effect"] == "Allow":
+                out.append((set(as_list(st["Action"])), as_list(st["Resource"])))
+    return out
+
+
+def referenced(value: Any) -> set[str]:
+    """Logical ids a resource expression refers to (Ref, GetAtt, or inside a Sub)."""
+    if isinstance(value, dict):
+        if "Ref" in value:
+            return {value["Ref"]}
+        if "Fn::GetAtt" in value:
+            target = value["Fn::GetAtt"]
+            return {target[0] if isinstance(target, list) else target.split(".")[0]}
+        if "Fn::Sub" in value:
+            text = value["Fn::Sub"] if isinstance(value["Fn::Sub"], str) else value["Fn::Sub"][0]
+            return {m.split(".")[0] for m in re.findall(r"\$\{([A-Za-z0-9.]+)\}", text) if "::" not in m}
+    return set()
+
+
+def resources_of(role: str, service: str) -> dict[str, set[str]]:
+    """action -> logical ids it is granted on, for one service's actions in a role."""
+    out: dict[str, set[str]] = {}
+    for actions, res in grants(role):
+        for action in actions:
+            if action.startswith(service + ":"):
+                for r in res:
+                    out.setdefault(action, set()).update(referenced(r))
+    return out
+
+
+def sub_strings(role: str, action: str) -> set[str]:
+    """The Sub texts of the resources `action` is granted on in `role`."""
+    out = set()
+    for actions, res in grants(role):
+        if action in actions:
+            out.update(r["Fn::Sub"] for r in res if isinstance(r, dict) and "Fn::Sub" in r)
+    return out
+
+
+class EnvironmentAndNames(unittest.TestCase):
+    def test_every_function_sets_exactly_its_contract_environment(self) -> None:
+        for function, logical_id in FUNCTIONS.items():
+            env = props(logical_id)["Environment"]["Variables"]
+            wanted = contract()["env"][function]
+            self.assertEqual(set(env), set(wanted), f"{function}: template vs deploy/resources.json")
+            for var, source in wanted.items():
+                value = env[var]
+                with self.subTest(function=function, var=var):
+                    if "resource" in source:
+                        spec = contract()["resources"][source["resource"]]
+                        self.assertEqual(value, {"Ref": spec["logical_id"]})
+                    elif "parameter" in source:
+                        self.assertEqual(value, {"Ref": source["parameter"]})
+                        default = template()["Parameters"][source["parameter"]]["Default"]
+                        self.assertEqual(str(default), source["default"])
+                    else:
+                        self.assertEqual(value, source["value"])
+
+    def test_resource_names_follow_the_contract(self) -> None:
+        for key, spec in contract()["resources"].items():
+            with self.subTest(resource=key):
+                res = resource(spec["logical_id"])
+                self.assertEqual(res["Type"], spec["type"])
+                value: Any = res["Properties"]
+                for part in NAME_PROPERTY[spec["type"]]:
+                    value = value[part]
+                if "{" in spec["name"]:
+                    self.assertEqual(value, {"Fn::Sub": sub_pattern(spec["name"])})
+                else:
+                    self.assertEqual(value, spec["name"])
+
+    def test_iceberg_tables_have_the_contract_columns_and_location(self) -> None:
+        lake = contract()["prefixes"]["lake"]
+        for key in ("clicks_table", "impressions_table"):
+            spec = contract()["resources"][key]
+            table = contract()["tables"][spec["name"]]
+            with self.subTest(table=spec["name"]):
+                p = props(spec["logical_id"])
+                sd = p["TableInput"]["StorageDescriptor"]
+                self.assertEqual(
+                    [(c["Name"], c["Type"]) for c in sd["Columns"]],
+                    [(c["name"], GLUE_TYPE[c["type"]]) for c in table["columns"]],
+                )
+                self.assertEqual([c["id"] for c in table["columns"]], list(range(1, len(table["columns"]) + 1)))
+                location = "s3://${LakeBucket}/" + table["location"].format(lake_prefix=lake)
+                self.assertEqual(sd["Location"], {"Fn::Sub": location})
+                self.assertEqual(p["TableInput"]["TableType"], "EXTERNAL_TABLE")
+                self.assertEqual(
+                    p["OpenTableFormatInput"], {"IcebergInput": {"MetadataOperation": "CREATE", "Version": "2"}}
+                )
+                self.assertEqual(p["DatabaseName"], {"Ref": "GlueDatabase"})
+
+    def test_bucket_lifecycle_covers_dead_letter_late_and_temporary_prefixes(self) -> None:
+        prefixes = contract()["prefixes"]
+        rules = props("LakeBucket")["LifecycleConfiguration"]["Rules"]
+        expiring = {r.get("Prefix") for r in rules if "ExpirationInDays" in r}
+        self.assertLessEqual({prefixes["dead_letter"], prefixes["late"], prefixes["athena_results"]}, expiring)
+        self.assertNotIn(prefixes["lake"], expiring, "the lake itself must never expire")
+        output = props("AthenaWorkGroup")["WorkGroupConfiguration"]["ResultConfiguration"]["OutputLocation"]
+        self.assertEqual(output, {"Fn::Sub": "s3://${LakeBucket}/" + prefixes["athena_results"]})
+
+    def test_outputs_name_the_streams_bucket_catalog_and_workgroup(self) -> None:
+        outputs = template()["Outputs"]
+        for logical_id in (
+            "ImpressionsStream",
+            "ClicksStream",
+            "JoinedStream",
+            "LakeBucket",
+            "GlueDatabase",
+            "EnrichedClicksTable",
+            "ImpressionsTable",
+            "AthenaWorkGroup",
+        ):
+            self.assertIn({"Ref": logical_id}, [o["Value"] for o in outputs.values()], logical_id)
+
+
+class Functions(unittest.TestCase):
+    def test_functions_are_arm64_al2023_rust_builds(self) -> None:
+        for function, logical_id in FUNCTIONS.items():
+            with self.subTest(function=function):
+                res = resource(logical_id)
+                self.assertEqual(res["Metadata"], {"BuildMethod": "rust-cargolambda", "BuildProperties": {"Binary": function}})
+                p = res["Properties"]
+                self.assertEqual(p["Runtime"], "provided.al2023")
+                self.assertEqual(p["Architectures"], ["arm64"])
+                self.assertEqual(p["CodeUri"], f"functions/{function}")
+                self.assertNotIn("Policies", p, "hand-written roles only, no SAM policy templates")
+                self.assertEqual(p["Role"], {"Fn::GetAtt": [f"{function.capitalize()}Role", "Arn"]})
+
+    def test_event_source_mappings_are_bounded_partial_batch_mappings_with_a_destination(self) -> None:
+        streams = {"JoinerFunction": {"ImpressionsStream", "ClicksStream"}, "EnricherFunction": {"JoinedStream"}}
+        params = template()["Parameters"]
+        for logical_id, wanted_streams in streams.items():
+            events = props(logical_id)["Events"]
+            self.assertEqual({referenced(e["Properties"]["Stream"]).pop() for e in events.values()}, wanted_streams)
+            for name, event in events.items():
+                with self.subTest(function=logical_id, event=name):
+                    self.assertEqual(event["Type"], "Kinesis")
+                    e = event["Properties"]
+                    self.assertEqual(e["FunctionResponseTypes"], ["ReportBatchItemFailures"])
+                    self.assertIs(e["BisectBatchOnFunctionError"], True)
+                    self.assertIn(e["StartingPosition"], ("TRIM_HORIZON", "LATEST"))
+                    self.assertIn("ParallelizationFactor", e)
+                    self.assertEqual(e["DestinationConfig"]["OnFailure"]["Type"], "SQS")
+                    self.assertEqual(referenced(e["DestinationConfig"]["OnFailure"]["Destination"]), {"OnFailureQueue"})
+                    for key in ("MaximumRetryAttempts", "MaximumRecordAgeInSeconds"):
+                        # Bounded: a parameter with a finite range, never Lambda's default of -1.
+                        param = params[e[key]["Ref"]]
+                        self.assertGreaterEqual(int(param["MinValue"]), 0)
+                        self.assertIn("MaxValue", param)
+
+    def test_recovery_lease_cannot_be_shorter_than_the_joiner_timeout(self) -> None:
+        lease = template()["Parameters"]["RecoveryLeaseSeconds"]
+        self.assertGreaterEqual(int(lease["MinValue"]), int(props("JoinerFunction")["Timeout"]))
+
+    def test_log_level_cannot_filter_out_the_emf_metric_lines(self) -> None:
+        # EMF lines carry no level, so Lambda files them as INFO.
+        self.assertLessEqual(set(template()["Parameters"]["LogLevel"]["AllowedValues"]), {"TRACE", "DEBUG", "INFO"})
+
+
+class LeastPrivilege(unittest.TestCase):
+    def test_no_wildcard_action_or_resource_is_allowed(self) -> None:
+        for where, document in policy_documents():
+            for st in statements(document):
+                if st["Effect"] != "Allow":
+                    continue  # a wildcard in a Deny only narrows access
+                if where == "StreamKey" and st.get("Sid") == "AccountUsesKeyThroughIam":
+                    # The default key policy: in a key policy "*" can only mean this key, and
+                    # the account root statement is what lets IAM policies grant the key at all.
+                    self.assertEqual(
+                        st["Principal"], {"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}}
+                    )
+                    continue
+                with self.subTest(policy=where, sid=st.get("Sid")):
+                    for action in as_list(st["Action"]):
+                        self.assertNotIn("*", action)
+                    for res in as_list(st["Resource"]):
+                        self.assertNotEqual(res, "*")
+                        text = res if isinstance(res, str) else res.get("Fn::Sub", "")
+                        if isinstance(text, str) and text.startswith("arn:"):
+                            # arn:partition:service:region:account:resource, resource not a bare *
+                            self.assertFalse(text.split(":", 5)[5].startswith("*"), text)
+
+    def test_joiner_only_updates_join_state_and_writes_its_own_prefixes(self) -> None:
+        self.assertEqual(resources_of("JoinerRole", "dynamodb"), {"dynamodb:UpdateItem": {"StateTable"}})
+        self.assertEqual(resources_of("JoinerRole", "kinesis")["kinesis:PutRecords"], {"JoinedStream"})
+        self.assertEqual(set(resources_of("JoinerRole", "s3")), {"s3:PutObject"})
+        self.assertEqual(
+            sub_strings("JoinerRole", "s3:PutObject"),
+            {"${LakeBucket.Arn}/dead-letter/joiner/*", "${LakeBucket.Arn}/late/joiner/*"},
+        )
+        self.assertEqual(resources_of("JoinerRole", "glue"), {})
+        self.assertEqual(resources_of("JoinerRole", "sqs"), {"sqs:SendMessage": {"OnFailureQueue"}})
+
+    def test_enricher_touches_only_the_lake_its_tables_and_the_lease(self) -> None:
+        self.assertEqual(
+            resources_of("EnricherRole", "dynamodb"),
+            {a: {"CommitLeaseTable"} for a in ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem")},
+        )
+        glue = resources_of("EnricherRole", "glue")
+        self.assertEqual(set(glue), {"glue:GetDatabase", "glue:GetTable", "glue:UpdateTable"})
+        self.assertEqual(glue["glue:UpdateTable"], {"GlueDatabase", "EnrichedClicksTable", "ImpressionsTable"})
+        self.assertEqual(set(resources_of("EnricherRole", "s3")), {"s3:GetObject", "s3:PutObject", "s3:ListBucket"})
+        self.assertEqual(sub_strings("EnricherRole", "s3:GetObject"), {"${LakeBucket.Arn}/lake/*"})
+        self.assertEqual(
+            sub_strings("EnricherRole", "s3:PutObject"), {"${LakeBucket.Arn}/lake/*", "${LakeBucket.Arn}/dead-letter/enricher/*"}
+        )
+        self.assertNotIn("kinesis:PutRecords", resources_of("EnricherRole", "kinesis"))
+
+    def test_each_role_reads_exactly_the_streams_its_mappings_poll(self) -> None:
+        for logical_id in FUNCTIONS.values():
+            role = props(logical_id)["Role"]["Fn::GetAtt"][0]
+            polled = {referenced(e["Properties"]["Stream"]).pop() for e in props(logical_id)["Events"].values()}
+            kinesis = resources_of(role, "kinesis")
+            for action in ("kinesis:GetRecords", "kinesis:GetShardIterator", "kinesis:DescribeStream", "kinesis:ListShards"):
+                self.assertEqual(kinesis[action], polled, f"{role} {action}")
+            self.assertEqual(resources_of(role, "kms"), {"kms:Decrypt": {"StreamKey"}, "kms:GenerateDataKey": {"StreamKey"}})
+            log_group = props(logical_id)["LoggingConfig"]["LogGroup"]["Ref"]
+            self.assertEqual(resources_of(role, "logs"), {"logs:CreateLogStream": {log_group}, "logs:PutLogEvents": {log_group}})
+
+
+class Monitoring(unittest.TestCase):
+    def alarms(self) -> list[dict[str, Any]]:
+        return [r["Properties"] for r in template()["Resources"].values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+
+    def test_lambda_alarms_cover_iterator_age_errors_and_throttles_of_both_functions(self) -> None:
+        for logical_id in FUNCTIONS.values():
+            for metric in ("IteratorAge", "Errors", "Throttles"):
+                matching = [
+                    a
+                    for a in self.alarms()
+                    if a["Namespace"] == "AWS/Lambda"
+                    and a["MetricName"] == metric
+                    and a["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": logical_id}}]
+                ]
+                self.assertEqual(len(matching), 1, f"{logical_id} {metric}")
+
+    def test_dead_letter_alarms_use_the_emf_metric_of_each_function(self) -> None:
+        dimension = contract()["metrics"]["dimension"]
+        for function in FUNCTIONS:
+            matching = [
+                a
+                for a in self.alarms()
+                if a["Namespace"] == {"Ref": "MetricsNamespace"}
+                and a["MetricName"] == "Rejected"
+                and a["Dimensions"] == [{"Name": dimension, "Value": function}]
+            ]
+            self.assertEqual(len(matching), 1, function)
+        self.assertEqual(template()["Parameters"]["MetricsNamespace"]["Default"], "adpipe")
+
+    def test_dashboard_shows_every_emf_metric_of_both_functions(self) -> None:
+        body = props("Dashboard")["DashboardBody"]["Fn::Sub"]
+        # Substitute the ${...} references so the body parses as the JSON CloudWatch receives.
+        dashboard = json.loads(re.sub(r"\$\{[^}]+\}", "x", body.replace("${MetricsNamespace}", "NS")))
+        shown = {
+            (m[1], m[3])
+            for w in dashboard["widgets"]
+            for m in w["properties"].get("metrics", [])
+            if m[0] == "NS" and m[2] == contract()["metrics"]["dimension"]
+        }
+        for function in FUNCTIONS:
+            for metric in contract()["metrics"][function]:
+                self.assertIn((metric, function), shown)
+
+
+class NamedQueries(unittest.TestCase):
+    def test_named_queries_are_the_sql_files_verbatim(self) -> None:
+        text = TEMPLATE.read_text(encoding="utf-8")
+        rendered, embedded = template_sql.embed(text, ROOT / "sql")
+        self.assertEqual(rendered, text, "run `python3 tools/template_sql.py`")
+        files = sorted(f"sql/{p.name}" for p in (ROOT / "sql").glob("*.sql"))
+        self.assertEqual(sorted(embedded), files)
+        queries = {
+            p["QueryString"]
+            for r in template()["Resources"].values()
+            if r["Type"] == "AWS::Athena::NamedQuery"
+            for p in [r["Properties"]]
+        }
+        self.assertEqual(queries, {(ROOT / f).read_text(encoding="utf-8") for f in files})
+        for r in template()["Resources"].values():
+            if r["Type"] == "AWS::Athena::NamedQuery":
+                self.assertEqual(r["Properties"]["Database"], {"Ref": "GlueDatabase"})
+                self.assertEqual(r["Properties"]["WorkGroup"], {"Ref": "AthenaWorkGroup"})
+
+
+class SamLevelLint(unittest.TestCase):
+    """The SAM-level lint must pass, and must catch what plain cfn-lint does not."""
+
+    def test_template_passes(self) -> None:
+        self.assertEqual(sam_lint.problems(TEMPLATE.read_text(encoding="utf-8")), [])
+
+    def assert_caught(self, old: str, new: str, expect: str) -> None:
+        text = TEMPLATE.read_text(encoding="utf-8")
+        self.assertIn(old, text)
+        found = sam_lint.problems(text.replace(old, new, 1))
+        self.assertTrue(any(expect in p for p in found), found)
+
+    def test_catches_a_misspelt_event_property(self) -> None:
+        self.assert_caught(
+            "FunctionResponseTypes: [ReportBatchItemFailures]",
+            "FunctionResponseType: [ReportBatchItemFailures]",
+            "property FunctionResponseType not defined",
+        )
+
+    def test_catches_misspelt_values(self) -> None:
+        self.assert_caught(
+            "FunctionResponseTypes: [ReportBatchItemFailures]",
+            "FunctionResponseTypes: [ReportBatchItemFailure]",
+            "'ReportBatchItemFailure' is not one of",
+        )
+        self.assert_caught("StartingPosition: TRIM_HORIZON", "StartingPosition: TRIM_HORIZN", "'TRIM_HORIZN' does not match")
+        self.assert_caught("Runtime: provided.al2023", "Runtime: provided.al2O23", "'provided.al2O23' is not one of")
+
+
+if __name__ == "__main__":
+    unittest.main()
