@@ -26,15 +26,12 @@ import template_sql  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 
-# Iceberg type (deploy/resources.json) -> Glue column type (template.yaml).
-GLUE_TYPE = {"string": "string", "boolean": "boolean", "timestamp": "timestamp", "double": "double", "long": "bigint"}
 # The property that holds each resource type's physical name.
 NAME_PROPERTY = {
     "AWS::Kinesis::Stream": ("Name",),
     "AWS::DynamoDB::Table": ("TableName",),
     "AWS::S3::Bucket": ("BucketName",),
     "AWS::Glue::Database": ("DatabaseInput", "Name"),
-    "AWS::Glue::Table": ("TableInput", "Name"),
     "AWS::Athena::WorkGroup": ("Name",),
     "AWS::SQS::Queue": ("QueueName",),
     "AWS::Serverless::Function": ("FunctionName",),
@@ -171,26 +168,31 @@ class EnvironmentAndNames(unittest.TestCase):
                 else:
                     self.assertEqual(value, spec["name"])
 
-    def test_iceberg_tables_have_the_contract_columns_and_location(self) -> None:
-        lake = contract()["prefixes"]["lake"]
-        for key in ("clicks_table", "impressions_table"):
-            spec = contract()["resources"][key]
-            table = contract()["tables"][spec["name"]]
-            with self.subTest(table=spec["name"]):
-                p = props(spec["logical_id"])
-                sd = p["TableInput"]["StorageDescriptor"]
-                self.assertEqual(
-                    [(c["Name"], c["Type"]) for c in sd["Columns"]],
-                    [(c["name"], GLUE_TYPE[c["type"]]) for c in table["columns"]],
-                )
-                self.assertEqual([c["id"] for c in table["columns"]], list(range(1, len(table["columns"]) + 1)))
-                location = "s3://${LakeBucket}/" + table["location"].format(lake_prefix=lake)
-                self.assertEqual(sd["Location"], {"Fn::Sub": location})
-                self.assertEqual(p["TableInput"]["TableType"], "EXTERNAL_TABLE")
-                self.assertEqual(
-                    p["OpenTableFormatInput"], {"IcebergInput": {"MetadataOperation": "CREATE", "Version": "2"}}
-                )
-                self.assertEqual(p["DatabaseName"], {"Ref": "GlueDatabase"})
+    def test_lake_tables_are_the_enricher_s_not_the_template_s(self) -> None:
+        # The enricher creates them (partition spec, field ids, commit.retry.num-retries = 0);
+        # an AWS::Glue::Table here could set none of that, and a stack update would break it.
+        types = {r["Type"] for r in template()["Resources"].values()}
+        self.assertNotIn("AWS::Glue::Table", types)
+        tables = set(contract()["tables"])
+        env = props("EnricherFunction")["Environment"]["Variables"]
+        self.assertEqual({env["CLICKS_TABLE"], env["IMPRESSIONS_TABLE"]}, tables)
+        outputs = {o["Value"] for o in template()["Outputs"].values() if isinstance(o["Value"], str)}
+        self.assertLessEqual(tables, outputs)
+        optimized = {r["Properties"]["TableName"] for r in template()["Resources"].values() if r["Type"] == "AWS::Glue::TableOptimizer"}
+        self.assertEqual(optimized, tables)
+        for table in tables:
+            spec = contract()["tables"][table]
+            self.assertEqual([c["id"] for c in spec["columns"]], list(range(1, len(spec["columns"]) + 1)))
+
+    def test_table_optimizers_wait_for_the_tables_and_keep_enough_snapshots(self) -> None:
+        params = template()["Parameters"]
+        # An optimizer needs its table, which exists only after the enricher's first start.
+        self.assertEqual(params["EnableTableOptimizers"]["Default"], "false")
+        # The enricher finds committed batches in the snapshot ancestry; a replay can be as old
+        # as the stream retention plus the mappings' maximum record age.
+        kept = int(params["SnapshotRetentionDays"]["Default"]) * 86400
+        replay = int(params["StreamRetentionHours"]["Default"]) * 3600 + int(params["MaximumRecordAgeSeconds"]["Default"])
+        self.assertGreaterEqual(kept, replay)
 
     def test_bucket_lifecycle_covers_dead_letter_late_and_temporary_prefixes(self) -> None:
         prefixes = contract()["prefixes"]
@@ -209,8 +211,6 @@ class EnvironmentAndNames(unittest.TestCase):
             "JoinedStream",
             "LakeBucket",
             "GlueDatabase",
-            "EnrichedClicksTable",
-            "ImpressionsTable",
             "AthenaWorkGroup",
         ):
             self.assertIn({"Ref": logical_id}, [o["Value"] for o in outputs.values()], logical_id)
@@ -300,8 +300,14 @@ class LeastPrivilege(unittest.TestCase):
             {a: {"CommitLeaseTable"} for a in ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem")},
         )
         glue = resources_of("EnricherRole", "glue")
-        self.assertEqual(set(glue), {"glue:GetDatabase", "glue:GetTable", "glue:UpdateTable"})
-        self.assertEqual(glue["glue:UpdateTable"], {"GlueDatabase", "EnrichedClicksTable", "ImpressionsTable"})
+        self.assertEqual(set(glue), {"glue:GetDatabase", "glue:CreateTable", "glue:GetTable", "glue:UpdateTable"})
+        catalog = "arn:${AWS::Partition}:glue:${AWS::Region}:${AWS::AccountId}:"
+        on_tables = {catalog + "catalog", catalog + "database/${GlueDatabase}"} | {
+            catalog + "table/${GlueDatabase}/" + table for table in contract()["tables"]
+        }
+        for action in ("glue:CreateTable", "glue:GetTable", "glue:UpdateTable"):
+            self.assertEqual(sub_strings("EnricherRole", action), on_tables, action)
+        self.assertEqual(sub_strings("TableOptimizerRole", "glue:UpdateTable"), on_tables)
         self.assertEqual(set(resources_of("EnricherRole", "s3")), {"s3:GetObject", "s3:PutObject", "s3:ListBucket"})
         self.assertEqual(sub_strings("EnricherRole", "s3:GetObject"), {"${LakeBucket.Arn}/lake/*"})
         self.assertEqual(
