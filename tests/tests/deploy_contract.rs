@@ -85,3 +85,16 @@ fn contract_lists_every_joiner_emf_metric() {
         contract["metrics"]["dimension"]
     );
 }
+
+#[test]
+fn contract_lists_exactly_the_variables_the_enricher_reads() {
+    let contract = contract();
+    let listed: BTreeSet<&str> = contract["env"]["enricher"]
+        .as_object()
+        .expect("env.enricher is an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let read: BTreeSet<&str> = adpipe_core::config::ENRICHER_ENV.iter().copied().collect();
+    assert_eq!(listed, read);
+}
