@@ -73,16 +73,22 @@ fn cpu_path(data: &[Vec<u8>]) -> usize {
     for d in data {
         match decode_joined(d).expect("valid") {
             JoinedStreamRecord::Click(c) => clicks.push(enrich_click(&rules, c, 0).expect("valid")),
-            JoinedStreamRecord::Impression(i) => imps.push(enrich_impression(&rules, i, 0).expect("valid")),
+            JoinedStreamRecord::Impression(i) => {
+                imps.push(enrich_impression(&rules, i, 0).expect("valid"))
+            }
         }
     }
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
     let mut bytes = 0;
-    for batch in [clicks_batch(&clicks).expect("batch"), impressions_batch(&imps).expect("batch")] {
+    for batch in [
+        clicks_batch(&clicks).expect("batch"),
+        impressions_batch(&imps).expect("batch"),
+    ] {
         let mut out = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props.clone())).expect("writer");
+        let mut w =
+            ArrowWriter::try_new(&mut out, batch.schema(), Some(props.clone())).expect("writer");
         w.write(&batch).expect("write");
         w.close().expect("close");
         bytes += out.len();
@@ -97,7 +103,10 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = arg("--rounds", 5);
     let data = records(n, click_share);
     let payload: usize = data.iter().map(Vec::len).sum();
-    println!("## enricher, one batch of {n} records ({:.2} MiB of JSON, click share {click_share})", payload as f64 / 1048576.0);
+    println!(
+        "## enricher, one batch of {n} records ({:.2} MiB of JSON, click share {click_share})",
+        payload as f64 / 1048576.0
+    );
 
     let mut rates = Vec::new();
     let mut parquet_bytes = 0;
@@ -108,7 +117,10 @@ async fn main() -> anyhow::Result<()> {
     }
     rates.sort_by(|a, b| a.total_cmp(b));
     println!("CPU path (decode+enrich+Arrow+Parquet zstd), rows/s on one core: median {:.0} (min {:.0}, max {:.0}, {rounds} rounds)", rates[rates.len() / 2], rates[0], rates[rates.len() - 1]);
-    println!("Parquet bytes for the batch: {parquet_bytes} ({:.1}x smaller than the JSON)", payload as f64 / parquet_bytes as f64);
+    println!(
+        "Parquet bytes for the batch: {parquet_bytes} ({:.1}x smaller than the JSON)",
+        payload as f64 / parquet_bytes as f64
+    );
     let rss_cpu = peak_rss_mib();
 
     // End to end through the real enricher against the local endpoint.
@@ -116,7 +128,11 @@ async fn main() -> anyhow::Result<()> {
     use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
     let local = LocalAws::shared();
     let clients = Clients::new(&local.sdk_config().await);
-    let (bucket, lease, db) = (unique("bench-lake"), unique("bench-lease"), unique("bench").replace('-', "_"));
+    let (bucket, lease, db) = (
+        unique("bench-lake"),
+        unique("bench-lease"),
+        unique("bench").replace('-', "_"),
+    );
     create_bucket(&clients, &bucket).await?;
     create_state_table(&clients, &lease).await?;
     let vars = [
@@ -126,17 +142,28 @@ async fn main() -> anyhow::Result<()> {
         ("COMMIT_LEASE_TABLE", lease),
         ("DEAD_LETTER_BUCKET", bucket),
     ];
-    let config = adpipe_core::config::EnricherConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))?;
-    let mut lake = adpipe_enricher::lake_config(&config, Some(local.endpoint.clone()), Some("us-east-1".into()));
+    let config = adpipe_core::config::EnricherConfig::from_lookup(|k| {
+        vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })?;
+    let mut lake = adpipe_enricher::lake_config(
+        &config,
+        Some(local.endpoint.clone()),
+        Some("us-east-1".into()),
+    );
     lake.credentials = Some(("test".into(), "test".into()));
     let enricher = adpipe_enricher::aws_enricher(&clients, config, lake, "bench".into())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let event = kinesis_event(&data);
     let t = Instant::now();
-    let (response, report) = adpipe_enricher::handle(&enricher, "adpipe", &event, 1_795_219_200_000).await;
+    let (response, report) =
+        adpipe_enricher::handle(&enricher, "adpipe", &event, 1_795_219_200_000).await;
     let secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(response.batch_item_failures.is_empty(), "batch failed: {:?}", report.failed);
+    anyhow::ensure!(
+        response.batch_item_failures.is_empty(),
+        "batch failed: {:?}",
+        report.failed
+    );
     let files = report.clicks.files_written + report.impressions.files_written;
     let bytes = report.clicks.bytes_written + report.impressions.bytes_written;
     let rows = report.clicks.rows_written + report.impressions.rows_written;
