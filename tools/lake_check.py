@@ -4,6 +4,7 @@ queries them with DuckDB's iceberg extension, both pointed at an AWS-compatible 
 
   lake_check.py scan  --endpoint URL --database DB --table T [--table T2 ...]
   lake_check.py query --endpoint URL --database DB [--sql-dir sql] [--file F.sql ...]
+  lake_check.py export --endpoint URL --database DB --out DIR [--table T ...]
 
 Prints one JSON document on stdout. Used by the integration tests and the local pipeline.
 """
@@ -112,17 +113,34 @@ def query(args):
     return out
 
 
+def export(args):
+    """Writes each table (all of them by default) as one zstd Parquet file, read by pyiceberg."""
+    import pyarrow.parquet as pq
+
+    catalog = glue_catalog(args.endpoint)
+    names = args.table or sorted(ident[-1] for ident in catalog.list_tables(args.database))
+    os.makedirs(args.out, exist_ok=True)
+    out = {}
+    for name in names:
+        arrow = catalog.load_table(f"{args.database}.{name}").scan().to_arrow()
+        path = os.path.join(args.out, f"{name}.parquet")
+        pq.write_table(arrow, path, compression="zstd")
+        out[name] = {"path": os.path.abspath(path), "rows": arrow.num_rows, "columns": arrow.column_names}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["scan", "query"])
+    p.add_argument("mode", choices=["scan", "query", "export"])
     p.add_argument("--endpoint", required=True)
     p.add_argument("--database", required=True)
     p.add_argument("--table", action="append", default=[])
     p.add_argument("--sql-dir", default=os.path.join(os.path.dirname(__file__), "..", "sql"))
     p.add_argument("--file", action="append", default=[])
+    p.add_argument("--out", default="lake-export")
     args = p.parse_args()
     aws_env(args.endpoint)
-    result = scan(args) if args.mode == "scan" else query(args)
+    result = {"scan": scan, "query": query, "export": export}[args.mode](args)
     json.dump(result, sys.stdout, default=str)
 
 

@@ -1,17 +1,17 @@
 //! Integration-test harness: a real AWS-compatible endpoint (`moto_server`, from the project's
-//! venv) started by the tests themselves on a free loopback port, SDK clients pointed at it,
-//! and helpers to provision resources and read back what the functions wrote.
+//! venv) started by the tests themselves on a free loopback port (`adpipe_local::endpoint`),
+//! SDK clients pointed at it, and helpers to provision resources and read back what the
+//! functions wrote.
 
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use adpipe_aws::Clients;
-use anyhow::{anyhow, bail, Context, Result};
+use adpipe_local::endpoint::{moto_server_program, LocalEndpoint};
+use anyhow::{bail, Context, Result};
 use aws_credential_types::Credentials;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_sdk_dynamodb::types::{
@@ -68,104 +68,14 @@ impl LocalAws {
     }
 }
 
-fn moto_server() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("ADPIPE_MOTO_SERVER") {
-        return Ok(PathBuf::from(p));
-    }
-    let root = workspace_root();
-    let path = root.join(".venv/bin/moto_server");
-    // Idempotent and fast once installed: a plain `cargo test` works on a fresh machine too.
-    let status = Command::new("bash")
-        .arg(root.join("scripts/venv.sh"))
-        .status()
-        .context("running scripts/venv.sh")?;
-    if !status.success() {
-        bail!("scripts/venv.sh failed ({status})");
-    }
-    Ok(path)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn start() -> Result<LocalAws> {
-    let server = moto_server()?;
-    let mut last_error = anyhow!("not started");
-    for _ in 0..3 {
-        let port = free_port()?;
-        let log = workspace_root().join(format!("target/moto-{port}.log"));
-        let (tx, rx) = mpsc::channel();
-        let program = server.clone();
-        // The child gets SIGTERM when the thread that forked it exits (PR_SET_PDEATHSIG). This
-        // thread never exits, so the server lives exactly as long as the test process.
-        std::thread::Builder::new()
-            .name("moto-server".into())
-            .spawn(move || {
-                let spawned = (|| -> Result<std::process::Child> {
-                    let log = std::fs::File::create(&log)?;
-                    let mut cmd = Command::new(&program);
-                    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                        .stdin(Stdio::null())
-                        .stdout(log.try_clone()?)
-                        .stderr(log);
-                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-                    unsafe {
-                        use std::os::unix::process::CommandExt;
-                        cmd.pre_exec(|| {
-                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                            Ok(())
-                        });
-                    }
-                    Ok(cmd.spawn()?)
-                })();
-                match spawned {
-                    Ok(child) => {
-                        let _ = tx.send(Ok(()));
-                        let _keep = child;
-                        loop {
-                            std::thread::park();
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            })?;
-        rx.recv()?
-            .with_context(|| format!("spawning {}", server.display()))?;
-        match wait_ready(port, Duration::from_secs(60)) {
-            Ok(()) => {
-                return Ok(LocalAws {
-                    endpoint: format!("http://127.0.0.1:{port}"),
-                })
-            }
-            Err(e) => last_error = e,
-        }
-    }
-    Err(last_error)
-}
-
-fn wait_ready(port: u16, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            use std::io::Write;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            if s.write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                .is_ok()
-            {
-                let mut buf = [0u8; 12];
-                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
-                    return Ok(());
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("moto_server on port {port} not ready within {timeout:?}")
+    let root = workspace_root();
+    let program = moto_server_program(&root)?;
+    // The server lives as long as this test process (see `LocalEndpoint::start`).
+    let endpoint = LocalEndpoint::start(&program, None, &root.join("target"))?;
+    Ok(LocalAws {
+        endpoint: endpoint.url,
+    })
 }
 
 /// A name no other test in this run uses (lowercase, valid for buckets, tables and streams).

@@ -1,0 +1,253 @@
+//! The two Lambda functions as the runner invokes them: the same init code as their `main`
+//! (`aws_joiner`, `aws_enricher`) and the same handlers (`adpipe_joiner::handle`,
+//! `adpipe_enricher::handle`), in a pool of execution environments. Concurrent invocations get
+//! distinct environments and an environment is reused once free, as on Lambda; one that timed
+//! out or crashed is dropped.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use adpipe_aws::Clients;
+use adpipe_core::config::{EnricherConfig, JoinerConfig};
+use adpipe_core::metrics::Counts;
+use adpipe_enricher::AwsEnricher;
+use adpipe_joiner::AwsJoiner;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+
+use crate::esm::FunctionError;
+use crate::resources::Resources;
+use crate::runner::{Invocation, KinesisFunction};
+
+/// Idle execution environments of one function.
+#[derive(Debug)]
+struct Pool<T> {
+    idle: Mutex<Vec<T>>,
+    created: AtomicU32,
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            created: AtomicU32::new(0),
+        }
+    }
+}
+
+impl<T> Pool<T> {
+    fn take(&self) -> Option<T> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put(&self, env: T) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(env);
+    }
+
+    /// A number for a new environment.
+    fn next_id(&self) -> u32 {
+        self.created.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Adds one batch's counts to a total.
+pub fn add_counts(total: &mut Counts, c: &Counts) {
+    total.records_in += c.records_in;
+    total.impressions += c.impressions;
+    total.clicks += c.clicks;
+    total.joined += c.joined;
+    total.forwarded += c.forwarded;
+    total.buffered += c.buffered;
+    total.duplicates += c.duplicates;
+    total.late += c.late;
+    total.unmatched += c.unmatched;
+    total.deferred += c.deferred;
+    for (reason, n) in &c.rejected {
+        *total.rejected.entry(*reason).or_default() += n;
+    }
+    total.failed += c.failed;
+    total.emit_retries += c.emit_retries;
+    total.mark_failures += c.mark_failures;
+}
+
+/// The joiner function.
+pub struct JoinerFunction {
+    arn: String,
+    clients: Clients,
+    config: JoinerConfig,
+    pool: Pool<AwsJoiner>,
+    totals: Mutex<Counts>,
+}
+
+impl JoinerFunction {
+    /// Reads the function's configuration from its environment, as `main` does.
+    pub fn new(clients: Clients, resources: &Resources) -> Result<Arc<Self>, crate::LocalError> {
+        let env = resources.joiner_env();
+        let config = JoinerConfig::from_lookup(|k| env.get(k).cloned())?;
+        Ok(Arc::new(JoinerFunction {
+            arn: resources.function_arn(&resources.joiner),
+            clients,
+            config,
+            pool: Pool::default(),
+            totals: Mutex::new(Counts::default()),
+        }))
+    }
+
+    /// Every batch's counts so far, summed.
+    pub fn totals(&self) -> Counts {
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl KinesisFunction for JoinerFunction {
+    fn arn(&self) -> String {
+        self.arn.clone()
+    }
+
+    fn invoke(self: Arc<Self>, event: KinesisEvent) -> Invocation {
+        Box::pin(async move {
+            let env = match self.pool.take() {
+                Some(env) => env,
+                None => {
+                    self.pool.next_id();
+                    adpipe_joiner::aws_joiner(&self.clients, self.config.clone())
+                }
+            };
+            let (response, report) =
+                adpipe_joiner::handle(&env, &event, adpipe_joiner::now_ms()).await;
+            add_counts(
+                &mut self.totals.lock().unwrap_or_else(|p| p.into_inner()),
+                &report.counts,
+            );
+            self.pool.put(env);
+            serde_json::to_value(&response).map_err(|e| FunctionError::Unhandled(e.to_string()))
+        })
+    }
+}
+
+/// What the enricher's batches added up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnricherTotals {
+    pub counts: Counts,
+    pub rows_written: u64,
+    pub files_written: u64,
+    pub bytes_written: u64,
+    pub duplicates_dropped: u64,
+    pub commit_retries: u64,
+    pub failed_batches: u64,
+}
+
+/// The enricher function.
+pub struct EnricherFunction {
+    arn: String,
+    name: String,
+    clients: Clients,
+    config: EnricherConfig,
+    endpoint: Option<String>,
+    region: Option<String>,
+    /// Static credentials for the lake's catalog and file IO (`None`: from the environment,
+    /// as on Lambda).
+    credentials: Option<(String, String)>,
+    pool: Pool<AwsEnricher>,
+    totals: Mutex<EnricherTotals>,
+}
+
+impl EnricherFunction {
+    pub fn new(
+        clients: Clients,
+        resources: &Resources,
+        endpoint: Option<String>,
+        credentials: Option<(String, String)>,
+    ) -> Result<Arc<Self>, crate::LocalError> {
+        let env = resources.enricher_env();
+        let config = EnricherConfig::from_lookup(|k| env.get(k).cloned())?;
+        Ok(Arc::new(EnricherFunction {
+            arn: resources.function_arn(&resources.enricher),
+            name: resources.enricher.name.clone(),
+            clients,
+            config,
+            endpoint,
+            region: Some(resources.region.clone()),
+            credentials,
+            pool: Pool::default(),
+            totals: Mutex::new(EnricherTotals::default()),
+        }))
+    }
+
+    pub fn totals(&self) -> EnricherTotals {
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A new execution environment: the init code of the enricher's `main`. It creates the
+    /// Glue database and tables if they are missing.
+    pub async fn init_environment(&self) -> Result<AwsEnricher, FunctionError> {
+        let id = self.pool.next_id();
+        let mut lake =
+            adpipe_enricher::lake_config(&self.config, self.endpoint.clone(), self.region.clone());
+        lake.credentials = self.credentials.clone();
+        adpipe_enricher::aws_enricher(
+            &self.clients,
+            self.config.clone(),
+            lake,
+            format!("local-{}-env-{id}", self.name),
+        )
+        .await
+        .map_err(|e| FunctionError::Init(e.to_string()))
+    }
+
+    /// Makes sure one environment is initialised (and so the tables exist), e.g. before the
+    /// lake is queried.
+    pub async fn warm_up(&self) -> Result<(), FunctionError> {
+        if let Some(env) = self.pool.take() {
+            self.pool.put(env);
+            return Ok(());
+        }
+        let env = self.init_environment().await?;
+        self.pool.put(env);
+        Ok(())
+    }
+}
+
+impl KinesisFunction for EnricherFunction {
+    fn arn(&self) -> String {
+        self.arn.clone()
+    }
+
+    fn invoke(self: Arc<Self>, event: KinesisEvent) -> Invocation {
+        Box::pin(async move {
+            let env = match self.pool.take() {
+                Some(env) => env,
+                None => self.init_environment().await?,
+            };
+            let (response, report) = adpipe_enricher::handle(
+                &env,
+                &self.config.metrics_namespace,
+                &event,
+                adpipe_joiner::now_ms(),
+            )
+            .await;
+            {
+                let mut t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+                crate::functions::add_counts(&mut t.counts, &report.counts);
+                for a in [&report.clicks, &report.impressions] {
+                    t.rows_written += a.rows_written;
+                    t.files_written += a.files_written;
+                    t.bytes_written += a.bytes_written;
+                    t.duplicates_dropped += a.duplicates_dropped;
+                    t.commit_retries += u64::from(a.commit_retries);
+                }
+                t.failed_batches += u64::from(report.failed.is_some());
+            }
+            self.pool.put(env);
+            serde_json::to_value(&response).map_err(|e| FunctionError::Unhandled(e.to_string()))
+        })
+    }
+}

@@ -1,0 +1,830 @@
+//! `adpipe-local`: the whole pipeline on a laptop, without an AWS account or Docker.
+//!
+//! Subcommands: `demo` (everything in one go), `up` (keep an endpoint running for
+//! `cargo lambda watch`), `provision`, `generate`, `replay`, `run`, `query`, `chart`,
+//! `export`, `env`. `adpipe-local help` lists their options.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use adpipe_core::join::{attributes, JoinRules};
+use adpipe_local::chart::{self, CHART_SQL};
+use adpipe_local::endpoint::{moto_server_program, workspace_root, LocalEndpoint};
+use adpipe_local::generator::{generate, DelayMix, Traffic, TrafficConfig};
+use adpipe_local::lake::{named_queries, render_table, to_csv, QueryResult};
+use adpipe_local::pipeline::{Functions, Pipeline};
+use adpipe_local::progress::{thousands, Counter, Reporter};
+use adpipe_local::replay::{read_jsonl, write_jsonl, Order};
+use adpipe_local::resources::Resources;
+use adpipe_local::runner::{RunOptions, RunReport, ShardKey};
+use anyhow::{anyhow, bail, Context, Result};
+
+const HELP: &str = "\
+adpipe-local: adpipe's pipeline on a local AWS-compatible endpoint (moto_server from .venv)
+
+USAGE: adpipe-local <command> [options]
+
+  demo       start an endpoint, provision, generate traffic, run both functions until the
+             streams are drained, print the named queries, write the CTR chart, export the lake
+             [traffic options] [--sql-dir sql] [--out .local/out]
+  up         start the endpoint on a fixed port, provision, write .local/lambda.env for
+             `cargo lambda watch --env-file .local/lambda.env`, and keep running (Ctrl-C stops)
+             [--port 4566]
+  provision  create the streams, tables and buckets (idempotent)
+  generate   send generated traffic to the input streams, or write it as JSONL with --out DIR
+             [traffic options] [--rate EVENTS_PER_S] [--out DIR]
+  replay     send JSONL files of raw records (one per line, bytes unchanged) to the streams
+             --impressions FILE --clicks FILE [--order interleaved|clicks-first] [--run]
+             (--run drives the functions too; with clicks-first every click is processed
+             before any impression is sent)
+  run        run the event source mappings until the streams are drained [--follow]
+  query      run the named queries (sql/*.sql) against the lake [--sql-dir DIR] [--file F.sql]...
+  chart      write the CTR-over-time chart [--out FILE.html]
+  export     write each lake table as Parquet [--out DIR]
+  env        print the functions' environment for the endpoint (for cargo lambda)
+
+Every command but demo and up talks to --endpoint URL (default: the one `up` started, from
+.local/endpoint).
+
+Traffic options (defaults in brackets):
+  --impressions N [20000]  --seed N [42]  --campaigns N [5]  --ads N [40]  --publishers N [20]
+  --ctr P [0.03]  --second-click P [0.05]  --minutes N [15]  --start RFC3339 [now - minutes]
+  --delay-inside P [0.93]  --delay-before P [0.04]  --delay-beyond P [0.03]
+  --out-of-order P [0.05]  --duplicates P [0.01]  --malformed P [0.002]  --derived-click-ids P [0.2]
+";
+
+/// `--name value` options and `--flag`s after the subcommand.
+struct Args {
+    values: BTreeMap<String, Vec<String>>,
+    flags: Vec<String>,
+}
+
+impl Args {
+    fn parse(raw: &[String], flag_names: &[&str], value_names: &[&str]) -> Result<Args> {
+        let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut flags = Vec::new();
+        let mut it = raw.iter();
+        while let Some(a) = it.next() {
+            let name = a
+                .strip_prefix("--")
+                .ok_or_else(|| anyhow!("unexpected argument {a:?} (see `adpipe-local help`)"))?;
+            let (name, inline) = match name.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (name, None),
+            };
+            if flag_names.contains(&name) {
+                flags.push(name.to_owned());
+            } else if value_names.contains(&name) {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| anyhow!("--{name} needs a value"))?,
+                };
+                values.entry(name.to_owned()).or_default().push(v);
+            } else {
+                bail!("unknown option --{name} for this command (see `adpipe-local help`)");
+            }
+        }
+        Ok(Args { values, flags })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.values
+            .get(name)
+            .and_then(|v| v.last())
+            .map(String::as_str)
+    }
+
+    fn all(&self, name: &str) -> Vec<String> {
+        self.values.get(name).cloned().unwrap_or_default()
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|f| f == name)
+    }
+
+    fn parsed<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|e| anyhow!("--{name} {v:?}: {e}")),
+        }
+    }
+}
+
+const TRAFFIC_OPTIONS: &[&str] = &[
+    "impressions",
+    "seed",
+    "campaigns",
+    "ads",
+    "publishers",
+    "ctr",
+    "second-click",
+    "minutes",
+    "start",
+    "delay-inside",
+    "delay-before",
+    "delay-beyond",
+    "out-of-order",
+    "duplicates",
+    "malformed",
+    "derived-click-ids",
+];
+
+/// The demo's default size: about 20k events pass the local endpoint in a few minutes (moto
+/// answers some 200-300 requests/s and the joiner makes about one request per event).
+const DEFAULT_IMPRESSIONS: usize = 20_000;
+
+fn traffic_config(a: &Args) -> Result<TrafficConfig> {
+    let d = TrafficConfig::default();
+    let minutes: i64 = a.parsed("minutes", d.duration_ms / 60_000)?;
+    let start_ms = match a.get("start") {
+        Some(s) => adpipe_core::time::parse_event_time(s).map_err(|e| anyhow!("--start: {e}"))?,
+        None => {
+            // The last `minutes` whole minutes before now: recent-looking traffic.
+            let now = adpipe_joiner::now_ms();
+            now - now.rem_euclid(60_000) - minutes * 60_000
+        }
+    };
+    let delays = DelayMix {
+        inside: a.parsed("delay-inside", d.delays.inside)?,
+        before: a.parsed("delay-before", d.delays.before)?,
+        beyond: a.parsed("delay-beyond", d.delays.beyond)?,
+    };
+    Ok(TrafficConfig {
+        seed: a.parsed("seed", d.seed)?,
+        impressions: a.parsed("impressions", DEFAULT_IMPRESSIONS)?,
+        start_ms,
+        duration_ms: minutes * 60_000,
+        campaigns: a.parsed("campaigns", d.campaigns)?,
+        ads: a.parsed("ads", d.ads)?,
+        publishers: a.parsed("publishers", d.publishers)?,
+        ctr: a.parsed("ctr", d.ctr)?,
+        second_click: a.parsed("second-click", d.second_click)?,
+        delays,
+        derived_click_ids: a.parsed("derived-click-ids", d.derived_click_ids)?,
+        out_of_order: a.parsed("out-of-order", d.out_of_order)?,
+        reorder_distance: d.reorder_distance,
+        duplicates: a.parsed("duplicates", d.duplicates)?,
+        malformed: a.parsed("malformed", d.malformed)?,
+        id_prefix: String::new(),
+    })
+}
+
+fn local_dir(root: &Path) -> PathBuf {
+    root.join(".local")
+}
+
+/// The endpoint to talk to: `--endpoint`, `ADPIPE_ENDPOINT`, or the one `up` recorded.
+fn endpoint_of(a: &Args, root: &Path) -> Result<LocalEndpoint> {
+    let url = match a
+        .get("endpoint")
+        .map(str::to_owned)
+        .or_else(|| std::env::var("ADPIPE_ENDPOINT").ok())
+    {
+        Some(u) => u,
+        None => std::fs::read_to_string(local_dir(root).join("endpoint"))
+            .map(|s| s.trim().to_owned())
+            .map_err(|_| {
+                anyhow!("no endpoint: pass --endpoint URL, or start one with `adpipe-local up`")
+            })?,
+    };
+    let e = LocalEndpoint::existing(&url);
+    if !e.is_up() {
+        bail!("the endpoint {url} does not answer (is `adpipe-local up` still running?)");
+    }
+    Ok(e)
+}
+
+/// Sends everything the functions print to stdout (their EMF metric lines, one per batch) to
+/// a log file while alive, as CloudWatch Logs would receive it; the terminal keeps progress
+/// and results.
+struct StdoutToFile {
+    saved: i32,
+}
+
+impl StdoutToFile {
+    fn new(path: &Path) -> Result<StdoutToFile> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        std::io::stdout().flush()?;
+        // SAFETY: dup/dup2 only manipulate this process's descriptor table; fd 1 stays open
+        // throughout (dup2 replaces it atomically), and `saved` is restored on drop.
+        let saved = unsafe { libc::dup(1) };
+        if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+            bail!("redirecting stdout: {}", std::io::Error::last_os_error());
+        }
+        Ok(StdoutToFile { saved })
+    }
+}
+
+impl Drop for StdoutToFile {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: `saved` is the descriptor dup'ed in `new`, still open.
+        unsafe {
+            libc::dup2(self.saved, 1);
+            libc::close(self.saved);
+        }
+    }
+}
+
+fn stamp() -> String {
+    chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string()
+}
+
+fn step(text: &str) {
+    eprintln!("\n== {text}");
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = dispatch(&raw).await {
+        eprintln!("adpipe-local: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(raw: &[String]) -> Result<()> {
+    let Some((cmd, rest)) = raw.split_first() else {
+        print!("{HELP}");
+        return Ok(());
+    };
+    let root = workspace_root();
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = vec!["endpoint"];
+        v.extend_from_slice(extra);
+        v
+    };
+    match cmd.as_str() {
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        "demo" => {
+            let mut names = TRAFFIC_OPTIONS.to_vec();
+            names.extend(["sql-dir", "out"]);
+            demo(&Args::parse(rest, &[], &names)?, &root).await
+        }
+        "up" => up(&Args::parse(rest, &[], &["port"])?, &root).await,
+        "provision" => {
+            let a = Args::parse(rest, &[], &with(&[]))?;
+            let p = pipeline(&a, &root).await?;
+            let done = p.provision().await?;
+            println!("created: {:?}\nexisting: {:?}", done.created, done.existing);
+            Ok(())
+        }
+        "generate" => {
+            let mut names = with(TRAFFIC_OPTIONS);
+            names.extend(["rate", "out", "order"]);
+            generate_cmd(&Args::parse(rest, &[], &names)?, &root).await
+        }
+        "replay" => {
+            let names = with(&["impressions", "clicks", "order"]);
+            replay_cmd(&Args::parse(rest, &["run"], &names)?, &root).await
+        }
+        "run" => run_cmd(&Args::parse(rest, &["follow"], &with(&[]))?, &root).await,
+        "query" => {
+            let a = Args::parse(rest, &[], &with(&["sql-dir", "file"]))?;
+            let p = pipeline(&a, &root).await?;
+            let files = query_files(&a, &root);
+            print_queries(&p, &files, &local_dir(&root).join("out/queries"), 40).await
+        }
+        "chart" => {
+            let a = Args::parse(rest, &[], &with(&["out"]))?;
+            let p = pipeline(&a, &root).await?;
+            let out = a
+                .get("out")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| local_dir(&root).join("out/ctr.html"));
+            let (imps, clicks) = write_chart(&p, &out, "local lake").await?;
+            println!(
+                "chart: {} ({} impressions, {} attributed clicks)",
+                out.display(),
+                thousands(imps),
+                thousands(clicks)
+            );
+            Ok(())
+        }
+        "export" => {
+            let a = Args::parse(rest, &[], &with(&["out"]))?;
+            let p = pipeline(&a, &root).await?;
+            let out = a
+                .get("out")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| local_dir(&root).join("out/lake"));
+            export(&p, &out).await
+        }
+        "env" => {
+            let a = Args::parse(rest, &[], &with(&[]))?;
+            let e = endpoint_of(&a, &root)?;
+            print!("{}", Resources::local().lambda_env_file(&e.url));
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}; see `adpipe-local help`"),
+    }
+}
+
+async fn pipeline(a: &Args, root: &Path) -> Result<Pipeline> {
+    let e = endpoint_of(a, root)?;
+    Ok(Pipeline::connect(e, Resources::local(), root).await)
+}
+
+fn query_files(a: &Args, root: &Path) -> Vec<PathBuf> {
+    let files = a.all("file");
+    if !files.is_empty() {
+        return files.into_iter().map(PathBuf::from).collect();
+    }
+    let dir = a
+        .get("sql-dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("sql"));
+    named_queries(&dir)
+}
+
+/// Prints each query's result (up to `max_rows` rows) and writes the full results as CSV.
+async fn print_queries(
+    p: &Pipeline,
+    files: &[PathBuf],
+    csv_dir: &Path,
+    max_rows: usize,
+) -> Result<()> {
+    if files.is_empty() {
+        println!(
+            "(no named queries found: sql/*.sql is empty or missing; pass --sql-dir or --file)"
+        );
+        return Ok(());
+    }
+    let results = p.lake().query(files).await?;
+    std::fs::create_dir_all(csv_dir)?;
+    for r in &results {
+        println!("\n-- {} ({} rows)", r.name, r.rows.len());
+        print!("{}", render_table(r, max_rows));
+        let csv = csv_dir.join(r.name.replace(".sql", ".csv"));
+        std::fs::write(&csv, to_csv(r))?;
+    }
+    println!("\n(full results as CSV in {})", csv_dir.display());
+    Ok(())
+}
+
+/// Writes the chart; returns the lake's impressions and attributed clicks.
+async fn write_chart(p: &Pipeline, out: &Path, subtitle: &str) -> Result<(u64, u64)> {
+    let dir = local_dir(&p.root).join("out");
+    std::fs::create_dir_all(&dir)?;
+    let sql = dir.join("chart_ctr_per_campaign_minute.sql");
+    std::fs::write(&sql, CHART_SQL)?;
+    let results: Vec<QueryResult> = p.lake().query(&[sql]).await?;
+    let result = results
+        .first()
+        .ok_or_else(|| anyhow!("the chart query returned nothing"))?;
+    let points = chart::points(result).map_err(|e| anyhow!(e))?;
+    let page = chart::html(
+        &points,
+        "adpipe: CTR per campaign per minute",
+        &format!(
+            "From the Iceberg tables impressions and enriched_clicks ({subtitle}), read by DuckDB."
+        ),
+    );
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(out, page)?;
+    Ok((
+        points.iter().map(|p| p.impressions).sum(),
+        points.iter().map(|p| p.clicks).sum(),
+    ))
+}
+
+async fn export(p: &Pipeline, out: &Path) -> Result<()> {
+    for t in p.lake().export(out).await? {
+        println!(
+            "exported {}: {} rows -> {}",
+            t.table,
+            thousands(t.rows),
+            t.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Sends traffic with progress.
+async fn send_traffic(
+    p: &Pipeline,
+    impressions: &[Vec<u8>],
+    clicks: &[Vec<u8>],
+    order: Order,
+    rate: Option<f64>,
+) -> Result<Duration> {
+    let counters = (
+        Counter::new("impressions", impressions.len() as u64),
+        Counter::new("clicks", clicks.len() as u64),
+    );
+    let reporter = Reporter::start("send", vec![counters.0.clone(), counters.1.clone()]);
+    let started = Instant::now();
+    p.send(impressions, clicks, order, rate, &counters).await?;
+    drop(reporter);
+    Ok(started.elapsed())
+}
+
+/// Runs the mappings with progress; function stdout goes to `log`.
+async fn run_with_progress(
+    p: &Pipeline,
+    f: &Functions,
+    options: RunOptions,
+    log: &Path,
+) -> Result<RunReport> {
+    let mappings = p.mappings(f);
+    let mut counters = Vec::new();
+    let mut watchers = Vec::new();
+    for stage in &mappings {
+        for m in stage {
+            let c = Counter::new(m.name.replace(" <- ", "<-"), 0);
+            counters.push(c.clone());
+            watchers.push((c, m.stats.clone()));
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Mirror the runner's live counts into the progress counters.
+    let mirror = std::thread::spawn(move || {
+        let mut last: Vec<u64> = vec![0; watchers.len()];
+        while !flag.load(Ordering::Relaxed) {
+            for (i, (c, s)) in watchers.iter().enumerate() {
+                let done = s.snapshot().records_done;
+                c.add(done.saturating_sub(last[i]));
+                last[i] = done;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let reporter = Reporter::start("run (records done per mapping)", counters);
+    let capture = StdoutToFile::new(log)?;
+    let result = p.run(f, mappings, options).await;
+    drop(capture);
+    std::thread::sleep(Duration::from_millis(250));
+    stop.store(true, Ordering::Relaxed);
+    let _ = mirror.join();
+    drop(reporter);
+    Ok(result?)
+}
+
+fn print_run_summary(report: &RunReport, f: &Functions) {
+    println!("\nevent source mappings:");
+    for (name, c) in &report.mappings {
+        println!(
+            "  {name:<32} read {:>8}  invocations {:>6}  retried {:>4}  bisected {:>3}  discarded {:>3}",
+            thousands(c.records_read),
+            thousands(c.invocations),
+            c.retries,
+            c.bisections,
+            c.discarded
+        );
+    }
+    let j = f.joiner.totals();
+    println!(
+        "joiner:   {} records, {} impressions, {} clicks, {} joined, {} impressions forwarded, {} duplicates ignored, {} unmatched, {} late, {} rejected",
+        thousands(j.records_in),
+        thousands(j.impressions),
+        thousands(j.clicks),
+        thousands(j.joined),
+        thousands(j.forwarded),
+        thousands(j.duplicates),
+        thousands(j.unmatched),
+        thousands(j.late),
+        thousands(j.rejected_total())
+    );
+    if !j.rejected.is_empty() {
+        let reasons: Vec<String> = j
+            .rejected
+            .iter()
+            .map(|(r, n)| format!("{}={n}", r.as_str()))
+            .collect();
+        println!("          rejected by reason: {}", reasons.join(", "));
+    }
+    let e = f.enricher.totals();
+    println!(
+        "enricher: {} records, {} rows written in {} files ({} KiB), {} duplicates dropped, {} failed batches",
+        thousands(e.counts.records_in),
+        thousands(e.rows_written),
+        e.files_written,
+        e.bytes_written / 1024,
+        e.duplicates_dropped,
+        e.failed_batches
+    );
+}
+
+/// The pairs the traffic must produce, by the join rule, from the distinct events.
+fn expected_pairs(t: &Traffic) -> u64 {
+    let rules = JoinRules::default();
+    let by_id: BTreeMap<&str, &adpipe_core::model::Impression> = t
+        .impressions
+        .iter()
+        .map(|i| (i.impression_id.as_str(), i))
+        .collect();
+    t.clicks
+        .iter()
+        .filter(|c| {
+            by_id
+                .get(c.impression_id.as_str())
+                .is_some_and(|i| attributes(&rules, i, c))
+        })
+        .count() as u64
+}
+
+async fn demo(a: &Args, root: &Path) -> Result<()> {
+    let total = Instant::now();
+    let out = a
+        .get("out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| local_dir(root).join("out"));
+    let cfg = traffic_config(a)?;
+
+    step("local AWS endpoint (moto_server from .venv)");
+    let program = moto_server_program(root)?;
+    let endpoint = LocalEndpoint::start(&program, None, &local_dir(root).join("logs"))?;
+    eprintln!("endpoint {} (log {})", endpoint.url, endpoint.log.display());
+    let p = Pipeline::connect(endpoint, Resources::local(), root).await;
+
+    step("provision streams, tables, buckets");
+    let t = Instant::now();
+    let done = p.provision().await?;
+    eprintln!(
+        "{} resources created in {:.1}s",
+        done.created.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    step(&format!(
+        "generate {} impressions (seed {}, CTR {}, {} campaigns over {} minutes)",
+        thousands(cfg.impressions as u64),
+        cfg.seed,
+        cfg.ctr,
+        cfg.campaigns,
+        cfg.duration_ms / 60_000
+    ));
+    let traffic = generate(&cfg)?;
+    let s = traffic.stats;
+    eprintln!(
+        "{} impressions, {} clicks ({} inside the window, {} slightly before, {} beyond), {} duplicate and {} out-of-order deliveries, {} malformed records",
+        thousands(traffic.impressions.len() as u64),
+        thousands(traffic.clicks.len() as u64),
+        s.clicks_inside,
+        s.clicks_before,
+        s.clicks_beyond,
+        s.duplicates,
+        s.out_of_order,
+        s.malformed
+    );
+    let send_time = send_traffic(
+        &p,
+        &traffic.impression_records,
+        &traffic.click_records,
+        Order::Interleaved,
+        None,
+    )
+    .await?;
+    let input = (traffic.impression_records.len() + traffic.click_records.len()) as u64;
+
+    step("run joiner and enricher through their event source mappings until drained");
+    let functions = p.functions()?;
+    let log = local_dir(root).join(format!("logs/functions-{}.log", stamp()));
+    let report =
+        run_with_progress(&p, &functions, RunOptions::drain(&p.resources.region), &log).await?;
+    print_run_summary(&report, &functions);
+    println!("function output (EMF metric lines): {}", log.display());
+
+    step("named queries (sql/*.sql) on the lake, by DuckDB");
+    let mut files = query_files(a, root);
+    files.sort_by_key(|f| {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // CTR and engagement first: they are what the demo is about.
+        (
+            !name.starts_with("ctr_per_campaign_per_minute"),
+            !name.starts_with("engagement_by_device"),
+            name,
+        )
+    });
+    print_queries(&p, &files, &out.join("queries"), 25).await?;
+
+    step("CTR chart");
+    let chart_path = out.join("ctr.html");
+    let (lake_imps, lake_clicks) = write_chart(&p, &chart_path, "adpipe-local demo").await?;
+    println!("chart: {}", chart_path.display());
+
+    step("export the lake as Parquet");
+    export(&p, &out.join("lake")).await?;
+
+    let expected = expected_pairs(&traffic);
+    println!(
+        "\nlake check: {} impressions (generated {}), {} attributed clicks (join rule on the generated events: {})",
+        thousands(lake_imps),
+        thousands(traffic.impressions.len() as u64),
+        thousands(lake_clicks),
+        thousands(expected)
+    );
+    let run_s = report.elapsed.as_secs_f64();
+    println!(
+        "timing: send {:.1}s ({:.0} records/s), run {:.1}s ({:.0} input events/s through joiner and enricher), total {:.1}s",
+        send_time.as_secs_f64(),
+        input as f64 / send_time.as_secs_f64().max(1e-3),
+        run_s,
+        input as f64 / run_s.max(1e-3),
+        total.elapsed().as_secs_f64()
+    );
+    if lake_imps != traffic.impressions.len() as u64 || lake_clicks != expected {
+        bail!("the lake does not hold what the traffic should produce (see above)");
+    }
+    Ok(())
+}
+
+async fn up(a: &Args, root: &Path) -> Result<()> {
+    let port: u16 = a.parsed("port", 4566)?;
+    let program = moto_server_program(root)?;
+    let endpoint = LocalEndpoint::start(&program, Some(port), &local_dir(root).join("logs"))?;
+    let p = Pipeline::connect(endpoint.clone(), Resources::local(), root).await;
+    p.provision().await?;
+    // The Glue database and tables, as the template creates them.
+    let f = p.functions()?;
+    f.enricher
+        .warm_up()
+        .await
+        .map_err(|e| anyhow!("creating the lake tables: {e}"))?;
+    let dir = local_dir(root);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("endpoint"), format!("{}\n", endpoint.url))?;
+    std::fs::write(
+        dir.join("lambda.env"),
+        p.resources.lambda_env_file(&endpoint.url),
+    )?;
+    let _ = std::fs::remove_file(checkpoint_file(root));
+    println!(
+        "local endpoint: {} (log {})",
+        endpoint.url,
+        endpoint.log.display()
+    );
+    println!("resources provisioned; function environment written to .local/lambda.env");
+    println!();
+    println!("In another terminal:");
+    println!(
+        "  export PATH=\"$PWD/.venv/bin:$PATH\"      # cargo-lambda (scripts/lambda-tools.sh)"
+    );
+    println!("  cargo lambda watch --env-file .local/lambda.env");
+    println!("  cargo lambda invoke joiner --data-file events/impressions.json");
+    println!("  cargo lambda invoke enricher --data-file events/joined.json");
+    println!("Or drive the pipeline here: adpipe-local generate / replay / run / query / chart");
+    println!();
+    println!("For other tools, the endpoint's environment:");
+    for (k, v) in p.resources.local_aws_env(&endpoint.url) {
+        println!("  export {k}={v}");
+    }
+    println!("\nRunning until Ctrl-C.");
+    // Ctrl-C ends the process, and with it the server (it is tied to this process).
+    loop {
+        std::thread::park();
+    }
+}
+
+fn checkpoint_file(root: &Path) -> PathBuf {
+    local_dir(root).join("checkpoints.json")
+}
+
+fn load_checkpoints(root: &Path) -> BTreeMap<ShardKey, String> {
+    let Ok(text) = std::fs::read_to_string(checkpoint_file(root)) else {
+        return BTreeMap::new();
+    };
+    let list: Vec<(String, String, String)> = serde_json::from_str(&text).unwrap_or_default();
+    list.into_iter().map(|(s, sh, cp)| ((s, sh), cp)).collect()
+}
+
+fn save_checkpoints(root: &Path, cps: &BTreeMap<ShardKey, String>) -> Result<()> {
+    let list: Vec<(&String, &String, &String)> =
+        cps.iter().map(|((s, sh), cp)| (s, sh, cp)).collect();
+    std::fs::create_dir_all(local_dir(root))?;
+    std::fs::write(checkpoint_file(root), serde_json::to_string_pretty(&list)?)?;
+    Ok(())
+}
+
+/// Runs the mappings from the saved checkpoints (so repeated runs against one `up` endpoint
+/// resume where the last stopped) and saves where they stopped.
+async fn run_saved(p: &Pipeline, root: &Path, producers_done: Arc<AtomicBool>) -> Result<()> {
+    let functions = p.functions()?;
+    let mut options = RunOptions::drain(&p.resources.region);
+    options.checkpoints = load_checkpoints(root);
+    options.producers_done = producers_done;
+    let log = local_dir(root).join(format!("logs/functions-{}.log", stamp()));
+    let report = run_with_progress(p, &functions, options, &log).await?;
+    save_checkpoints(root, &report.checkpoints)?;
+    print_run_summary(&report, &functions);
+    println!("function output (EMF metric lines): {}", log.display());
+    Ok(())
+}
+
+async fn run_cmd(a: &Args, root: &Path) -> Result<()> {
+    let p = pipeline(a, root).await?;
+    // --follow: never declare the producers done, so the run follows the streams.
+    let done = Arc::new(AtomicBool::new(!a.flag("follow")));
+    run_saved(&p, root, done).await
+}
+
+async fn generate_cmd(a: &Args, root: &Path) -> Result<()> {
+    let cfg = traffic_config(a)?;
+    let traffic = generate(&cfg)?;
+    eprintln!(
+        "generated {} impressions and {} clicks ({} impression and {} click records, {} malformed)",
+        thousands(traffic.impressions.len() as u64),
+        thousands(traffic.clicks.len() as u64),
+        thousands(traffic.impression_records.len() as u64),
+        thousands(traffic.click_records.len() as u64),
+        traffic.stats.malformed
+    );
+    if let Some(dir) = a.get("out") {
+        let dir = PathBuf::from(dir);
+        write_jsonl(&dir.join("impressions.jsonl"), &traffic.impression_records)?;
+        write_jsonl(&dir.join("clicks.jsonl"), &traffic.click_records)?;
+        println!(
+            "wrote {} and {}",
+            dir.join("impressions.jsonl").display(),
+            dir.join("clicks.jsonl").display()
+        );
+        return Ok(());
+    }
+    let p = pipeline(a, root).await?;
+    let order: Order = a.parsed("order", Order::Interleaved)?;
+    let rate = a.get("rate").map(str::parse::<f64>).transpose()?;
+    let took = send_traffic(
+        &p,
+        &traffic.impression_records,
+        &traffic.click_records,
+        order,
+        rate,
+    )
+    .await?;
+    println!("sent in {:.1}s", took.as_secs_f64());
+    Ok(())
+}
+
+async fn replay_cmd(a: &Args, root: &Path) -> Result<()> {
+    let imps = match a.get("impressions") {
+        Some(f) => read_jsonl(Path::new(f))?,
+        None => Vec::new(),
+    };
+    let clicks = match a.get("clicks") {
+        Some(f) => read_jsonl(Path::new(f))?,
+        None => Vec::new(),
+    };
+    if imps.is_empty() && clicks.is_empty() {
+        bail!("nothing to replay: pass --impressions FILE and/or --clicks FILE");
+    }
+    let order: Order = a.parsed("order", Order::Interleaved)?;
+    let p = pipeline(a, root).await?;
+    if !a.flag("run") {
+        send_traffic(&p, &imps, &clicks, order, None).await?;
+        return Ok(());
+    }
+    match order {
+        // Clicks are sent and processed (the joiner buffers them) before any impression.
+        Order::ClicksFirst => {
+            send_traffic(&p, &[], &clicks, order, None).await?;
+            run_saved(&p, root, Arc::new(AtomicBool::new(true))).await?;
+            send_traffic(&p, &imps, &[], order, None).await?;
+            run_saved(&p, root, Arc::new(AtomicBool::new(true))).await
+        }
+        Order::Interleaved => {
+            // The functions run while the records arrive, as they would on AWS.
+            let done = Arc::new(AtomicBool::new(false));
+            let flag = done.clone();
+            let sender = async {
+                let r = send_traffic(&p, &imps, &clicks, order, None).await;
+                flag.store(true, Ordering::SeqCst);
+                r
+            };
+            let (sent, ran) = futures::join!(sender, run_saved(&p, root, done));
+            sent?;
+            ran
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The pieces put together against one endpoint: provision, send traffic, run both functions
+//! through their event source mappings until the streams are drained, and read the lake and
+//! the dead letters back. Used by the `adpipe-local` binary and by the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use adpipe_aws::Clients;
+use serde_json::Value;
+
+use crate::endpoint::LocalEndpoint;
+use crate::functions::{EnricherFunction, JoinerFunction};
+use crate::lake::LakeCheck;
+use crate::progress::Counter;
+use crate::provision::{provision, Provisioned};
+use crate::replay::{send_both, Order, StreamWriter};
+use crate::resources::{Resources, LOCAL_ACCESS_KEY_ID, LOCAL_SECRET_ACCESS_KEY};
+use crate::runner::{run, Mapping, RunOptions, RunReport, S3Destination};
+use crate::LocalError;
+
+/// The pipeline on one endpoint.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub endpoint: LocalEndpoint,
+    pub resources: Resources,
+    pub clients: Clients,
+    /// The workspace root (for the venv and `tools/lake_check.py`).
+    pub root: PathBuf,
+}
+
+/// Both functions, each with its pool of execution environments.
+#[derive(Clone)]
+pub struct Functions {
+    pub joiner: Arc<JoinerFunction>,
+    pub enricher: Arc<EnricherFunction>,
+}
+
+impl Pipeline {
+    pub async fn connect(endpoint: LocalEndpoint, resources: Resources, root: &Path) -> Self {
+        let clients = endpoint.clients(&resources.region).await;
+        Pipeline {
+            endpoint,
+            resources,
+            clients,
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub async fn provision(&self) -> Result<Provisioned, LocalError> {
+        provision(&self.clients, &self.resources).await
+    }
+
+    /// Sends raw records to the input streams. `rate` (records/s) is for both streams
+    /// together, shared in proportion to their records. `counters` count accepted records.
+    pub async fn send(
+        &self,
+        impressions: &[Vec<u8>],
+        clicks: &[Vec<u8>],
+        order: Order,
+        rate: Option<f64>,
+        counters: &(Arc<Counter>, Arc<Counter>),
+    ) -> Result<(), LocalError> {
+        let total = (impressions.len() + clicks.len()).max(1) as f64;
+        let mut w_imps = StreamWriter::new(
+            self.clients.kinesis.clone(),
+            &self.resources.impressions_stream.name,
+        );
+        let mut w_clicks = StreamWriter::new(
+            self.clients.kinesis.clone(),
+            &self.resources.clicks_stream.name,
+        );
+        w_imps.rate = rate.map(|r| r * impressions.len() as f64 / total);
+        w_clicks.rate = rate.map(|r| r * clicks.len() as f64 / total);
+        send_both(&w_imps, &w_clicks, impressions, clicks, order, counters).await
+    }
+
+    /// The functions, configured from their environments in [`Resources`]. The enricher gets
+    /// the local credentials explicitly (its `main` takes them from the environment).
+    pub fn functions(&self) -> Result<Functions, LocalError> {
+        Ok(Functions {
+            joiner: JoinerFunction::new(self.clients.clone(), &self.resources)?,
+            enricher: EnricherFunction::new(
+                self.clients.clone(),
+                &self.resources,
+                Some(self.endpoint.url.clone()),
+                Some((
+                    LOCAL_ACCESS_KEY_ID.to_owned(),
+                    LOCAL_SECRET_ACCESS_KEY.to_owned(),
+                )),
+            )?,
+        })
+    }
+
+    fn destination(&self, function: &str) -> Arc<S3Destination> {
+        Arc::new(S3Destination {
+            client: self.clients.s3.clone(),
+            bucket: self.resources.dead_letter_bucket.clone(),
+            prefix: format!("{}{function}/", self.resources.on_failure_prefix),
+        })
+    }
+
+    /// The three event source mappings, in two stages: the joiner's (impressions, clicks),
+    /// then the enricher's (joined stream), which drains after the joiner has stopped.
+    pub fn mappings(&self, f: &Functions) -> Vec<Vec<Mapping>> {
+        let r = &self.resources;
+        let joiner_role = r.role_arn(&r.joiner);
+        let mut joiner_settings = r.joiner_mapping.clone();
+        joiner_settings.function_timeout = r.joiner.timeout;
+        let mut enricher_settings = r.enricher_mapping.clone();
+        enricher_settings.function_timeout = r.enricher.timeout;
+        let joiner_dest = self.destination(&r.joiner.name);
+        vec![
+            vec![
+                Mapping::new(
+                    format!("{} <- {}", r.joiner.name, r.impressions_stream.name),
+                    &r.impressions_stream.name,
+                    joiner_settings.clone(),
+                    f.joiner.clone(),
+                    &joiner_role,
+                )
+                .with_destination(joiner_dest.clone()),
+                Mapping::new(
+                    format!("{} <- {}", r.joiner.name, r.clicks_stream.name),
+                    &r.clicks_stream.name,
+                    joiner_settings,
+                    f.joiner.clone(),
+                    &joiner_role,
+                )
+                .with_destination(joiner_dest),
+            ],
+            vec![Mapping::new(
+                format!("{} <- {}", r.enricher.name, r.joined_stream.name),
+                &r.joined_stream.name,
+                enricher_settings,
+                f.enricher.clone(),
+                r.role_arn(&r.enricher),
+            )
+            .with_destination(self.destination(&r.enricher.name))],
+        ]
+    }
+
+    /// Runs the mappings with `options` (see [`RunOptions`]). The enricher is initialised
+    /// first, so the Glue tables exist before any shard is read.
+    pub async fn run(
+        &self,
+        functions: &Functions,
+        mappings: Vec<Vec<Mapping>>,
+        options: RunOptions,
+    ) -> Result<RunReport, LocalError> {
+        functions
+            .enricher
+            .warm_up()
+            .await
+            .map_err(|e| LocalError::Runner(e.to_string()))?;
+        run(&self.clients.kinesis, mappings, options).await
+    }
+
+    /// Runs everything until the streams are drained.
+    pub async fn drain(&self, functions: &Functions) -> Result<RunReport, LocalError> {
+        let mappings = self.mappings(functions);
+        self.run(
+            functions,
+            mappings,
+            RunOptions::drain(&self.resources.region),
+        )
+        .await
+    }
+
+    /// The lake, read by `tools/lake_check.py`.
+    pub fn lake(&self) -> LakeCheck {
+        LakeCheck::new(
+            &self.root,
+            &self.endpoint.url,
+            &self.resources.glue_database,
+        )
+    }
+
+    /// JSON objects under a prefix of the dead-letter bucket, sorted by key.
+    pub async fn dead_letter_objects(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Value)>, LocalError> {
+        let s3 = &self.clients.s3;
+        let mut out = Vec::new();
+        let mut pages = s3
+            .list_objects_v2()
+            .bucket(&self.resources.dead_letter_bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| LocalError::aws("S3 ListObjectsV2", e))?;
+            for obj in page.contents() {
+                let Some(key) = obj.key() else { continue };
+                let body = s3
+                    .get_object()
+                    .bucket(&self.resources.dead_letter_bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| LocalError::aws("S3 GetObject", e))?
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| LocalError::Runner(format!("reading {key}: {e}")))?
+                    .into_bytes();
+                let value = serde_json::from_slice(&body)
+                    .map_err(LocalError::json("a dead-letter object"))?;
+                out.push((key.to_owned(), value));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}

@@ -1,0 +1,160 @@
+//! Creates the pipeline's resources on the local endpoint, as `template.yaml` does in the
+//! cloud: the three streams, the join-state and commit-lease tables (TTL on `ttl`), and the
+//! lake and dead-letter buckets. Idempotent: what exists is left alone. The Glue database and
+//! the Iceberg tables are created by the enricher at start-up (`ensure_tables`).
+
+use std::time::Duration;
+
+use adpipe_aws::Clients;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    TimeToLiveSpecification,
+};
+
+use crate::resources::{Resources, StreamSpec};
+use crate::LocalError;
+
+/// What provisioning did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Provisioned {
+    pub created: Vec<String>,
+    pub existing: Vec<String>,
+}
+
+/// Creates every resource that does not exist yet.
+pub async fn provision(clients: &Clients, r: &Resources) -> Result<Provisioned, LocalError> {
+    let mut out = Provisioned::default();
+    for stream in [&r.impressions_stream, &r.clicks_stream, &r.joined_stream] {
+        let label = format!("stream {}", stream.name);
+        if create_stream(clients, stream).await? {
+            out.created.push(label);
+        } else {
+            out.existing.push(label);
+        }
+    }
+    for table in [&r.state_table, &r.commit_lease_table] {
+        let label = format!("table {table}");
+        if create_ttl_table(clients, table).await? {
+            out.created.push(label);
+        } else {
+            out.existing.push(label);
+        }
+    }
+    for bucket in [&r.lake_bucket, &r.dead_letter_bucket] {
+        let label = format!("bucket {bucket}");
+        if create_bucket(clients, bucket).await? {
+            out.created.push(label);
+        } else {
+            out.existing.push(label);
+        }
+    }
+    tracing::info!(
+        created = out.created.len(),
+        existing = out.existing.len(),
+        "resources provisioned"
+    );
+    Ok(out)
+}
+
+/// Creates a stream and waits until it is active. `Ok(false)`: it existed.
+pub async fn create_stream(clients: &Clients, spec: &StreamSpec) -> Result<bool, LocalError> {
+    let created = match clients
+        .kinesis
+        .create_stream()
+        .stream_name(&spec.name)
+        .shard_count(spec.shards)
+        .send()
+        .await
+    {
+        Ok(_) => true,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_in_use_exception()) =>
+        {
+            false
+        }
+        Err(e) => return Err(LocalError::aws("Kinesis CreateStream", e)),
+    };
+    for _ in 0..300 {
+        let d = clients
+            .kinesis
+            .describe_stream_summary()
+            .stream_name(&spec.name)
+            .send()
+            .await
+            .map_err(|e| LocalError::aws("Kinesis DescribeStreamSummary", e))?;
+        if d.stream_description_summary()
+            .map(|s| s.stream_status().as_str())
+            == Some("ACTIVE")
+        {
+            return Ok(created);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(LocalError::Endpoint(format!(
+        "stream {} did not become active",
+        spec.name
+    )))
+}
+
+/// Creates a table keyed by `pk` (S), on demand, with TTL on `ttl`. `Ok(false)`: it existed.
+pub async fn create_ttl_table(clients: &Clients, name: &str) -> Result<bool, LocalError> {
+    let key = KeySchemaElement::builder()
+        .attribute_name("pk")
+        .key_type(KeyType::Hash)
+        .build()
+        .map_err(|e| LocalError::aws("DynamoDB key schema", e))?;
+    let attr = AttributeDefinition::builder()
+        .attribute_name("pk")
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .map_err(|e| LocalError::aws("DynamoDB attribute definition", e))?;
+    match clients
+        .dynamodb
+        .create_table()
+        .table_name(name)
+        .key_schema(key)
+        .attribute_definitions(attr)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+    {
+        Ok(_) => {}
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_in_use_exception()) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => return Err(LocalError::aws("DynamoDB CreateTable", e)),
+    }
+    let ttl = TimeToLiveSpecification::builder()
+        .attribute_name("ttl")
+        .enabled(true)
+        .build()
+        .map_err(|e| LocalError::aws("DynamoDB TTL specification", e))?;
+    clients
+        .dynamodb
+        .update_time_to_live()
+        .table_name(name)
+        .time_to_live_specification(ttl)
+        .send()
+        .await
+        .map_err(|e| LocalError::aws("DynamoDB UpdateTimeToLive", e))?;
+    Ok(true)
+}
+
+/// Creates a bucket. `Ok(false)`: it existed.
+pub async fn create_bucket(clients: &Clients, name: &str) -> Result<bool, LocalError> {
+    match clients.s3.create_bucket().bucket(name).send().await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error().is_some_and(|s| {
+                s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()
+            }) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(LocalError::aws("S3 CreateBucket", e)),
+    }
+}
