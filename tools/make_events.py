@@ -26,7 +26,7 @@ def record(stream, shard, seq, partition_key, data: bytes, arrival):
         "eventVersion": "1.0",
         "eventID": f"{shard}:{seq}",
         "eventName": "aws:kinesis:record",
-        "invokeIdentityArn": f"arn:aws:iam::{ACCOUNT}:role/adpipe-joiner",
+        "invokeIdentityArn": f"arn:aws:iam::{ACCOUNT}:role/adpipe-local-joiner",
         "awsRegion": REGION,
         "eventSourceARN": f"arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{stream}",
     }
@@ -125,10 +125,10 @@ joined = [
 out = ROOT / "events"
 out.mkdir(exist_ok=True)
 for name, ev in {
-    "impressions.json": event("adpipe-impressions", impressions),
-    "clicks.json": event("adpipe-clicks", clicks, shard="shardId-000000000001"),
-    "malformed.json": event("adpipe-impressions", malformed, shard="shardId-000000000002"),
-    "joined.json": event("adpipe-joined", joined, shard="shardId-000000000003"),
+    "impressions.json": event("adpipe-local-impressions", impressions),
+    "clicks.json": event("adpipe-local-clicks", clicks, shard="shardId-000000000001"),
+    "malformed.json": event("adpipe-local-impressions", malformed, shard="shardId-000000000002"),
+    "joined.json": event("adpipe-local-joined", joined, shard="shardId-000000000003"),
 }.items():
     (out / name).write_text(json.dumps(ev, indent=2) + "\n")
     print("wrote", out / name)

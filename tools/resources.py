@@ -36,17 +36,23 @@ def names(contract: dict[str, Any], stage: str, account: str, region: str) -> di
     }
 
 
+def parameter(contract: dict[str, Any], stage: str, source: dict[str, Any]) -> str:
+    """A parameter-backed value in a stage: the stage's override, else the template default."""
+    overrides = contract.get("stages", {}).get(stage, {}).get("parameter_overrides", {})
+    return overrides.get(source["parameter"], source["default"])
+
+
 def environment(
     contract: dict[str, Any], function: str, stage: str, account: str, region: str
 ) -> dict[str, str]:
-    """The environment `function` gets in that stage (parameters at their defaults)."""
+    """The environment `function` gets in that stage (parameters at their stage's values)."""
     resolved = names(contract, stage, account, region)
     env = {}
     for var, source in contract["env"][function].items():
         if "resource" in source:
             env[var] = resolved[source["resource"]]
         elif "parameter" in source:
-            env[var] = source["default"]
+            env[var] = parameter(contract, stage, source)
         else:
             env[var] = source["value"]
     return env

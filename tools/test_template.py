@@ -168,6 +168,42 @@ class EnvironmentAndNames(unittest.TestCase):
                 else:
                     self.assertEqual(value, spec["name"])
 
+    def test_mappings_streams_and_timeouts_follow_the_contract(self) -> None:
+        # adpipe-local reads these from deploy/resources.json; the template must say the same.
+        params = template()["Parameters"]
+        c = contract()
+
+        def check(where: str, actual: Any, source: dict[str, Any]) -> None:
+            if "parameter" in source:
+                self.assertEqual(actual, {"Ref": source["parameter"]}, where)
+                default = params[source["parameter"]]["Default"]
+                self.assertEqual(str(default), source["default"], f"{where}: default of {source['parameter']}")
+            elif "resource" in source:
+                logical_id = c["resources"][source["resource"]]["logical_id"]
+                self.assertEqual(referenced(actual), {logical_id}, where)
+            else:
+                self.assertEqual(actual, source["value"], where)
+
+        for key, spec in c["streams"].items():
+            logical_id = c["resources"][key]["logical_id"]
+            shards = props(logical_id)["ShardCount"]["Fn::If"][1]
+            check(f"{logical_id}.ShardCount", shards, spec["shards"])
+        for function, spec in c["functions"].items():
+            logical_id = FUNCTIONS[function]
+            p = props(logical_id)
+            self.assertEqual(int(p["Timeout"]), spec["timeout_seconds"], f"{logical_id}.Timeout")
+            self.assertEqual(p["CodeUri"], f"functions/{spec['binary']}")
+            streams = {c["resources"][s]["logical_id"] for s in spec["sources"]}
+            self.assertEqual({referenced(e["Properties"]["Stream"]).pop() for e in p["Events"].values()}, streams)
+            for name, event in p["Events"].items():
+                e = event["Properties"]
+                for prop, source in c["mappings"][function].items():
+                    actual = e["DestinationConfig"]["OnFailure"]["Destination"] if prop == "OnFailure" else e.get(prop)
+                    check(f"{logical_id}.{name}.{prop}", actual, source)
+        for stage, spec in c["stages"].items():
+            for param in spec["parameter_overrides"]:
+                self.assertIn(param, params, f"stage {stage} overrides an unknown parameter")
+
     def test_lake_tables_are_the_enricher_s_not_the_template_s(self) -> None:
         # The enricher creates them (partition spec, field ids, commit.retry.num-retries = 0);
         # an AWS::Glue::Table here could set none of that, and a stack update would break it.

@@ -31,7 +31,7 @@ async fn env() -> Env {
     create_bucket(&clients, &bucket).await.unwrap();
     create_state_table(&clients, &lease).await.unwrap();
     let vars: BTreeMap<&str, String> = [
-        ("JOINED_STREAM_NAME", "adpipe-joined".to_owned()),
+        ("JOINED_STREAM_NAME", "adpipe-local-joined".to_owned()),
         ("LAKE_BUCKET", bucket.clone()),
         ("GLUE_DATABASE", db),
         ("COMMIT_LEASE_TABLE", lease),

@@ -38,10 +38,10 @@ async fn env(extra: &[(&str, &str)]) -> Env {
     create_stream(&clients, &joined, 1).await.unwrap();
     create_bucket(&clients, &bucket).await.unwrap();
     let mut vars: BTreeMap<String, String> = [
-        ("IMPRESSIONS_STREAM_NAME", "adpipe-impressions"),
+        ("IMPRESSIONS_STREAM_NAME", "adpipe-local-impressions"),
         (
             "CLICKS_STREAM_NAME",
-            "arn:aws:kinesis:us-east-1:123456789012:stream/adpipe-clicks",
+            "arn:aws:kinesis:us-east-1:123456789012:stream/adpipe-local-clicks",
         ),
         ("JOINED_STREAM_NAME", joined.as_str()),
         ("STATE_TABLE_NAME", table.as_str()),
@@ -232,7 +232,7 @@ async fn malformed_records_are_dead_lettered_with_reason_and_do_not_block_the_sh
         .iter()
         .map(|(key, body)| {
             let v: serde_json::Value = serde_json::from_slice(body).unwrap();
-            assert_eq!(v["stream"], "adpipe-impressions");
+            assert_eq!(v["stream"], "adpipe-local-impressions");
             assert_eq!(v["shard"], "shardId-000000000002");
             assert!(key.ends_with(&format!("/{}.json", v["sequence_number"].as_str().unwrap())));
             (

@@ -150,8 +150,8 @@ async fn generated_traffic_lands_in_the_lake_as_the_reference_join_says() {
     assert!(
         report
             .counts(&format!(
-                "joiner <- {}",
-                p.resources.impressions_stream.name
+                "{} <- {}",
+                p.resources.joiner.name, p.resources.impressions_stream.name
             ))
             .invocations
             > 2,
@@ -344,7 +344,7 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
     send(&p, &records, &[]).await;
 
     let f = p.functions().unwrap();
-    let mut stages = p.mappings(&f);
+    let mut stages = p.mappings(&f).await.unwrap();
     // One batch for the whole shard, so the crash makes Lambda redo every record.
     stages[0][0].settings.batch_size = 100;
     stages[0][0].function = Arc::new(CrashOnce {
@@ -356,8 +356,8 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
         .await
         .unwrap();
     let imps = report.counts(&format!(
-        "joiner <- {}",
-        p.resources.impressions_stream.name
+        "{} <- {}",
+        p.resources.joiner.name, p.resources.impressions_stream.name
     ));
     assert_eq!(imps.function_errors, 1, "{imps:?}");
     assert_eq!(imps.discarded, 0);
@@ -399,4 +399,59 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
     let (_, imps_rows) = lake_rows(&p).await;
     assert_eq!(imps_rows.len(), 1);
     assert_eq!(imps_rows[0]["impression_id"], "mal-imp-1");
+}
+
+/// A function that always fails: every batch is a function error.
+struct AlwaysFails;
+
+impl KinesisFunction for AlwaysFails {
+    fn arn(&self) -> String {
+        "arn:aws:lambda:us-east-1:123456789012:function:always-fails".into()
+    }
+    fn invoke(self: Arc<Self>, _event: KinesisEvent) -> Invocation {
+        Box::pin(async { Err(FunctionError::Unhandled("always fails".into())) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_out_of_retries_go_to_the_on_failure_queue_and_free_the_shard() {
+    let p = pipeline().await;
+    let lines: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!(r#"{{"impression_id":"of-{i}"}}"#).into_bytes())
+        .collect();
+    send(&p, &lines, &[]).await;
+    let f = p.functions().unwrap();
+    let mut stages = p.mappings(&f).await.unwrap();
+    stages.truncate(1);
+    for m in &mut stages[0] {
+        m.function = Arc::new(AlwaysFails);
+        m.settings.max_retry_attempts = Some(1);
+        m.settings.bisect_on_error = false;
+    }
+    let report = p
+        .run(&f, stages, RunOptions::drain(&p.resources.region))
+        .await
+        .unwrap();
+    let imps = report.counts(&format!(
+        "{} <- {}",
+        p.resources.joiner.name, p.resources.impressions_stream.name
+    ));
+    assert_eq!(imps.discarded, 5, "{imps:?}");
+    let records = p.on_failure_records().await.unwrap();
+    let discarded: u64 = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["requestContext"]["condition"], "RetryAttemptsExhausted");
+            let info = &r["KinesisBatchInfo"];
+            assert!(info["streamArn"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!(":stream/{}", p.resources.impressions_stream.name)));
+            info["batchSize"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(
+        discarded, 5,
+        "every discarded record is described once: {records:?}"
+    );
 }

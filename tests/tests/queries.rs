@@ -43,7 +43,7 @@ async fn named_queries_return_the_expected_numbers_on_the_local_lake() {
     create_bucket(&clients, &bucket).await.unwrap();
     create_state_table(&clients, &lease).await.unwrap();
     let vars: BTreeMap<&str, String> = [
-        ("JOINED_STREAM_NAME", "adpipe-joined".to_owned()),
+        ("JOINED_STREAM_NAME", "adpipe-local-joined".to_owned()),
         ("LAKE_BUCKET", bucket.clone()),
         ("GLUE_DATABASE", db.clone()),
         ("COMMIT_LEASE_TABLE", lease),

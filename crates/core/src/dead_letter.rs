@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn rejected_entry_keeps_reason_position_and_raw_bytes() {
         let pos = SourcePosition {
-            stream: "adpipe-impressions".into(),
+            stream: "adpipe-local-impressions".into(),
             shard: "shardId-000000000001".into(),
             sequence_number: "4959".into(),
         };
@@ -120,7 +120,7 @@ mod tests {
         let letter = rejected("dead-letter/", "joiner", &pos, b"\xffoops", &rej, 0);
         assert_eq!(
             letter.key,
-            "dead-letter/joiner/adpipe-impressions/shardId-000000000001/4959.json"
+            "dead-letter/joiner/adpipe-local-impressions/shardId-000000000001/4959.json"
         );
         let body: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
         assert_eq!(body["reason"], "invalid_json");

@@ -111,7 +111,7 @@ mod tests {
         let records = input_records(&event());
         assert!(!records.is_empty());
         for r in &records {
-            assert_eq!(r.position.stream, "adpipe-impressions");
+            assert_eq!(r.position.stream, "adpipe-local-impressions");
             assert!(r.position.shard.starts_with("shardId-"));
             assert!(!r.position.sequence_number.is_empty());
             assert!(r.data.starts_with(b"{"));

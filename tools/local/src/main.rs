@@ -454,7 +454,7 @@ async fn run_with_progress(
     options: RunOptions,
     log: &Path,
 ) -> Result<RunReport> {
-    let mappings = p.mappings(f);
+    let mappings = p.mappings(f).await?;
     let mut counters = Vec::new();
     let mut watchers = Vec::new();
     for stage in &mappings {

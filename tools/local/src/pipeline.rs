@@ -15,7 +15,7 @@ use crate::progress::Counter;
 use crate::provision::{provision, Provisioned};
 use crate::replay::{send_both, Order, StreamWriter};
 use crate::resources::{Resources, LOCAL_ACCESS_KEY_ID, LOCAL_SECRET_ACCESS_KEY};
-use crate::runner::{run, Mapping, RunOptions, RunReport, S3Destination};
+use crate::runner::{run, Mapping, RunOptions, RunReport, SqsDestination};
 use crate::LocalError;
 
 /// The pipeline on one endpoint.
@@ -24,6 +24,8 @@ pub struct Pipeline {
     pub endpoint: LocalEndpoint,
     pub resources: Resources,
     pub clients: Clients,
+    /// For the on-failure destination (an SQS queue, as in the template).
+    pub sqs: aws_sdk_sqs::Client,
     /// The workspace root (for the venv and `tools/lake_check.py`).
     pub root: PathBuf,
 }
@@ -37,17 +39,18 @@ pub struct Functions {
 
 impl Pipeline {
     pub async fn connect(endpoint: LocalEndpoint, resources: Resources, root: &Path) -> Self {
-        let clients = endpoint.clients(&resources.region).await;
+        let sdk = endpoint.sdk_config(&resources.region).await;
         Pipeline {
+            clients: Clients::new(&sdk),
+            sqs: aws_sdk_sqs::Client::new(&sdk),
             endpoint,
             resources,
-            clients,
             root: root.to_path_buf(),
         }
     }
 
     pub async fn provision(&self) -> Result<Provisioned, LocalError> {
-        provision(&self.clients, &self.resources).await
+        provision(&self.clients, &self.sqs, &self.resources).await
     }
 
     /// Sends raw records to the input streams. `rate` (records/s) is for both streams
@@ -91,25 +94,69 @@ impl Pipeline {
         })
     }
 
-    fn destination(&self, function: &str) -> Arc<S3Destination> {
-        Arc::new(S3Destination {
-            client: self.clients.s3.clone(),
-            bucket: self.resources.dead_letter_bucket.clone(),
-            prefix: format!("{}{function}/", self.resources.on_failure_prefix),
-        })
+    async fn destination(&self) -> Result<Arc<SqsDestination>, LocalError> {
+        Ok(Arc::new(SqsDestination {
+            client: self.sqs.clone(),
+            queue_url: self.on_failure_queue_url().await?,
+        }))
+    }
+
+    async fn on_failure_queue_url(&self) -> Result<String, LocalError> {
+        self.sqs
+            .get_queue_url()
+            .queue_name(&self.resources.on_failure_queue)
+            .send()
+            .await
+            .map_err(|e| LocalError::aws("SQS GetQueueUrl", e))?
+            .queue_url
+            .ok_or_else(|| LocalError::Runner("GetQueueUrl returned no URL".into()))
+    }
+
+    /// The invocation records the mappings sent to the on-failure queue so far (received
+    /// with a zero visibility timeout, so they stay in the queue).
+    pub async fn on_failure_records(&self) -> Result<Vec<Value>, LocalError> {
+        let url = self.on_failure_queue_url().await?;
+        let mut seen = std::collections::BTreeMap::new();
+        // Receive until a pass brings nothing new (SQS returns at most 10 a call).
+        loop {
+            let out = self
+                .sqs
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(10)
+                .visibility_timeout(0)
+                .send()
+                .await
+                .map_err(|e| LocalError::aws("SQS ReceiveMessage", e))?;
+            let mut new = 0;
+            for m in out.messages() {
+                let (Some(id), Some(body)) = (m.message_id(), m.body()) else {
+                    continue;
+                };
+                if !seen.contains_key(id) {
+                    let value = serde_json::from_str(body)
+                        .map_err(LocalError::json("an on-failure record"))?;
+                    seen.insert(id.to_owned(), value);
+                    new += 1;
+                }
+            }
+            if new == 0 {
+                return Ok(seen.into_values().collect());
+            }
+        }
     }
 
     /// The three event source mappings, in two stages: the joiner's (impressions, clicks),
     /// then the enricher's (joined stream), which drains after the joiner has stopped.
-    pub fn mappings(&self, f: &Functions) -> Vec<Vec<Mapping>> {
+    pub async fn mappings(&self, f: &Functions) -> Result<Vec<Vec<Mapping>>, LocalError> {
         let r = &self.resources;
         let joiner_role = r.role_arn(&r.joiner);
         let mut joiner_settings = r.joiner_mapping.clone();
         joiner_settings.function_timeout = r.joiner.timeout;
         let mut enricher_settings = r.enricher_mapping.clone();
         enricher_settings.function_timeout = r.enricher.timeout;
-        let joiner_dest = self.destination(&r.joiner.name);
-        vec![
+        let destination = self.destination().await?;
+        Ok(vec![
             vec![
                 Mapping::new(
                     format!("{} <- {}", r.joiner.name, r.impressions_stream.name),
@@ -118,7 +165,7 @@ impl Pipeline {
                     f.joiner.clone(),
                     &joiner_role,
                 )
-                .with_destination(joiner_dest.clone()),
+                .with_destination(destination.clone()),
                 Mapping::new(
                     format!("{} <- {}", r.joiner.name, r.clicks_stream.name),
                     &r.clicks_stream.name,
@@ -126,7 +173,7 @@ impl Pipeline {
                     f.joiner.clone(),
                     &joiner_role,
                 )
-                .with_destination(joiner_dest),
+                .with_destination(destination.clone()),
             ],
             vec![Mapping::new(
                 format!("{} <- {}", r.enricher.name, r.joined_stream.name),
@@ -135,8 +182,8 @@ impl Pipeline {
                 f.enricher.clone(),
                 r.role_arn(&r.enricher),
             )
-            .with_destination(self.destination(&r.enricher.name))],
-        ]
+            .with_destination(destination)],
+        ])
     }
 
     /// Runs the mappings with `options` (see [`RunOptions`]). The enricher is initialised
@@ -157,7 +204,7 @@ impl Pipeline {
 
     /// Runs everything until the streams are drained.
     pub async fn drain(&self, functions: &Functions) -> Result<RunReport, LocalError> {
-        let mappings = self.mappings(functions);
+        let mappings = self.mappings(functions).await?;
         self.run(
             functions,
             mappings,

@@ -1,6 +1,6 @@
 //! Creates the pipeline's resources on the local endpoint, as `template.yaml` does in the
 //! cloud: the three streams, the join-state and commit-lease tables (TTL on `ttl`), and the
-//! lake and dead-letter buckets. Idempotent: what exists is left alone. The Glue database and
+//! lake bucket (which also holds the dead letters) and the mappings' on-failure queue. Idempotent: what exists is left alone. The Glue database and
 //! the Iceberg tables are created by the enricher at start-up (`ensure_tables`).
 
 use std::time::Duration;
@@ -22,7 +22,11 @@ pub struct Provisioned {
 }
 
 /// Creates every resource that does not exist yet.
-pub async fn provision(clients: &Clients, r: &Resources) -> Result<Provisioned, LocalError> {
+pub async fn provision(
+    clients: &Clients,
+    sqs: &aws_sdk_sqs::Client,
+    r: &Resources,
+) -> Result<Provisioned, LocalError> {
     let mut out = Provisioned::default();
     for stream in [&r.impressions_stream, &r.clicks_stream, &r.joined_stream] {
         let label = format!("stream {}", stream.name);
@@ -40,13 +44,21 @@ pub async fn provision(clients: &Clients, r: &Resources) -> Result<Provisioned, 
             out.existing.push(label);
         }
     }
-    for bucket in [&r.lake_bucket, &r.dead_letter_bucket] {
+    let mut buckets = vec![&r.lake_bucket, &r.dead_letter_bucket];
+    buckets.dedup();
+    for bucket in buckets {
         let label = format!("bucket {bucket}");
         if create_bucket(clients, bucket).await? {
             out.created.push(label);
         } else {
             out.existing.push(label);
         }
+    }
+    let label = format!("queue {}", r.on_failure_queue);
+    if create_queue(sqs, &r.on_failure_queue).await? {
+        out.created.push(label);
+    } else {
+        out.existing.push(label);
     }
     tracing::info!(
         created = out.created.len(),
@@ -157,4 +169,22 @@ pub async fn create_bucket(clients: &Clients, name: &str) -> Result<bool, LocalE
         }
         Err(e) => Err(LocalError::aws("S3 CreateBucket", e)),
     }
+}
+
+/// Creates a standard SQS queue. `Ok(false)`: it existed (CreateQueue with the same name and
+/// attributes is idempotent, so existence is asked first).
+pub async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<bool, LocalError> {
+    match sqs.get_queue_url().queue_name(name).send().await {
+        Ok(_) => return Ok(false),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_queue_does_not_exist()) => {}
+        Err(e) => return Err(LocalError::aws("SQS GetQueueUrl", e)),
+    }
+    sqs.create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| LocalError::aws("SQS CreateQueue", e))?;
+    Ok(true)
 }

@@ -1,17 +1,20 @@
-//! The one place the local pipeline takes its resource names, event source mapping settings and
-//! function environments from.
-//!
-//! `template.yaml` is the source of truth in the cloud; until its machine-readable resource/env
-//! file is merged, [`Resources::local`] holds the same facts for the laptop. Everything else in
-//! this crate (provisioning, the runner, `cargo lambda` env files) reads them from here, so
-//! pointing the local tooling at the template's file means changing this module only.
+//! The local pipeline's resource names, event source mapping settings and function
+//! environments, read from `deploy/resources.json`: the same file `template.yaml` is tested
+//! against (`tools/test_template.py`), in its `local` stage. Everything else in this crate
+//! (provisioning, the runner, `cargo lambda` env files) takes them from here.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use adpipe_core::config;
+use serde_json::Value;
 
 use crate::esm::{EsmSettings, StartingPosition, MAX_PAYLOAD_BYTES};
+
+/// `deploy/resources.json`, built into the binary so `adpipe-local` runs from anywhere.
+pub const CONTRACT: &str = include_str!("../../../deploy/resources.json");
+
+/// The stage the local tooling uses (names `adpipe-local-…`).
+pub const LOCAL_STAGE: &str = "local";
 
 /// A Kinesis stream and its shard count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,15 +26,20 @@ pub struct StreamSpec {
 /// A Lambda function as the runner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionSpec {
-    /// Function name (and the binary name `cargo lambda` builds).
+    /// The deployed function's name (`FunctionName`).
     pub name: String,
+    /// The binary `cargo lambda` builds (`cargo lambda invoke <binary>`).
+    pub binary: String,
     /// The function's `Timeout`.
     pub timeout: Duration,
+    /// Its environment (`Environment.Variables`).
+    pub env: BTreeMap<String, String>,
 }
 
 /// Every resource of the pipeline, and how the functions are wired to them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resources {
+    pub stage: String,
     pub region: String,
     /// The account in ARNs (moto's default account).
     pub account: String,
@@ -43,10 +51,11 @@ pub struct Resources {
     /// The enricher's commit leases: hash key `pk` (S), TTL attribute `ttl`.
     pub commit_lease_table: String,
     pub lake_bucket: String,
+    /// Where the functions put dead letters and late partners (the lake bucket in the template).
     pub dead_letter_bucket: String,
     pub glue_database: String,
-    /// The mappings' on-failure destination: `s3://<dead_letter_bucket>/<prefix>`.
-    pub on_failure_prefix: String,
+    /// The mappings' on-failure destination, an SQS queue.
+    pub on_failure_queue: String,
     pub joiner: FunctionSpec,
     pub enricher: FunctionSpec,
     /// Both joiner mappings (impressions stream, clicks stream).
@@ -59,87 +68,240 @@ pub struct Resources {
 pub const LOCAL_ACCESS_KEY_ID: &str = "test";
 pub const LOCAL_SECRET_ACCESS_KEY: &str = "test";
 
-impl Resources {
-    /// The laptop's resources. The stream names match the `eventSourceARN`s in `events/`, so
-    /// `cargo lambda invoke --data-file events/…` works against a provisioned endpoint.
-    pub fn local() -> Self {
-        Resources {
-            region: "us-east-1".into(),
-            account: "123456789012".into(),
-            impressions_stream: StreamSpec {
-                name: "adpipe-impressions".into(),
-                shards: 2,
-            },
-            clicks_stream: StreamSpec {
-                name: "adpipe-clicks".into(),
-                shards: 2,
-            },
-            joined_stream: StreamSpec {
-                name: "adpipe-joined".into(),
-                shards: 2,
-            },
-            state_table: "adpipe-join-state".into(),
-            commit_lease_table: "adpipe-commit-lease".into(),
-            lake_bucket: "adpipe-lake".into(),
-            dead_letter_bucket: "adpipe-dead-letters".into(),
-            glue_database: "adpipe".into(),
-            on_failure_prefix: "esm-failures/".into(),
-            joiner: FunctionSpec {
-                name: "joiner".into(),
-                timeout: Duration::from_secs(60),
-            },
-            enricher: FunctionSpec {
-                name: "enricher".into(),
-                timeout: Duration::from_secs(120),
-            },
-            joiner_mapping: EsmSettings {
-                batch_size: 500,
-                batching_window: Duration::from_secs(1),
-                max_retry_attempts: Some(10),
-                bisect_on_error: true,
-                report_batch_item_failures: true,
-                starting_position: StartingPosition::TrimHorizon,
-                function_timeout: Duration::from_secs(60),
-                max_payload_bytes: MAX_PAYLOAD_BYTES,
-                retry_delay: Duration::from_millis(200),
-            },
-            // Larger batches: every enricher batch is one Iceberg commit per table, and fewer,
-            // larger files keep the table healthy (see docs/DESIGN.md, "Small files").
-            enricher_mapping: EsmSettings {
-                batch_size: 5_000,
-                batching_window: Duration::from_secs(5),
-                max_retry_attempts: Some(10),
-                bisect_on_error: true,
-                report_batch_item_failures: true,
-                starting_position: StartingPosition::TrimHorizon,
-                function_timeout: Duration::from_secs(120),
-                max_payload_bytes: MAX_PAYLOAD_BYTES,
-                retry_delay: Duration::from_millis(200),
-            },
+/// `deploy/resources.json` does not say what the local tooling needs.
+#[derive(Debug, thiserror::Error)]
+#[error("deploy/resources.json: {0}")]
+pub struct ContractError(String);
+
+fn bad(what: impl Into<String>) -> ContractError {
+    ContractError(what.into())
+}
+
+/// One stage of the contract: resolves names and parameter-backed values.
+struct Stage<'a> {
+    contract: &'a Value,
+    stage: &'a str,
+    account: String,
+    region: String,
+}
+
+impl Stage<'_> {
+    fn at(&self, path: &[&str]) -> Result<&Value, ContractError> {
+        path.iter()
+            .try_fold(self.contract, |v, k| v.get(k))
+            .ok_or_else(|| bad(format!("no {}", path.join("."))))
+    }
+
+    fn name(&self, resource: &str) -> Result<String, ContractError> {
+        let pattern = self.at(&["resources", resource, "name"])?;
+        let pattern = pattern
+            .as_str()
+            .ok_or_else(|| bad(format!("resources.{resource}.name is not a string")))?;
+        Ok(pattern
+            .replace("{stage}", self.stage)
+            .replace("{account}", &self.account)
+            .replace("{region}", &self.region))
+    }
+
+    /// A `{"value"}`, `{"parameter", "default"}` or `{"resource"}` source, as a string.
+    fn resolve(&self, source: &Value, what: &str) -> Result<String, ContractError> {
+        if let Some(resource) = source.get("resource").and_then(Value::as_str) {
+            return self.name(resource);
         }
+        if let Some(param) = source.get("parameter").and_then(Value::as_str) {
+            let over = self.contract.pointer(&format!(
+                "/stages/{}/parameter_overrides/{param}",
+                self.stage
+            ));
+            let value = over.or_else(|| source.get("default"));
+            return value
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("{what}: parameter {param} has no default")));
+        }
+        match source.get("value") {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(v) => Ok(v.to_string()),
+            None => Err(bad(format!(
+                "{what}: neither value, parameter nor resource"
+            ))),
+        }
+    }
+
+    fn number<T: std::str::FromStr>(&self, source: &Value, what: &str) -> Result<T, ContractError> {
+        let text = self.resolve(source, what)?;
+        text.parse()
+            .map_err(|_| bad(format!("{what}: {text:?} is not a number")))
+    }
+
+    fn stream(&self, key: &str) -> Result<StreamSpec, ContractError> {
+        Ok(StreamSpec {
+            name: self.name(key)?,
+            shards: self.number(self.at(&["streams", key, "shards"])?, key)?,
+        })
+    }
+
+    fn function(&self, function: &str) -> Result<FunctionSpec, ContractError> {
+        let spec = self.at(&["functions", function])?;
+        let timeout = spec
+            .get("timeout_seconds")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(format!("functions.{function}.timeout_seconds")))?;
+        let binary = spec
+            .get("binary")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("functions.{function}.binary")))?;
+        let vars = self
+            .at(&["env", function])?
+            .as_object()
+            .ok_or_else(|| bad(format!("env.{function} is not an object")))?;
+        let env = vars
+            .iter()
+            .map(|(k, source)| Ok((k.clone(), self.resolve(source, k)?)))
+            .collect::<Result<_, ContractError>>()?;
+        Ok(FunctionSpec {
+            name: self.name(&format!("{function}_function"))?,
+            binary: binary.to_owned(),
+            timeout: Duration::from_secs(timeout),
+            env,
+        })
+    }
+
+    fn mapping(&self, function: &str, timeout: Duration) -> Result<EsmSettings, ContractError> {
+        let m = self.at(&["mappings", function])?;
+        let get = |prop: &str| {
+            m.get(prop)
+                .ok_or_else(|| bad(format!("mappings.{function}.{prop}")))
+        };
+        let what = |prop: &str| format!("mappings.{function}.{prop}");
+        let starting_position = match self
+            .resolve(get("StartingPosition")?, "StartingPosition")?
+            .as_str()
+        {
+            "TRIM_HORIZON" => StartingPosition::TrimHorizon,
+            "LATEST" => StartingPosition::Latest,
+            other => return Err(bad(format!("StartingPosition {other:?} is not supported"))),
+        };
+        let retries: i64 =
+            self.number(get("MaximumRetryAttempts")?, &what("MaximumRetryAttempts"))?;
+        let types = get("FunctionResponseTypes")?.get("value");
+        let report = types
+            .and_then(Value::as_array)
+            .is_some_and(|t| t.iter().any(|v| v == "ReportBatchItemFailures"));
+        Ok(EsmSettings {
+            batch_size: self.number(get("BatchSize")?, &what("BatchSize"))?,
+            batching_window: Duration::from_secs(self.number(
+                get("MaximumBatchingWindowInSeconds")?,
+                &what("MaximumBatchingWindowInSeconds"),
+            )?),
+            max_retry_attempts: u32::try_from(retries).ok(),
+            bisect_on_error: get("BisectBatchOnFunctionError")?.get("value")
+                == Some(&Value::Bool(true)),
+            report_batch_item_failures: report,
+            starting_position,
+            function_timeout: timeout,
+            max_payload_bytes: MAX_PAYLOAD_BYTES,
+            retry_delay: Duration::from_millis(200),
+        })
+    }
+}
+
+impl Resources {
+    /// The laptop's resources: `deploy/resources.json` in the `local` stage. The stream names
+    /// match the `eventSourceARN`s in `events/`, so `cargo lambda invoke --data-file events/…`
+    /// works against a provisioned endpoint.
+    pub fn local() -> Self {
+        Resources::from_contract(CONTRACT, LOCAL_STAGE)
+            .expect("deploy/resources.json describes the local stage (checked by the tests)")
+    }
+
+    /// The resources of `stage` as `contract` (the text of `deploy/resources.json`) names them.
+    pub fn from_contract(contract: &str, stage: &str) -> Result<Self, ContractError> {
+        let contract: Value =
+            serde_json::from_str(contract).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let stage_spec = contract
+            .pointer(&format!("/stages/{stage}"))
+            .ok_or_else(|| bad(format!("no stage {stage:?}")))?;
+        let field = |k: &str| {
+            stage_spec
+                .get(k)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("stages.{stage}.{k}")))
+        };
+        let s = Stage {
+            contract: &contract,
+            stage,
+            account: field("account")?,
+            region: field("region")?,
+        };
+        let joiner = s.function("joiner")?;
+        let enricher = s.function("enricher")?;
+        let env = |f: &FunctionSpec, k: &str| {
+            f.env
+                .get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("env of {} has no {k}", f.binary)))
+        };
+        Ok(Resources {
+            stage: stage.to_owned(),
+            impressions_stream: s.stream("impressions_stream")?,
+            clicks_stream: s.stream("clicks_stream")?,
+            joined_stream: s.stream("joined_stream")?,
+            state_table: s.name("state_table")?,
+            commit_lease_table: s.name("commit_lease_table")?,
+            lake_bucket: s.name("lake_bucket")?,
+            dead_letter_bucket: env(&joiner, "DEAD_LETTER_BUCKET")?,
+            glue_database: s.name("glue_database")?,
+            on_failure_queue: s.name("on_failure_queue")?,
+            joiner_mapping: s.mapping("joiner", joiner.timeout)?,
+            enricher_mapping: s.mapping("enricher", enricher.timeout)?,
+            joiner,
+            enricher,
+            region: s.region,
+            account: s.account,
+        })
     }
 
     /// The same resources with `tag` appended to every name, so several pipelines (tests) can
     /// share one endpoint. `tag` should be lowercase letters, digits and `-`.
     pub fn isolated(tag: &str) -> Self {
         let mut r = Resources::local();
+        let mut renamed = BTreeMap::new();
+        let mut rename = |name: &mut String, new: String| {
+            renamed.insert(std::mem::replace(name, new.clone()), new);
+        };
         for s in [
             &mut r.impressions_stream,
             &mut r.clicks_stream,
             &mut r.joined_stream,
         ] {
-            s.name = format!("{}-{tag}", s.name);
+            let new = format!("{}-{tag}", s.name);
+            rename(&mut s.name, new);
         }
         for name in [
             &mut r.state_table,
             &mut r.commit_lease_table,
             &mut r.lake_bucket,
-            &mut r.dead_letter_bucket,
+            &mut r.on_failure_queue,
         ] {
-            *name = format!("{name}-{tag}");
+            let new = format!("{name}-{tag}");
+            rename(name, new);
         }
         // Glue database names allow no `-`.
-        r.glue_database = format!("{}_{}", r.glue_database, tag.replace('-', "_"));
+        let new = format!("{}_{}", r.glue_database, tag.replace('-', "_"));
+        rename(&mut r.glue_database, new);
+        // The dead-letter bucket is one of the names above (the lake bucket).
+        if let Some(new) = renamed.get(&r.dead_letter_bucket) {
+            r.dead_letter_bucket = new.clone();
+        }
+        for f in [&mut r.joiner, &mut r.enricher] {
+            for value in f.env.values_mut() {
+                if let Some(new) = renamed.get(value) {
+                    *value = new.clone();
+                }
+            }
+        }
         r
     }
 
@@ -161,42 +323,17 @@ impl Resources {
 
     /// The execution role's ARN (the events' `invokeIdentityArn`).
     pub fn role_arn(&self, function: &FunctionSpec) -> String {
-        format!(
-            "arn:aws:iam::{}:role/adpipe-{}",
-            self.account, function.name
-        )
+        format!("arn:aws:iam::{}:role/{}", self.account, function.name)
     }
 
-    /// The joiner's environment (`Environment.Variables` of the function). Tunables are left
-    /// at their documented defaults.
+    /// The joiner's environment (`Environment.Variables` of the function).
     pub fn joiner_env(&self) -> BTreeMap<String, String> {
-        [
-            (
-                config::IMPRESSIONS_STREAM_NAME,
-                &self.impressions_stream.name,
-            ),
-            (config::CLICKS_STREAM_NAME, &self.clicks_stream.name),
-            (config::JOINED_STREAM_NAME, &self.joined_stream.name),
-            (config::STATE_TABLE_NAME, &self.state_table),
-            (config::DEAD_LETTER_BUCKET, &self.dead_letter_bucket),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.clone()))
-        .collect()
+        self.joiner.env.clone()
     }
 
     /// The enricher's environment.
     pub fn enricher_env(&self) -> BTreeMap<String, String> {
-        [
-            (config::JOINED_STREAM_NAME, &self.joined_stream.name),
-            (config::LAKE_BUCKET, &self.lake_bucket),
-            (config::GLUE_DATABASE, &self.glue_database),
-            (config::COMMIT_LEASE_TABLE, &self.commit_lease_table),
-            (config::DEAD_LETTER_BUCKET, &self.dead_letter_bucket),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.clone()))
-        .collect()
+        self.enricher.env.clone()
     }
 
     /// What a process needs to reach the local endpoint: endpoint, region, dummy credentials,
@@ -279,8 +416,56 @@ mod tests {
     #[test]
     fn isolated_names_stay_apart_and_valid() {
         let r = Resources::isolated("t-7");
-        assert_eq!(r.impressions_stream.name, "adpipe-impressions-t-7");
-        assert_eq!(r.glue_database, "adpipe_t_7");
+        assert_eq!(r.impressions_stream.name, "adpipe-local-impressions-t-7");
+        assert_eq!(r.glue_database, "adpipe_local_t_7");
         assert_ne!(r.lake_bucket, Resources::local().lake_bucket);
+        assert_eq!(r.dead_letter_bucket, r.lake_bucket);
+        // The functions' environments follow the renamed resources.
+        assert_eq!(r.joiner_env()["STATE_TABLE_NAME"], r.state_table);
+        assert_eq!(r.enricher_env()["GLUE_DATABASE"], r.glue_database);
+        assert_eq!(r.enricher_env()["LAKE_BUCKET"], r.lake_bucket);
+    }
+
+    #[test]
+    fn names_and_settings_come_from_the_contract_s_local_stage() {
+        let r = Resources::local();
+        assert_eq!(r.impressions_stream.name, "adpipe-local-impressions");
+        assert_eq!(
+            r.lake_bucket, "adpipe-local-lake-123456789012-us-east-1",
+            "the template's pattern, with the local endpoint's account and region"
+        );
+        assert_eq!(r.on_failure_queue, "adpipe-local-esm-failures");
+        assert_eq!(r.joiner.name, "adpipe-local-joiner");
+        assert_eq!(r.joiner.binary, "joiner");
+        assert_eq!(r.joiner.timeout, Duration::from_secs(120));
+        // Template defaults, and the local stage's overrides.
+        assert_eq!(r.joiner_mapping.batch_size, 500);
+        assert_eq!(r.joiner_mapping.batching_window, Duration::from_secs(1));
+        assert_eq!(r.joiner_mapping.max_retry_attempts, Some(10));
+        assert!(r.joiner_mapping.bisect_on_error && r.joiner_mapping.report_batch_item_failures);
+        assert_eq!(r.enricher_mapping.batch_size, 5_000);
+        assert_eq!(r.enricher_mapping.batching_window, Duration::from_secs(5));
+        assert_eq!(
+            r.enricher_mapping.function_timeout,
+            Duration::from_secs(300)
+        );
+        assert_eq!(r.impressions_stream.shards, 2);
+        assert_eq!(r.joiner_env()["JOIN_WINDOW_MS"], "30000");
+    }
+
+    #[test]
+    fn a_contract_without_what_the_tooling_needs_is_a_clear_error() {
+        let mut c: Value = serde_json::from_str(CONTRACT).unwrap();
+        c["mappings"]["joiner"]
+            .as_object_mut()
+            .unwrap()
+            .remove("BatchSize");
+        let e = Resources::from_contract(&c.to_string(), LOCAL_STAGE).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "deploy/resources.json: mappings.joiner.BatchSize"
+        );
+        let e = Resources::from_contract(CONTRACT, "nope").unwrap_err();
+        assert!(e.to_string().contains("no stage \"nope\""), "{e}");
     }
 }

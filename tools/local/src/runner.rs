@@ -70,43 +70,27 @@ impl FailureDestination for MemoryDestination {
     }
 }
 
-/// An on-failure destination in S3: one JSON object per discarded batch.
+/// An on-failure destination in SQS, as the template configures it: one message per discarded
+/// batch, its body the invocation record (Lambda sends the same to an SQS destination).
 #[derive(Debug, Clone)]
-pub struct S3Destination {
-    pub client: aws_sdk_s3::Client,
-    pub bucket: String,
-    pub prefix: String,
+pub struct SqsDestination {
+    pub client: aws_sdk_sqs::Client,
+    pub queue_url: String,
 }
 
-impl FailureDestination for S3Destination {
+impl FailureDestination for SqsDestination {
     fn send<'a>(
         &'a self,
         record: &'a Value,
     ) -> Pin<Box<dyn Future<Output = Result<(), LocalError>> + Send + 'a>> {
         Box::pin(async move {
-            let info = &record["KinesisBatchInfo"];
-            let seg = |v: &Value| adpipe_core::dead_letter::key_segment(v.as_str().unwrap_or(""));
-            let stream = info["streamArn"]
-                .as_str()
-                .map(adpipe_core::config::stream_name)
-                .unwrap_or("");
-            let key = format!(
-                "{}{}/{}/{}-{}.json",
-                self.prefix,
-                adpipe_core::dead_letter::key_segment(stream),
-                seg(&info["shardId"]),
-                seg(&info["startSequenceNumber"]),
-                seg(&info["endSequenceNumber"]),
-            );
             self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .content_type("application/json")
-                .body(record.to_string().into_bytes().into())
+                .send_message()
+                .queue_url(&self.queue_url)
+                .message_body(record.to_string())
                 .send()
                 .await
-                .map_err(|e| LocalError::aws("S3 PutObject (on-failure destination)", e))?;
+                .map_err(|e| LocalError::aws("SQS SendMessage (on-failure destination)", e))?;
             Ok(())
         })
     }
@@ -802,7 +786,8 @@ mod tests {
 
     fn source() -> EventSource {
         EventSource {
-            stream_arn: "arn:aws:kinesis:us-east-1:123456789012:stream/adpipe-impressions".into(),
+            stream_arn: "arn:aws:kinesis:us-east-1:123456789012:stream/adpipe-local-impressions"
+                .into(),
             shard_id: "shardId-000000000001".into(),
             region: "us-east-1".into(),
             role_arn: "arn:aws:iam::123456789012:role/adpipe-joiner".into(),
@@ -839,7 +824,7 @@ mod tests {
         // milliseconds (`.5` becomes 5 ms, `.123` is right). No adpipe code reads the field.
         // The joiner's edge recovers stream, shard, sequence number and the raw bytes.
         let inputs = adpipe_joiner::input_records(&event);
-        assert_eq!(inputs[1].position.stream, "adpipe-impressions");
+        assert_eq!(inputs[1].position.stream, "adpipe-local-impressions");
         assert_eq!(inputs[1].position.shard, "shardId-000000000001");
         assert_eq!(inputs[1].position.sequence_number, "4960002");
         assert_eq!(inputs[1].data, b"\xff");
