@@ -82,6 +82,9 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
     }
 
     fn parse(&self, record: &InputRecord) -> Result<Event, Rejection> {
+        if let Some(detail) = &record.invalid_base64 {
+            return Err(Rejection::new(RejectReason::InvalidBase64, detail.clone()));
+        }
         let kind = self.kind_of(&record.position.stream).ok_or_else(|| {
             Rejection::new(
                 RejectReason::UnknownSource,

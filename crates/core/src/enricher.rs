@@ -110,7 +110,11 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
         let mut rows = Vec::new();
         let mut rejected = Vec::new();
         for (i, record) in records.iter().enumerate() {
-            let decoded = decode_joined(&record.data).and_then(|r| {
+            let decoded = match &record.invalid_base64 {
+                Some(detail) => Err(Rejection::new(RejectReason::InvalidBase64, detail.clone())),
+                None => decode_joined(&record.data),
+            };
+            let decoded = decoded.and_then(|r| {
                 let recovered = r.recovered();
                 match r {
                     JoinedStreamRecord::Click(c) => enrich_click(&self.settings.rules, c, now_ms)

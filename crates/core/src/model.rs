@@ -47,7 +47,12 @@ impl SourcePosition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputRecord {
     pub position: SourcePosition,
+    /// The record's bytes; if the envelope's base64 could not be decoded, the base64 text
+    /// itself (kept for the dead letter).
     pub data: Vec<u8>,
+    /// Why the envelope's `data` is not valid base64, if it is not. Lambda always sends valid
+    /// base64; a record that is not is dead-lettered as `invalid_base64`, not a failed batch.
+    pub invalid_base64: Option<String>,
 }
 
 /// A validated ad impression. Event time is held in UTC epoch milliseconds.

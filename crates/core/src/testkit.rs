@@ -314,6 +314,7 @@ impl ShardPoller {
                     sequence_number: format!("4960{i:020}"),
                 },
                 data: self.records[i].clone(),
+                invalid_base64: None,
             })
             .collect()
     }

@@ -14,6 +14,8 @@ pub const MAX_ID_CHARS: usize = 256;
 /// Why a record was refused. `as_str` is the stable name used in metrics and dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RejectReason {
+    /// The Kinesis envelope's `data` is not valid base64.
+    InvalidBase64,
     /// The bytes are not valid UTF-8.
     InvalidUtf8,
     /// The bytes are not one JSON document (syntax error, trailing data, number out of range).
@@ -43,7 +45,8 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
+        RejectReason::InvalidBase64,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
         RejectReason::NotAnObject,
@@ -61,6 +64,7 @@ impl RejectReason {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            RejectReason::InvalidBase64 => "invalid_base64",
             RejectReason::InvalidUtf8 => "invalid_utf8",
             RejectReason::InvalidJson => "invalid_json",
             RejectReason::NotAnObject => "not_an_object",

@@ -6,9 +6,8 @@ use adpipe_core::config::EnricherConfig;
 use adpipe_core::enricher::{BatchEnricher, EnrichReport, EnricherSettings, FUNCTION};
 use adpipe_core::metrics::emf_values;
 use adpipe_core::ports::{DeadLetterSink, PortError, TableWriter};
-use adpipe_joiner::{batch_response, input_records};
+use adpipe_joiner::{batch_response, input_records, KinesisInput};
 use adpipe_lake::{DynamoDbCommitLease, IcebergLake, LakeConfig};
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
 
 /// The enricher wired to AWS.
@@ -95,7 +94,7 @@ pub fn metrics_line(namespace: &str, report: &EnrichReport, now_ms: i64) -> Stri
 pub async fn handle<T: TableWriter, D: DeadLetterSink>(
     enricher: &BatchEnricher<T, D>,
     namespace: &str,
-    event: &KinesisEvent,
+    event: &impl KinesisInput,
     now_ms: i64,
 ) -> (KinesisEventResponse, EnrichReport) {
     let records = input_records(event);

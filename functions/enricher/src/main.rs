@@ -7,8 +7,7 @@
 use adpipe_aws::Clients;
 use adpipe_core::config::EnricherConfig;
 use adpipe_enricher::{aws_enricher, handle, lake_config};
-use adpipe_joiner::now_ms;
-use aws_lambda_events::event::kinesis::KinesisEvent;
+use adpipe_joiner::{now_ms, KinesisBatch};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]
@@ -28,7 +27,7 @@ async fn main() -> Result<(), Error> {
     let enricher = aws_enricher(&clients, config, lake, owner).await?;
     let (enricher, namespace) = (&enricher, namespace.as_str());
     run(service_fn(
-        move |event: LambdaEvent<KinesisEvent>| async move {
+        move |event: LambdaEvent<KinesisBatch>| async move {
             let (response, _) = handle(enricher, namespace, &event.payload, now_ms()).await;
             Ok::<_, Error>(response)
         },

@@ -8,6 +8,7 @@ use adpipe_core::model::{InputRecord, SourcePosition};
 use adpipe_core::ports::{DeadLetterSink, JoinState, RecordSink};
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
+use serde::{Deserialize, Serialize};
 
 /// The joiner wired to AWS.
 pub type AwsJoiner = BatchJoiner<DynamoDbJoinState, KinesisRecordSink, S3DeadLetterSink>;
@@ -22,40 +23,128 @@ pub fn aws_joiner(clients: &Clients, config: JoinerConfig) -> AwsJoiner {
     )
 }
 
-/// The records of a Kinesis event with their positions. The shard is the `eventID` prefix
-/// (`shardId-…:<sequence number>`), the stream the last part of `eventSourceARN`.
-pub fn input_records(event: &KinesisEvent) -> Vec<InputRecord> {
-    event
-        .records
-        .iter()
-        .map(|r| {
-            let shard = r
-                .event_id
-                .as_deref()
-                .and_then(|id| id.split_once(':'))
-                .map(|(shard, _)| shard.to_owned())
-                .unwrap_or_default();
-            InputRecord {
-                position: SourcePosition {
-                    stream: stream_name(r.event_source_arn.as_deref().unwrap_or_default())
-                        .to_owned(),
-                    shard,
-                    sequence_number: r.kinesis.sequence_number.clone(),
-                },
+/// A Kinesis event as Lambda delivers it, read leniently: only the fields the functions use,
+/// and `data` kept as text. `aws_lambda_events`' `KinesisEvent` fails the whole event on one
+/// record with invalid base64, which would block the shard; here that record is dead-lettered
+/// (`invalid_base64`) and the rest of the batch goes on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct KinesisBatch {
+    #[serde(rename = "Records", default)]
+    pub records: Vec<KinesisBatchRecord>,
+}
+
+/// One record of a [`KinesisBatch`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct KinesisBatchRecord {
+    #[serde(rename = "eventID", default)]
+    pub event_id: Option<String>,
+    #[serde(rename = "eventSourceARN", default)]
+    pub event_source_arn: Option<String>,
+    pub kinesis: KinesisBatchData,
+}
+
+/// The `kinesis` object of a record: its sequence number and base64 `data`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct KinesisBatchData {
+    #[serde(rename = "sequenceNumber")]
+    pub sequence_number: String,
+    pub data: String,
+}
+
+/// What the handlers need of a Kinesis event: its records with their positions, and each
+/// record's sequence number for the batch response.
+pub trait KinesisInput {
+    /// The records with their positions. The shard is the `eventID` prefix
+    /// (`shardId-…:<sequence number>`), the stream the last part of `eventSourceARN`.
+    fn input_records(&self) -> Vec<InputRecord>;
+    fn sequence_number(&self, index: usize) -> Option<&str>;
+}
+
+fn position(event_id: Option<&str>, arn: Option<&str>, sequence_number: &str) -> SourcePosition {
+    let shard = event_id
+        .and_then(|id| id.split_once(':'))
+        .map(|(shard, _)| shard.to_owned())
+        .unwrap_or_default();
+    SourcePosition {
+        stream: stream_name(arn.unwrap_or_default()).to_owned(),
+        shard,
+        sequence_number: sequence_number.to_owned(),
+    }
+}
+
+impl KinesisInput for KinesisBatch {
+    fn input_records(&self) -> Vec<InputRecord> {
+        use base64::Engine;
+        self.records
+            .iter()
+            .map(|r| {
+                let position = position(
+                    r.event_id.as_deref(),
+                    r.event_source_arn.as_deref(),
+                    &r.kinesis.sequence_number,
+                );
+                match base64::engine::general_purpose::STANDARD.decode(&r.kinesis.data) {
+                    Ok(data) => InputRecord {
+                        position,
+                        data,
+                        invalid_base64: None,
+                    },
+                    Err(e) => InputRecord {
+                        position,
+                        data: r.kinesis.data.clone().into_bytes(),
+                        invalid_base64: Some(format!("the envelope's data is not base64: {e}")),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn sequence_number(&self, index: usize) -> Option<&str> {
+        self.records
+            .get(index)
+            .map(|r| r.kinesis.sequence_number.as_str())
+    }
+}
+
+impl KinesisInput for KinesisEvent {
+    fn input_records(&self) -> Vec<InputRecord> {
+        self.records
+            .iter()
+            .map(|r| InputRecord {
+                position: position(
+                    r.event_id.as_deref(),
+                    r.event_source_arn.as_deref(),
+                    &r.kinesis.sequence_number,
+                ),
                 data: r.kinesis.data.0.clone(),
-            }
-        })
-        .collect()
+                invalid_base64: None,
+            })
+            .collect()
+    }
+
+    fn sequence_number(&self, index: usize) -> Option<&str> {
+        self.records
+            .get(index)
+            .map(|r| r.kinesis.sequence_number.as_str())
+    }
+}
+
+/// The records of a Kinesis event with their positions.
+pub fn input_records(event: &impl KinesisInput) -> Vec<InputRecord> {
+    event.input_records()
 }
 
 /// The partial-batch response: the first failed record's sequence number, or nothing.
 /// Lambda resumes the shard at that record; it never gets a null identifier (which would
 /// fail the whole batch).
-pub fn batch_response(event: &KinesisEvent, first_failure: Option<usize>) -> KinesisEventResponse {
+pub fn batch_response(
+    event: &impl KinesisInput,
+    first_failure: Option<usize>,
+) -> KinesisEventResponse {
     let mut response = KinesisEventResponse::default();
-    if let Some(record) = first_failure.and_then(|i| event.records.get(i)) {
+    if let Some(sequence_number) = first_failure.and_then(|i| event.sequence_number(i)) {
         let mut failure = KinesisBatchItemFailure::default();
-        failure.item_identifier = Some(record.kinesis.sequence_number.clone());
+        failure.item_identifier = Some(sequence_number.to_owned());
         response.batch_item_failures.push(failure);
     }
     response
@@ -64,7 +153,7 @@ pub fn batch_response(event: &KinesisEvent, first_failure: Option<usize>) -> Kin
 /// Handles one invocation: processes the batch, prints its EMF metrics line, and answers.
 pub async fn handle<S: JoinState, K: RecordSink, D: DeadLetterSink>(
     joiner: &BatchJoiner<S, K, D>,
-    event: &KinesisEvent,
+    event: &impl KinesisInput,
     now_ms: i64,
 ) -> (KinesisEventResponse, BatchReport) {
     let records = input_records(event);
@@ -110,6 +199,9 @@ mod tests {
     fn positions_come_from_event_id_and_source_arn() {
         let records = input_records(&event());
         assert!(!records.is_empty());
+        let lenient: KinesisBatch =
+            serde_json::from_str(include_str!("../../../events/impressions.json")).unwrap();
+        assert_eq!(input_records(&lenient), records, "both readings agree");
         for r in &records {
             assert_eq!(r.position.stream, "adpipe-local-impressions");
             assert!(r.position.shard.starts_with("shardId-"));
@@ -130,5 +222,23 @@ mod tests {
         );
         let json = serde_json::to_value(&r).unwrap();
         assert!(json["batchItemFailures"][0]["itemIdentifier"].is_string());
+    }
+
+    #[test]
+    fn a_record_with_invalid_base64_is_kept_and_marked_not_the_whole_event_failed() {
+        let mut v: serde_json::Value =
+            serde_json::from_str(include_str!("../../../events/impressions.json")).unwrap();
+        v["Records"][1]["kinesis"]["data"] = "not base64!!".into();
+        assert!(
+            serde_json::from_value::<KinesisEvent>(v.clone()).is_err(),
+            "aws_lambda_events refuses the whole event"
+        );
+        let batch: KinesisBatch = serde_json::from_value(v).unwrap();
+        let records = input_records(&batch);
+        assert_eq!(records.len(), batch.records.len());
+        assert!(records[0].invalid_base64.is_none());
+        assert_eq!(records[1].data, b"not base64!!");
+        assert!(records[1].invalid_base64.as_deref().unwrap().contains("not base64"));
+        assert!(records[2].invalid_base64.is_none());
     }
 }

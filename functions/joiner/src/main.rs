@@ -3,8 +3,7 @@
 
 use adpipe_aws::Clients;
 use adpipe_core::config::JoinerConfig;
-use adpipe_joiner::{aws_joiner, handle, now_ms};
-use aws_lambda_events::event::kinesis::KinesisEvent;
+use adpipe_joiner::{aws_joiner, handle, now_ms, KinesisBatch};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]
@@ -15,7 +14,7 @@ async fn main() -> Result<(), Error> {
     let joiner = aws_joiner(&clients, config);
     let joiner = &joiner;
     run(service_fn(
-        move |event: LambdaEvent<KinesisEvent>| async move {
+        move |event: LambdaEvent<KinesisBatch>| async move {
             let (response, _) = handle(joiner, &event.payload, now_ms()).await;
             Ok::<_, Error>(response)
         },

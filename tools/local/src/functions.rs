@@ -118,6 +118,8 @@ impl KinesisFunction for JoinerFunction {
                     adpipe_joiner::aws_joiner(&self.clients, self.config.clone())
                 }
             };
+            // As on Lambda, the function reads the event's JSON with its own (lenient) type.
+            let event = as_delivered(&event)?;
             let (response, report) =
                 adpipe_joiner::handle(&env, &event, adpipe_joiner::now_ms()).await;
             add_counts(
@@ -227,6 +229,7 @@ impl KinesisFunction for EnricherFunction {
                 Some(env) => env,
                 None => self.init_environment().await?,
             };
+            let event = as_delivered(&event)?;
             let (response, report) = adpipe_enricher::handle(
                 &env,
                 &self.config.metrics_namespace,
@@ -250,4 +253,12 @@ impl KinesisFunction for EnricherFunction {
             serde_json::to_value(&response).map_err(|e| FunctionError::Unhandled(e.to_string()))
         })
     }
+}
+
+/// The event as the functions' `main` reads it: its JSON, as their own lenient
+/// [`KinesisBatch`](adpipe_joiner::KinesisBatch).
+fn as_delivered(event: &KinesisEvent) -> Result<adpipe_joiner::KinesisBatch, FunctionError> {
+    serde_json::to_value(event)
+        .and_then(serde_json::from_value)
+        .map_err(|e| FunctionError::Unhandled(format!("event deserialization: {e}")))
 }
