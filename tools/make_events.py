@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the sample Lambda events in events/ (real-shaped Kinesis events).
+"""Writes the sample Lambda events in events/ (real-shaped Kinesis events) and the hostile-input
+corpus in tests/corpus/hostile/ (one file per case, expected.json with the reason each gets).
 
 The same files feed `cargo lambda invoke --data-file events/...` and the tests. Re-run after
 changing them: python3 tools/make_events.py
@@ -122,6 +123,126 @@ joined = [
     b'{"type":"click","schema_version":1}',
 ]
 
+# Hostile input: (name, kind, record bytes or object, the reason it must be dead-lettered with,
+# or None when it must be accepted). Kept in the repo as files so a fuzzer or another tool can
+# use them as they are.
+base_imp = imp("h-imp-1", "ad-1", "camp-1", "mobile", 62.5, "2026-11-20T10:15:00.000Z")
+base_click = click("h-imp-1", "ad-1", "camp-1", "2026-11-20T10:15:10.000Z", 0.5, "h-clk-1")
+
+
+def nested(depth):
+    return ("[" * depth + "]" * depth).encode()
+
+
+hostile = [
+    ("ok-baseline", "impression", base_imp, None),
+    ("ok-unknown-extra-fields", "impression", {**base_imp, "x": {"y": [1, {"z": None}]}, "Ad_Id": 3}, None),
+    ("ok-offset-plus-05-45", "impression", {**base_imp, "event_time": "2026-11-20T15:45:30.5+05:45"}, None),
+    ("ok-offset-minus-12-00", "impression", {**base_imp, "event_time": "2026-11-19T22:15:00-12:00"}, None),
+    ("ok-nanosecond-fraction", "impression", {**base_imp, "event_time": "2026-11-20T10:15:00.123456789Z"}, None),
+    ("ok-negative-zero-price", "impression", {**base_imp, "bid_price": -0.0}, None),
+    ("ok-huge-integer-price", "impression", b'{"ad_id":"ad-1","impression_id":"h-imp-1","campaign_id":"camp-1","publisher_id":"pub-7","event_time":"2026-11-20T10:15:00Z","device_type":"mobile","geo_location":"US-CA","platform":"ios","ad_type":"banner","bid_price":123456789012345678901234567890}', None),
+    ("ok-unicode-ids", "impression", {**base_imp, "campaign_id": "кампания-🚀", "publisher_id": "出版社"}, None),
+    ("ok-percent-encoded-campaign", "impression", {**base_imp, "campaign_id": "a%2F..%2Fb"}, None),
+    ("ok-nested-unknown-field-depth-100", "impression", b'{"deep":' + nested(100) + b',' + json.dumps(base_imp, separators=(",", ":")).encode()[1:], None),
+    ("ok-1mb-record", "impression", {**base_imp, "padding": "p" * (1_000_000 - 260)}, None),
+    ("invalid-utf8", "impression", b'{"ad_id":"\xff\xfe"}'.replace(b"\\xff\\xfe", b"\xff\xfe"), "invalid_utf8"),
+    ("invalid-utf8-overlong-slash", "impression", b'{"campaign_id":"\xc0\xaf"}'.replace(b"\\xc0\\xaf", b"\xc0\xaf"), "invalid_utf8"),
+    ("not-json", "impression", b"this is not json", "invalid_json"),
+    ("empty", "impression", b"", "invalid_json"),
+    ("whitespace-only", "impression", b" \n\t ", "invalid_json"),
+    ("utf8-bom", "impression", "\ufeff".encode() + json.dumps(base_imp).encode(), "invalid_json"),
+    ("trailing-garbage", "impression", json.dumps(base_imp).encode() + b" trailing", "invalid_json"),
+    ("two-documents", "impression", json.dumps(base_imp).encode() + json.dumps(base_imp).encode(), "invalid_json"),
+    ("truncated", "impression", json.dumps(base_imp).encode()[:40], "invalid_json"),
+    ("lone-surrogate-escape", "impression", b'{"ad_id":"\\ud800"}', "invalid_json"),
+    ("nan-literal", "impression", json.dumps({**base_imp, "bid_price": float("nan")}).encode(), "invalid_json"),
+    ("infinity-literal", "impression", json.dumps({**base_imp, "bid_price": float("inf")}).encode(), "invalid_json"),
+    ("overflowing-number", "impression", json.dumps(base_imp).encode().replace(b"62.5", b"1e400"), "invalid_json"),
+    ("deeply-nested-100000", "impression", nested(100_000), "invalid_json"),
+    ("deeply-nested-in-field", "impression", b'{"ad_id":' + nested(10_000) + b"}", "invalid_json"),
+    ("json-array", "impression", [base_imp], "not_an_object"),
+    ("json-number", "impression", b"42", "not_an_object"),
+    ("json-string", "impression", b'"h-imp-1"', "not_an_object"),
+    ("json-null", "impression", b"null", "not_an_object"),
+    ("json-true", "impression", b"true", "not_an_object"),
+    ("missing-field", "impression", {k: v for k, v in base_imp.items() if k != "bid_price"}, "missing_field"),
+    ("empty-object", "impression", {}, "missing_field"),
+    ("null-field", "impression", {**base_imp, "ad_id": None}, "null_field"),
+    ("null-time", "impression", {**base_imp, "event_time": None}, "null_field"),
+    ("empty-id", "impression", {**base_imp, "impression_id": ""}, "empty_id"),
+    ("blank-id", "impression", {**base_imp, "impression_id": " \t "}, "empty_id"),
+    ("id-too-long", "impression", {**base_imp, "impression_id": "i" * 257}, "id_too_long"),
+    ("id-1mb", "impression", {**base_imp, "impression_id": "i" * 999_000}, "id_too_long"),
+    ("control-char-in-id", "impression", {**base_imp, "impression_id": "h-imp\u0000-1"}, "invalid_id"),
+    ("newline-in-campaign", "impression", {**base_imp, "campaign_id": "camp\n1"}, "invalid_id"),
+    ("campaign-path-traversal", "impression", {**base_imp, "campaign_id": "../../../etc"}, "invalid_id"),
+    ("campaign-backslash-traversal", "impression", {**base_imp, "campaign_id": "..\\..\\x"}, "invalid_id"),
+    ("campaign-dot-dot", "impression", {**base_imp, "campaign_id": ".."}, "invalid_id"),
+    ("campaign-absolute-path", "impression", {**base_imp, "campaign_id": "/etc/passwd"}, "invalid_id"),
+    ("price-as-string", "impression", {**base_imp, "bid_price": "62.5"}, "wrong_type"),
+    ("price-as-bool", "impression", {**base_imp, "bid_price": True}, "wrong_type"),
+    ("id-as-number", "impression", {**base_imp, "impression_id": 7}, "wrong_type"),
+    ("id-as-object", "impression", {**base_imp, "ad_id": {"id": "ad-1"}}, "wrong_type"),
+    ("time-as-epoch-number", "impression", {**base_imp, "event_time": 1795169700}, "wrong_type"),
+    ("text-as-array", "impression", {**base_imp, "device_type": ["mobile"]}, "wrong_type"),
+    ("negative-price", "impression", {**base_imp, "bid_price": -0.01}, "negative_price"),
+    ("impossible-date-feb-30", "impression", {**base_imp, "event_time": "2026-02-30T10:00:00Z"}, "invalid_time"),
+    ("impossible-month-13", "impression", {**base_imp, "event_time": "2026-13-01T10:00:00Z"}, "invalid_time"),
+    ("impossible-hour-25", "impression", {**base_imp, "event_time": "2026-11-20T25:00:00Z"}, "invalid_time"),
+    ("no-offset", "impression", {**base_imp, "event_time": "2026-11-20T10:15:00"}, "invalid_time"),
+    ("offset-without-colon", "impression", {**base_imp, "event_time": "2026-11-20T10:15:00+0530"}, "invalid_time"),
+    ("offset-24-hours", "impression", {**base_imp, "event_time": "2026-11-20T10:15:00+24:00"}, "invalid_time"),
+    ("date-only", "impression", {**base_imp, "event_time": "2026-11-20"}, "invalid_time"),
+    ("time-not-a-date", "impression", {**base_imp, "event_time": "yesterday"}, "invalid_time"),
+    ("ok-click", "click", base_click, None),
+    ("ok-click-null-click-id", "click", {**base_click, "click_id": None}, None),
+    ("click-negative-price", "click", {**base_click, "click_price": -1}, "negative_price"),
+    ("click-missing-price", "click", {k: v for k, v in base_click.items() if k != "click_price"}, "missing_field"),
+    ("click-empty-click-id", "click", {**base_click, "click_id": ""}, "empty_id"),
+    ("click-numeric-click-id", "click", {**base_click, "click_id": 12}, "wrong_type"),
+    ("click-campaign-traversal", "click", {**base_click, "campaign_id": "../x"}, "invalid_id"),
+]
+
+
+# Accepted cases get ids of their own, so that in one batch none conflicts with another.
+def own_ids(name, kind, payload):
+    if isinstance(payload, dict):
+        key = "impression_id" if kind == "impression" else "click_id"
+        return {**payload, key: f"h-{name}"}
+    return payload.replace(b'"impression_id":"h-imp-1"', f'"impression_id":"h-{name}"'.encode())
+
+
+hostile = [(n, k, own_ids(n, k, p) if r is None else p, r) for n, k, p, r in hostile]
+
+
+def as_bytes(payload):
+    if isinstance(payload, bytes):
+        return payload
+    # allow_nan: the NaN/Infinity cases are built with json.dumps on purpose.
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+corpus = ROOT / "tests" / "corpus" / "hostile"
+corpus.mkdir(parents=True, exist_ok=True)
+for old in corpus.glob("*.bin"):
+    old.unlink()
+expected = {}
+for name, kind, payload, reason in hostile:
+    (corpus / f"{name}.bin").write_bytes(as_bytes(payload))
+    expected[name] = {"kind": kind, "reason": reason}
+(corpus / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+print("wrote", len(hostile), "cases to", corpus)
+
+hostile_impressions = [as_bytes(p) for _, kind, p, _ in hostile if kind == "impression"]
+hostile_clicks = [as_bytes(p) for _, kind, p, _ in hostile if kind == "click"]
+bad_base64 = event("adpipe-local-impressions", [b"x"], shard="shardId-000000000004")["Records"][0]
+bad_base64["kinesis"]["data"] = "this is not base64!"
+bad_base64["kinesis"]["sequenceNumber"] = "49656853465235457112345678901234567890123456789999"
+bad_base64["eventID"] = "shardId-000000000004:49656853465235457112345678901234567890123456789999"
+hostile_impressions_event = event("adpipe-local-impressions", hostile_impressions, shard="shardId-000000000004")
+hostile_impressions_event["Records"].append(bad_base64)
+
 out = ROOT / "events"
 out.mkdir(exist_ok=True)
 for name, ev in {
@@ -129,6 +250,8 @@ for name, ev in {
     "clicks.json": event("adpipe-local-clicks", clicks, shard="shardId-000000000001"),
     "malformed.json": event("adpipe-local-impressions", malformed, shard="shardId-000000000002"),
     "joined.json": event("adpipe-local-joined", joined, shard="shardId-000000000003"),
+    "hostile-impressions.json": hostile_impressions_event,
+    "hostile-clicks.json": event("adpipe-local-clicks", hostile_clicks, shard="shardId-000000000005"),
 }.items():
     (out / name).write_text(json.dumps(ev, indent=2) + "\n")
     print("wrote", out / name)

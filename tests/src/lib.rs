@@ -36,6 +36,31 @@ pub fn load_event(name: &str) -> KinesisEvent {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
+/// Reads a sample event from `events/` as the functions' `main` does (the lenient
+/// [`adpipe_joiner::KinesisBatch`], which keeps a record whose `data` is not base64).
+pub fn load_batch(name: &str) -> adpipe_joiner::KinesisBatch {
+    let path = workspace_root().join("events").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The hostile-input corpus (`tests/corpus/hostile/`): each case's bytes with the reason it
+/// must be dead-lettered with (`None`: accepted).
+pub fn hostile_corpus() -> Vec<(String, Vec<u8>, Option<String>)> {
+    let dir = workspace_root().join("tests/corpus/hostile");
+    let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
+    let expected: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&text).expect("expected.json parses");
+    expected
+        .into_iter()
+        .map(|(name, e)| {
+            let bytes = std::fs::read(dir.join(format!("{name}.bin"))).expect("corpus file");
+            (name, bytes, e["reason"].as_str().map(str::to_owned))
+        })
+        .collect()
+}
+
 /// A running local endpoint.
 #[derive(Debug)]
 pub struct LocalAws {
@@ -241,4 +266,78 @@ pub fn lake_check(endpoint: &str, args: &[&str]) -> Result<serde_json::Value> {
         );
     }
     serde_json::from_slice(&output.stdout).context("lake_check.py printed no JSON")
+}
+
+/// `tools/fault_proxy.py` in front of an endpoint: requests pass through unchanged unless a
+/// rule picks them for a fault (throttling, 5xx, lost responses, partial `PutRecords`
+/// failures, Glue commit conflicts). The proxy stops with this value (and with the process).
+#[derive(Debug)]
+pub struct FaultProxy {
+    pub url: String,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl FaultProxy {
+    /// Starts the proxy on a free loopback port in front of `upstream`.
+    pub fn start(upstream: &str) -> Result<FaultProxy> {
+        use std::io::BufRead;
+        let root = workspace_root();
+        let mut child = Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tools/fault_proxy.py"))
+            .args(["--upstream", upstream])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("starting tools/fault_proxy.py (run scripts/venv.sh first)")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("proxy stdout")?)
+            .read_line(&mut line)?;
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("fault proxy said {line:?}"))?;
+        Ok(FaultProxy {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            child,
+        })
+    }
+
+    fn control(&self, method: &str, body: &str) -> Result<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(
+            s,
+            "{method} /__faults HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let (head, json) = out.split_once("\r\n\r\n").context("HTTP response")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("fault proxy answered {head}");
+        }
+        Ok(serde_json::from_str(json)?)
+    }
+
+    /// Replaces the fault rules (see `tools/fault_proxy.py`); `[]` turns faults off.
+    pub fn set_rules(&self, seed: u64, rules: serde_json::Value) -> Result<()> {
+        let body = serde_json::json!({"seed": seed, "rules": rules}).to_string();
+        self.control("POST", &body).map(|_| ())
+    }
+
+    /// How many faults each rule injected since the rules were set.
+    pub fn injected(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let v = self.control("GET", "")?;
+        Ok(serde_json::from_value(v["injected"].clone())?)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

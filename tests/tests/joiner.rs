@@ -16,8 +16,8 @@ use adpipe_core::testkit::{
     ScenarioSize,
 };
 use adpipe_it::{
-    create_bucket, create_state_table, create_stream, load_event, read_objects, read_stream,
-    unique, LocalAws,
+    create_bucket, create_state_table, create_stream, hostile_corpus, load_batch, load_event,
+    read_objects, read_stream, unique, LocalAws,
 };
 use adpipe_joiner::{aws_joiner, handle};
 use aws_lambda_events::event::kinesis::KinesisEvent;
@@ -479,4 +479,57 @@ fn property_any_interleaving_matches_the_reference_join_on_dynamodb() {
             },
         )
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hostile_corpus_is_dead_lettered_once_each_with_its_reason_and_the_rest_accepted() {
+    let env = env(&[]).await;
+    let joiner = aws_joiner(&env.clients, env.config.clone());
+    let corpus = hostile_corpus();
+    let mut letters = Vec::new();
+    let mut accepted = 0;
+    for file in ["hostile-impressions.json", "hostile-clicks.json"] {
+        let batch = load_batch(file);
+        let (response, report) = handle(&joiner, &batch, NOW_MS).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "{file}: {response:?}"
+        );
+        accepted += report.counts.impressions + report.counts.clicks;
+        // A retry of the whole batch changes nothing.
+        handle(&joiner, &batch, NOW_MS + 1_000).await;
+    }
+    for (key, body) in read_objects(&env.clients, &env.config.dead_letter_bucket, "dead-letter/")
+        .await
+        .unwrap()
+    {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(key.ends_with(&format!("/{}.json", v["sequence_number"].as_str().unwrap())));
+        use base64::Engine;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(v["data_base64"].as_str().unwrap())
+            .unwrap();
+        letters.push((data, v["reason"].as_str().unwrap().to_owned()));
+    }
+    let mut want: Vec<(Vec<u8>, String)> = corpus
+        .iter()
+        .filter_map(|(_, bytes, reason)| reason.clone().map(|r| (bytes.clone(), r)))
+        .collect();
+    // The record whose envelope `data` is not base64 keeps that text.
+    want.push((b"this is not base64!".to_vec(), "invalid_base64".into()));
+    letters.sort();
+    want.sort();
+    assert_eq!(letters.len(), want.len(), "one dead letter per bad record");
+    for (got, want) in letters.iter().zip(&want) {
+        assert_eq!(
+            got.1,
+            want.1,
+            "{:?}",
+            String::from_utf8_lossy(&want.0[..want.0.len().min(80)])
+        );
+    }
+    assert_eq!(letters, want);
+    let ok = corpus.iter().filter(|c| c.2.is_none()).count() as u64;
+    assert_eq!(accepted, ok, "every accepted case was processed");
+    assert!(item(&env, "h-ok-1mb-record").await.contains_key("imp"));
 }

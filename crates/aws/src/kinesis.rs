@@ -61,11 +61,19 @@ impl RecordSink for KinesisRecordSink {
                     .map_err(|e| PortError::Rejected(format!("PutRecords entry: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // No SDK retries: `PutRecords` is not idempotent, and a retry after a lost response
+        // would put every record twice, unflagged. The core's emitter retries instead and
+        // flags what may have been written (`adpipe_core::emit::send_all`).
         let out = self
             .client
             .put_records()
             .stream_name(&self.stream)
             .set_records(Some(entries))
+            .customize()
+            .config_override(
+                aws_sdk_kinesis::config::Config::builder()
+                    .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|e| port_error("Kinesis PutRecords", e))?;

@@ -279,7 +279,7 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
         let out: Vec<OutRecord> = output_list.iter().map(|o| o.item.record.clone()).collect();
         let letter_list: Vec<Owned<DeadLetter>> = letters.into_values().collect();
         let (emitted, letter_results) = futures::join!(
-            emit::send_all(&self.sink, &out, &cfg.emit_retry),
+            emit::send_all(&self.sink, &out, &cfg.emit_retry, flag_recovered),
             stream::iter(letter_list.iter())
                 .map(|o| async move { (o.owner, self.dead_letters.put(&o.item).await) })
                 .buffer_unordered(parallel)
@@ -332,5 +332,22 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
             failures,
             counts,
         }
+    }
+}
+
+/// The same joined-stream record flagged `recovered`: it may already be on the stream (a
+/// `PutRecords` that failed without an answer may have been written).
+fn flag_recovered(record: &OutRecord) -> OutRecord {
+    let data = match serde_json::from_slice::<JoinedStreamRecord>(&record.data) {
+        Ok(mut r) => {
+            r.set_recovered();
+            serde_json::to_vec(&r).unwrap_or_else(|_| record.data.clone())
+        }
+        // Only records this module encoded get here; keep the bytes if one ever does not decode.
+        Err(_) => record.data.clone(),
+    };
+    OutRecord {
+        partition_key: record.partition_key.clone(),
+        data,
     }
 }

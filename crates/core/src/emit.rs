@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use crate::ports::{EntryResult, OutRecord, RecordSink};
+use crate::ports::{EntryResult, OutRecord, PortError, RecordSink};
 
 /// Kinesis `PutRecords`: at most 500 records per request.
 pub const MAX_RECORDS_PER_PUT: usize = 500;
@@ -74,11 +74,19 @@ pub struct EmitReport {
 }
 
 /// Sends every record, retrying only failed entries, up to the policy's attempts.
+///
+/// `PutRecords` is not idempotent. A request that failed without an answer per entry (a 5xx, a
+/// timeout, a lost response: [`PortError::Unavailable`]) may have been written, so its records
+/// are re-sent as `resend_maybe_written(record)` (the joiner flags them `recovered`, and the
+/// lake lands a flagged record only if its key is absent). A throttled or refused request, and
+/// an entry the response marks failed, were not written: they are re-sent as they are.
 pub async fn send_all<S: RecordSink>(
     sink: &S,
     records: &[OutRecord],
     policy: &RetryPolicy,
+    resend_maybe_written: impl Fn(&OutRecord) -> OutRecord,
 ) -> EmitReport {
+    let mut records: Vec<OutRecord> = records.to_vec();
     let mut errors: Vec<Option<String>> = vec![None; records.len()];
     let mut pending: Vec<usize> = (0..records.len()).collect();
     let mut requests = 0;
@@ -117,14 +125,21 @@ pub async fn send_all<S: RecordSink>(
                         slice.len()
                     );
                     for offset in range.clone() {
-                        errors[pending[offset]] = Some(msg.clone());
-                        still_failed.push(pending[offset]);
+                        let idx = pending[offset];
+                        errors[idx] = Some(msg.clone());
+                        records[idx] = resend_maybe_written(&records[idx]);
+                        still_failed.push(idx);
                     }
                 }
                 Err(e) => {
+                    let maybe_written = matches!(e, PortError::Unavailable(_));
                     for offset in range.clone() {
-                        errors[pending[offset]] = Some(e.to_string());
-                        still_failed.push(pending[offset]);
+                        let idx = pending[offset];
+                        errors[idx] = Some(e.to_string());
+                        if maybe_written {
+                            records[idx] = resend_maybe_written(&records[idx]);
+                        }
+                        still_failed.push(idx);
                     }
                 }
             }
@@ -213,6 +228,7 @@ mod tests {
             &sink,
             &[rec("a"), rec("b"), rec("c")],
             &RetryPolicy::default(),
+            |r| panic!("{r:?} was refused per entry, so it was not written"),
         )
         .await;
         assert_eq!(report.errors, vec![None, None, None]);
@@ -233,12 +249,60 @@ mod tests {
             max_attempts: 3,
             ..RetryPolicy::default()
         };
-        let report = send_all(&sink, &[rec("a"), rec("b")], &policy).await;
+        let report = send_all(&sink, &[rec("a"), rec("b")], &policy, Clone::clone).await;
         assert_eq!(report.errors[0], None);
         assert!(report.errors[1]
             .as_deref()
             .unwrap()
             .starts_with("ProvisionedThroughput"));
         assert_eq!(report.requests, 3);
+    }
+
+    /// Fails whole requests: first without an answer (maybe written), then throttled.
+    struct Unanswered {
+        errors: Mutex<Vec<PortError>>,
+        requests: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl RecordSink for Unanswered {
+        async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<EntryResult>, PortError> {
+            self.requests.lock().unwrap().push(
+                records
+                    .iter()
+                    .map(|r| String::from_utf8(r.data.clone()).unwrap())
+                    .collect(),
+            );
+            match self.errors.lock().unwrap().pop() {
+                Some(e) => Err(e),
+                None => Ok(vec![EntryResult::Accepted; records.len()]),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_may_have_been_written_is_resent_flagged() {
+        let sink = Unanswered {
+            // popped from the end: a lost response, then a throttle, then success
+            errors: Mutex::new(vec![
+                PortError::Throttled("slow down".into()),
+                PortError::Unavailable("500 after the write".into()),
+            ]),
+            requests: Mutex::new(Vec::new()),
+        };
+        let flag = |r: &OutRecord| OutRecord {
+            partition_key: r.partition_key.clone(),
+            data: [r.data.as_slice(), b"+recovered"].concat(),
+        };
+        let report = send_all(&sink, &[rec("a"), rec("b")], &RetryPolicy::default(), flag).await;
+        assert_eq!(report.errors, vec![None, None]);
+        assert_eq!(
+            *sink.requests.lock().unwrap(),
+            vec![
+                vec!["a", "b"],
+                vec!["a+recovered", "b+recovered"],
+                // A throttled request was not written: flagged once, not twice.
+                vec!["a+recovered", "b+recovered"],
+            ]
+        );
     }
 }

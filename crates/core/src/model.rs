@@ -139,6 +139,14 @@ impl JoinedStreamRecord {
             JoinedStreamRecord::Impression(i) => i.recovered,
         }
     }
+
+    /// Flags the record as one that may repeat an earlier copy on the stream.
+    pub fn set_recovered(&mut self) {
+        match self {
+            JoinedStreamRecord::Click(c) => c.recovered = true,
+            JoinedStreamRecord::Impression(i) => i.recovered = true,
+        }
+    }
 }
 
 /// A first-seen impression on the joined stream (schema version [`JOINED_SCHEMA_VERSION`]).

@@ -32,6 +32,9 @@ pub enum RejectReason {
     EmptyId,
     /// An id field is longer than [`MAX_ID_CHARS`].
     IdTooLong,
+    /// An id field holds a control character, or `campaign_id` (a partition value, so a path
+    /// segment in the lake) holds `/` or `\\` or is `.` or `..`.
+    InvalidId,
     /// A price is below zero.
     NegativePrice,
     /// A price is not a finite number.
@@ -45,7 +48,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         RejectReason::InvalidBase64,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
@@ -55,6 +58,7 @@ impl RejectReason {
         RejectReason::WrongType,
         RejectReason::EmptyId,
         RejectReason::IdTooLong,
+        RejectReason::InvalidId,
         RejectReason::NegativePrice,
         RejectReason::NonFinitePrice,
         RejectReason::InvalidTime,
@@ -73,6 +77,7 @@ impl RejectReason {
             RejectReason::WrongType => "wrong_type",
             RejectReason::EmptyId => "empty_id",
             RejectReason::IdTooLong => "id_too_long",
+            RejectReason::InvalidId => "invalid_id",
             RejectReason::NegativePrice => "negative_price",
             RejectReason::NonFinitePrice => "non_finite_price",
             RejectReason::InvalidTime => "invalid_time",
@@ -283,6 +288,18 @@ fn check_id(name: &str, id: String) -> Result<String, Rejection> {
         return Err(Rejection::new(
             RejectReason::IdTooLong,
             format!("id field `{name}` is longer than {MAX_ID_CHARS} characters"),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            RejectReason::InvalidId,
+            format!("id field `{name}` contains a control character"),
+        ));
+    }
+    if name == "campaign_id" && (id.contains(['/', '\\']) || id == "." || id == "..") {
+        return Err(Rejection::new(
+            RejectReason::InvalidId,
+            format!("`campaign_id` {id:?} is a lake partition value and may not be a path (`/`, `\\`, `.`, `..`)"),
         ));
     }
     Ok(id)
