@@ -13,6 +13,8 @@ and the injected faults are counted:  GET /__faults  -> {"injected": {"<rule nam
 
     RULE = {"name": "...", "service": "dynamodb", "operation": "UpdateItem",
             "fault": "throttle", "probability": 0.1, "max": 1000}
+    or, deterministic for rare operations, "every": 3 instead of "probability": the 3rd,
+    6th, ... request this rule sees gets the fault.
 
 - service: the SigV4 signing name (dynamodb, kinesis, s3, glue, sqs), from Authorization.
 - operation: the X-Amz-Target operation (UpdateItem, PutRecords, UpdateTable, ...), or for S3
@@ -56,6 +58,7 @@ class State:
         self.lock = threading.Lock()
         self.rules: list[dict] = []
         self.injected: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
         self.rng = random.Random(0)
 
     def set(self, config: dict) -> None:
@@ -63,6 +66,7 @@ class State:
             self.rules = list(config.get("rules", []))
             self.rng = random.Random(config.get("seed", 0))
             self.injected = {}
+            self.seen = {}
 
     def pick(self, service: str, operation: str) -> dict | None:
         with self.lock:
@@ -78,7 +82,12 @@ class State:
                     continue
                 if rule["fault"] == "partial":
                     return rule  # decided per entry
-                if self.rng.random() < rule.get("probability", 1.0):
+                self.seen[name] = self.seen.get(name, 0) + 1
+                if "every" in rule:
+                    hit = self.seen[name] % rule["every"] == 0
+                else:
+                    hit = self.rng.random() < rule.get("probability", 1.0)
+                if hit:
                     self.injected[name] = self.injected.get(name, 0) + 1
                     return rule
             return None

@@ -128,6 +128,7 @@ async fn drain_with_crashes(p: &Pipeline, f: &Functions, probability: f64) -> Ru
 
 #[derive(Default)]
 struct Crashes {
+    turn: AtomicU64,
     before: AtomicU64,
     during: AtomicU64,
     after: AtomicU64,
@@ -168,12 +169,13 @@ impl KinesisFunction for Crashy {
             if self.next() >= self.probability {
                 return self.inner.clone().invoke(event).await;
             }
-            let point = self.next();
-            if point < 0.25 {
+            // The crash points take turns, so every scenario has each of them.
+            let point = self.crashes.turn.fetch_add(1, Ordering::Relaxed) % 3;
+            if point == 0 {
                 self.crashes.before.fetch_add(1, Ordering::Relaxed);
                 return Err(FunctionError::Crashed("injected: before any write".into()));
             }
-            if point < 0.75 {
+            if point == 1 {
                 let after = Duration::from_millis((self.next() * 60.0) as u64);
                 return match tokio::time::timeout(after, self.inner.clone().invoke(event)).await {
                     Ok(response) => response,
@@ -197,6 +199,11 @@ impl KinesisFunction for Crashy {
 fn rule(name: &str, service: &str, operation: &str, fault: &str, probability: f64) -> Value {
     json!({"name": name, "service": service, "operation": operation, "fault": fault,
            "probability": probability})
+}
+
+/// A rule for rare operations (a few commits a scenario): every `n`th request it sees.
+fn every(name: &str, service: &str, operation: &str, fault: &str, n: u32) -> Value {
+    json!({"name": name, "service": service, "operation": operation, "fault": fault, "every": n})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,19 +230,19 @@ async fn partial_put_records_failures_and_lost_responses() {
             "partial",
             0.25
         ),
-        rule(
+        every(
             "putrecords-lost",
             "kinesis",
             "PutRecords",
             "lost_response",
-            0.15
+            5
         ),
-        rule(
+        every(
             "putrecords-throttle",
             "kinesis",
             "PutRecords",
             "throttle",
-            0.1
+            7
         ),
     ]);
     run_under(&p, &proxy, &t, rules, None).await;
@@ -247,22 +254,16 @@ async fn s3_and_glue_failures_and_iceberg_commit_conflicts() {
     let (p, proxy) = faulty_pipeline(&t).await;
     let rules = json!([
         rule("s3-put-5xx", "s3", "PUT", "server_error", 0.1),
-        rule("s3-get-throttle", "s3", "GET", "throttle", 0.05),
-        rule(
-            "glue-commit-conflict",
-            "glue",
-            "UpdateTable",
-            "conflict",
-            0.3
-        ),
-        rule(
+        every("s3-get-throttle", "s3", "GET", "throttle", 10),
+        every("glue-commit-conflict", "glue", "UpdateTable", "conflict", 3),
+        every(
             "glue-commit-lost",
             "glue",
             "UpdateTable",
             "lost_response",
-            0.15
+            2
         ),
-        rule("glue-5xx", "glue", "GetTable", "server_error", 0.05),
+        every("glue-5xx", "glue", "GetTable", "server_error", 7),
     ]);
     run_under(&p, &proxy, &t, rules, None).await;
 }
@@ -280,7 +281,7 @@ async fn everything_at_once() {
     let (p, proxy) = faulty_pipeline(&t).await;
     let rules = json!([
         rule("ddb-throttle", "dynamodb", "*", "throttle", 0.1),
-        rule("ddb-lost", "dynamodb", "UpdateItem", "lost_response", 0.03),
+        every("ddb-lost", "dynamodb", "UpdateItem", "lost_response", 30),
         rule(
             "putrecords-partial",
             "kinesis",
@@ -288,21 +289,15 @@ async fn everything_at_once() {
             "partial",
             0.1
         ),
-        rule(
+        every(
             "putrecords-lost",
             "kinesis",
             "PutRecords",
             "lost_response",
-            0.05
+            8
         ),
         rule("s3-put-5xx", "s3", "PUT", "server_error", 0.05),
-        rule(
-            "glue-commit-conflict",
-            "glue",
-            "UpdateTable",
-            "conflict",
-            0.15
-        ),
+        every("glue-commit-conflict", "glue", "UpdateTable", "conflict", 4),
     ]);
     run_under(&p, &proxy, &t, rules, Some(0.15)).await;
 }
