@@ -267,4 +267,27 @@ async fn batches_out_of_retries_go_to_the_on_failure_queue_and_free_the_shard() 
         discarded, 5,
         "every discarded record is described once: {records:?}"
     );
+
+    // Redrive: the pointers lead back to the records, which the real joiner then processes.
+    let done = p.redrive().await.unwrap();
+    assert_eq!((done.records, done.batches), (5, records.len() as u64));
+    assert!(
+        p.on_failure_records().await.unwrap().is_empty(),
+        "handled messages are deleted"
+    );
+    let f = p.functions().unwrap();
+    let mut stages = p.mappings(&f).await.unwrap();
+    stages.truncate(1);
+    let report = p
+        .run(&f, stages, RunOptions::drain(&p.resources.region))
+        .await
+        .unwrap();
+    let imps = report.counts(&format!(
+        "{} <- {}",
+        p.resources.joiner.name, p.resources.impressions_stream.name
+    ));
+    // From the stream's start: the five originals and their five redriven copies (these
+    // records lack fields, so the joiner dead-letters each; what matters is that it got them).
+    assert_eq!((imps.records_done, imps.discarded), (10, 0), "{imps:?}");
+    assert_eq!(f.joiner.totals().rejected_total(), 10);
 }

@@ -14,6 +14,7 @@ pub mod lake;
 pub mod pipeline;
 pub mod progress;
 pub mod provision;
+pub mod redrive;
 pub mod replay;
 pub mod resources;
 pub mod runner;

@@ -44,6 +44,8 @@ USAGE: adpipe-local <command> [options]
   query      run the named queries (sql/*.sql) against the lake [--sql-dir DIR] [--file F.sql]...
   chart      write the CTR-over-time chart [--out FILE.html]
   export     write each lake table as Parquet [--out DIR]
+  redrive    put the records of batches the mappings gave up on (the on-failure queue holds
+             pointers to them) back on their streams, and delete the handled messages
   env        print the functions' environment for the endpoint (for cargo lambda)
 
 Every command but demo and up talks to --endpoint URL (default: the one `up` started, from
@@ -335,6 +337,18 @@ async fn dispatch(raw: &[String]) -> Result<()> {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| local_dir(&root).join("out/lake"));
             export(&p, &out).await
+        }
+        "redrive" => {
+            let a = Args::parse(rest, &[], &with(&[]))?;
+            let p = pipeline(&a, &root).await?;
+            let done = p.redrive().await?;
+            println!(
+                "redrove {} records of {} discarded batches from {} (run `adpipe-local run` to process them)",
+                thousands(done.records),
+                thousands(done.batches),
+                p.resources.on_failure_queue
+            );
+            Ok(())
         }
         "env" => {
             let a = Args::parse(rest, &[], &with(&[]))?;

@@ -112,6 +112,13 @@ impl Pipeline {
             .ok_or_else(|| LocalError::Runner("GetQueueUrl returned no URL".into()))
     }
 
+    /// Puts the records of every batch in the on-failure queue back on their streams
+    /// ([`crate::redrive`]).
+    pub async fn redrive(&self) -> Result<crate::redrive::Redriven, LocalError> {
+        let url = self.on_failure_queue_url().await?;
+        crate::redrive::redrive(&self.clients.kinesis, &self.sqs, &url).await
+    }
+
     /// The invocation records the mappings sent to the on-failure queue so far (received
     /// with a zero visibility timeout, so they stay in the queue).
     pub async fn on_failure_records(&self) -> Result<Vec<Value>, LocalError> {

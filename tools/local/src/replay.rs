@@ -171,6 +171,14 @@ impl StreamWriter {
         Ok(())
     }
 
+    /// Sends records with the partition keys they had (a redrive), in requests of 500.
+    pub async fn send_keyed(&self, records: &[(String, Vec<u8>)]) -> Result<(), LocalError> {
+        for range in chunks(records, MAX_RECORDS_PER_PUT) {
+            self.put_all(&records[range]).await?;
+        }
+        Ok(())
+    }
+
     /// One request's records, with the refused entries sent again (backing off) until all are
     /// in. The retried entries land after the accepted ones, as with a real producer.
     async fn put_all(&self, records: &[(String, Vec<u8>)]) -> Result<(), LocalError> {
