@@ -238,7 +238,11 @@ mod tests {
         assert_eq!(records.len(), batch.records.len());
         assert!(records[0].invalid_base64.is_none());
         assert_eq!(records[1].data, b"not base64!!");
-        assert!(records[1].invalid_base64.as_deref().unwrap().contains("not base64"));
+        assert!(records[1]
+            .invalid_base64
+            .as_deref()
+            .unwrap()
+            .contains("not base64"));
         assert!(records[2].invalid_base64.is_none());
     }
 }
