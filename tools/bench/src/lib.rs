@@ -1,6 +1,8 @@
 //! Shared helpers for the benchmark binaries: arguments, statistics over rounds, real-shaped
 //! joined-stream records, the enricher's CPU path, and process memory readings.
 
+pub mod runtime_api;
+
 use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
 use adpipe_core::enricher::decode_joined;
 use adpipe_core::lake::{clicks_batch, impressions_batch};
