@@ -47,9 +47,22 @@ impl Spread {
     }
 }
 
+impl Spread {
+    /// `median (min–max)` with `decimals` digits after the point.
+    pub fn with_decimals(&self, decimals: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = decimals
+        )
+    }
+}
+
 impl std::fmt::Display for Spread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.0} ({:.0}–{:.0})", self.median, self.min, self.max)
+        f.write_str(&self.with_decimals(0))
     }
 }
 
@@ -153,6 +166,8 @@ mod tests {
         let s = Spread::of(vec![3.0, 1.0, 2.0]);
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
+        assert_eq!(s.with_decimals(1), "2.0 (1.0–3.0)");
+        assert_eq!(s.to_string(), "2 (1–3)");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -98,10 +98,7 @@ impl RuntimeApi {
 
     /// The next call the function makes, or `None` after `timeout`.
     pub fn next_call(&self, timeout: Duration) -> Option<Call> {
-        match self.calls.recv_timeout(timeout) {
-            Ok(call) => Some(call),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.calls.recv_timeout(timeout).ok()
     }
 }
 

@@ -102,6 +102,9 @@ fn joiner_batches(
     out
 }
 
+/// Which seconds of a round a stage took.
+type Seconds = fn(&Round) -> f64;
+
 /// One round's figures.
 struct Round {
     joiner_s: f64,
@@ -176,7 +179,7 @@ async fn round(
         lake,
         MemoryDeadLetterSink::default(),
         EnricherSettings {
-            rules: enricher_config.rules.clone(),
+            rules: enricher_config.rules,
             dead_letter_prefix: enricher_config.dead_letter_prefix.clone(),
             max_in_flight: 32,
         },
@@ -272,34 +275,29 @@ async fn main() -> anyhow::Result<()> {
     );
     let per_s =
         |f: fn(&Round) -> f64| Spread::of(results.iter().map(|x| events as f64 / f(x)).collect());
-    let us = |f: fn(&Round) -> f64| {
-        Spread::of(results.iter().map(|x| f(x) * 1e6 / events as f64).collect())
-    };
-    let fmt_us = |s: Spread| format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max);
+    let us = |f: Seconds| Spread::of(results.iter().map(|x| f(x) * 1e6 / events as f64).collect());
     println!(
         "| stage | events/s, one core: median (min–max) | µs per input event: median (min–max) |"
     );
     println!("|---|---|---|");
-    println!(
-        "| joiner: decode, validate, state write, join decisions, joined records | {} | {} |",
-        per_s(|x| x.joiner_s),
-        fmt_us(us(|x| x.joiner_s))
-    );
-    println!(
-        "| enricher: decode, validate, enrich, Arrow | {} | {} |",
-        per_s(|x| x.enricher_s - x.encode_s),
-        fmt_us(us(|x| x.enricher_s - x.encode_s))
-    );
-    println!(
-        "| enricher: Parquet encoding (zstd) | {} | {} |",
-        per_s(|x| x.encode_s),
-        fmt_us(us(|x| x.encode_s))
-    );
-    println!(
-        "| **whole path** | **{}** | {} |",
-        per_s(|x| x.joiner_s + x.enricher_s),
-        fmt_us(us(|x| x.joiner_s + x.enricher_s))
-    );
+    let stages: [(&str, Seconds); 4] = [
+        (
+            "joiner: decode, validate, state write, join decisions, joined records",
+            |x| x.joiner_s,
+        ),
+        ("enricher: decode, validate, enrich, Arrow", |x| {
+            x.enricher_s - x.encode_s
+        }),
+        ("enricher: Parquet encoding (zstd)", |x| x.encode_s),
+        ("**whole path**", |x| x.joiner_s + x.enricher_s),
+    ];
+    for (label, seconds) in stages {
+        println!(
+            "| {label} | {} | {} |",
+            per_s(seconds),
+            us(seconds).with_decimals(2)
+        );
+    }
     println!("({rounds} rounds; events are input deliveries of both streams)");
     Ok(())
 }

@@ -112,29 +112,27 @@ fn main() -> anyhow::Result<()> {
         let size = std::fs::metadata(&f.binary)
             .map_err(|e| anyhow::anyhow!("{}: {e} (build it first)", f.binary.display()))?
             .len();
-        let mut starts = Vec::new();
-        for _ in 0..runs {
-            run_id += 1;
-            starts.push(run(
-                f,
-                &r,
-                &endpoint.url,
-                &fresh(&f.sample, run_id),
-                run_id,
-                &logs,
-            )?);
-        }
+        let mut runs_of = |event: &Value, count: usize| -> anyhow::Result<Vec<Run>> {
+            (0..count)
+                .map(|_| {
+                    run_id += 1;
+                    let fresh = fresh(event, run_id);
+                    run(f, &r, &endpoint.url, &fresh, run_id, &logs)
+                })
+                .collect()
+        };
+        let starts = runs_of(&f.sample, runs)?;
+        let big = runs_of(&f.largest, rss_runs)?;
         let ms = |d: fn(&Run) -> Duration| {
             Spread::of(starts.iter().map(|x| d(x).as_secs_f64() * 1e3).collect())
         };
-        let fmt = |s: Spread| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max);
         println!(
             "| {} | {size} ({:.1} MiB) | {} | {} | {} | {:.1} MiB |",
             f.spec.binary,
             mib(size),
-            fmt(ms(|x| x.init)),
-            fmt(ms(|x| x.handled)),
-            fmt(ms(|x| x.init + x.handled)),
+            ms(|x| x.init).with_decimals(1),
+            ms(|x| x.handled).with_decimals(1),
+            ms(|x| x.init + x.handled).with_decimals(1),
             Spread::of(
                 starts
                     .iter()
@@ -146,18 +144,6 @@ fn main() -> anyhow::Result<()> {
 
         let event_len = serde_json::to_vec(&f.largest)?.len();
         let records = f.largest["Records"].as_array().map_or(0, Vec::len);
-        let mut big = Vec::new();
-        for _ in 0..rss_runs {
-            run_id += 1;
-            big.push(run(
-                f,
-                &r,
-                &endpoint.url,
-                &fresh(&f.largest, run_id),
-                run_id,
-                &logs,
-            )?);
-        }
         if !big.is_empty() {
             let kib =
                 |k: fn(&Run) -> u64| Spread::of(big.iter().map(|x| k(x) as f64 / 1024.0).collect());
