@@ -67,6 +67,15 @@ pub struct LakeConfig {
     pub max_commit_attempts: u32,
 }
 
+/// The lake's Parquet settings: zstd at the codec's default level, row groups of at most
+/// `row_group_rows`. Public so the benchmarks encode exactly as the enricher does.
+pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .build()
+}
+
 fn lake_error(context: &str, e: iceberg::Error) -> PortError {
     let message = format!("{context}: {e}");
     if e.retryable() {
@@ -121,10 +130,7 @@ impl IcebergLake {
             .load("adpipe", props)
             .await
             .map_err(|e| lake_error("connecting to the Glue catalog", e))?;
-        let writer_props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
-            .build();
+        let writer_props = writer_properties(config.row_group_rows);
         Ok(IcebergLake {
             catalog,
             namespace: NamespaceIdent::new(config.database.clone()),

@@ -9,91 +9,16 @@
 
 use std::time::Instant;
 
-use adpipe_bench::arg;
-use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
-use adpipe_core::enricher::decode_joined;
-use adpipe_core::lake::{clicks_batch, impressions_batch};
-use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord, JoinedStreamRecord};
+use adpipe_bench::{arg, encode_parquet, enriched_batches, joined_records, peak_rss_mib};
+use adpipe_enricher::ROW_GROUP_ROWS;
+use adpipe_lake::writer_properties;
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
-
-fn peak_rss_mib() -> f64 {
-    // SAFETY: getrusage only writes the struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    usage.ru_maxrss as f64 / 1024.0
-}
-
-fn records(n: usize, click_share: f64) -> Vec<Vec<u8>> {
-    let base = 1_795_169_730_000i64;
-    (0..n)
-        .map(|i| {
-            let imp = Impression {
-                ad_id: format!("ad-{}", i % 50),
-                impression_id: format!("imp-{i:08}-0b6f2a58-93c1-4b8e-a7c2"),
-                campaign_id: format!("camp-{}", i % 20),
-                publisher_id: format!("pub-{}", i % 100),
-                event_time_ms: base + (i as i64) * 37,
-                device_type: ["mobile", "tablet", "desktop", "ios", "tv"][i % 5].into(),
-                geo_location: "US-CA".into(),
-                platform: "android".into(),
-                ad_type: "banner".into(),
-                bid_price: (i % 10_000) as f64 / 100.0,
-            };
-            let is_click = (i as f64 * click_share).fract() + click_share >= 1.0;
-            let record = if is_click {
-                let click = Click {
-                    ad_id: imp.ad_id.clone(),
-                    impression_id: imp.impression_id.clone(),
-                    campaign_id: imp.campaign_id.clone(),
-                    publisher_id: imp.publisher_id.clone(),
-                    event_time_ms: imp.event_time_ms + 4_321,
-                    device_type: "mobile".into(),
-                    geo_location: "US-CA".into(),
-                    platform: "android".into(),
-                    click_price: 0.35,
-                    click_id: format!("clk-{i:08}-5d1e"),
-                    click_id_derived: false,
-                };
-                JoinedStreamRecord::Click(JoinedRecord::new(&imp, &click))
-            } else {
-                JoinedStreamRecord::Impression(ImpressionRecord::new(&imp, false))
-            };
-            serde_json::to_vec(&record).expect("serialisable")
-        })
-        .collect()
-}
 
 /// The CPU path of one batch; returns Parquet bytes produced.
-fn cpu_path(data: &[Vec<u8>]) -> usize {
-    let rules = EnrichRules::default();
-    let (mut clicks, mut imps) = (Vec::new(), Vec::new());
-    for d in data {
-        match decode_joined(d).expect("valid") {
-            JoinedStreamRecord::Click(c) => clicks.push(enrich_click(&rules, c, 0).expect("valid")),
-            JoinedStreamRecord::Impression(i) => {
-                imps.push(enrich_impression(&rules, i, 0).expect("valid"))
-            }
-        }
-    }
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
-    let mut bytes = 0;
-    for batch in [
-        clicks_batch(&clicks).expect("batch"),
-        impressions_batch(&imps).expect("batch"),
-    ] {
-        let mut out = Vec::new();
-        let mut w =
-            ArrowWriter::try_new(&mut out, batch.schema(), Some(props.clone())).expect("writer");
-        w.write(&batch).expect("write");
-        w.close().expect("close");
-        bytes += out.len();
-    }
-    bytes
+fn cpu_path(data: &[Vec<u8>]) -> anyhow::Result<usize> {
+    let (clicks, impressions) = enriched_batches(data)?;
+    let props = writer_properties(ROW_GROUP_ROWS);
+    Ok(encode_parquet(&clicks, &props)?.len() + encode_parquet(&impressions, &props)?.len())
 }
 
 #[tokio::main]
@@ -101,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = arg("--records", 10_000);
     let click_share: f64 = arg("--click-share", 0.02);
     let rounds: usize = arg("--rounds", 5);
-    let data = records(n, click_share);
+    let data = joined_records(n, click_share);
     let payload: usize = data.iter().map(Vec::len).sum();
     println!(
         "## enricher, one batch of {n} records ({:.2} MiB of JSON, click share {click_share})",
@@ -112,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let mut parquet_bytes = 0;
     for _ in 0..rounds {
         let t = Instant::now();
-        parquet_bytes = cpu_path(&data);
+        parquet_bytes = cpu_path(&data)?;
         rates.push(n as f64 / t.elapsed().as_secs_f64());
     }
     rates.sort_by(|a, b| a.total_cmp(b));

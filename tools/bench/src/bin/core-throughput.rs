@@ -1,0 +1,303 @@
+//! Core throughput: input events per second on one core through the whole CPU path of the
+//! pipeline, with in-memory ports: the joiner (decode, validate, one state write per event,
+//! join decisions, joined-stream records) and then the enricher on what the joiner emitted
+//! (decode, validate, enrich, Arrow batches, Parquet with the lake's zstd settings).
+//!
+//! Usage: cargo build --release --workspace && ./target/release/core-throughput \
+//!          [--impressions 1000000] [--ctr 0.02] [--duplicates 0.01] [--out-of-order 0.05] \
+//!          [--rounds 3] [--seed 42]
+//!
+//! Runs on a current-thread runtime, so every figure is one core's work. Batch sizes are the
+//! deployed mappings' (`deploy/resources.json`). Each round starts from empty state.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use adpipe_bench::{arg, encode_parquet, mib, Spread};
+use adpipe_core::batch::BatchJoiner;
+use adpipe_core::config::{EnricherConfig, JoinerConfig};
+use adpipe_core::enricher::{BatchEnricher, EnricherSettings};
+use adpipe_core::memory::{InMemoryJoinState, MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::metrics::Counts;
+use adpipe_core::model::{InputRecord, SourcePosition};
+use adpipe_core::ports::{AppendReport, LakeAppend, PortError, TableWriter};
+use adpipe_core::testkit::ShardPoller;
+use adpipe_enricher::ROW_GROUP_ROWS;
+use adpipe_lake::writer_properties;
+use adpipe_local::functions::add_counts;
+use adpipe_local::generator::{generate, TrafficConfig};
+use adpipe_local::resources::Resources;
+use parquet::file::properties::WriterProperties;
+
+/// A lake table that only encodes: each append becomes one Parquet file in memory, with the
+/// lake's writer settings. It counts the time spent encoding, apart from the rest.
+struct ParquetInMemory {
+    props: WriterProperties,
+    encode_ns: AtomicU64,
+    rows: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl TableWriter for ParquetInMemory {
+    async fn append(&self, append: LakeAppend) -> Result<AppendReport, PortError> {
+        let t = Instant::now();
+        let bytes = encode_parquet(&append.rows, &self.props)
+            .map_err(|e| PortError::Rejected(e.to_string()))?;
+        self.encode_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let rows = append.rows.num_rows() as u64;
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(AppendReport {
+            rows_written: rows,
+            files_written: 1,
+            bytes_written: bytes.len() as u64,
+            ..AppendReport::default()
+        })
+    }
+}
+
+/// The joiner's input as Lambda would deliver it: batches of the mapping's size from both
+/// streams, interleaved as they fill in real time (whichever stream is further behind goes
+/// next), each with the arrival time its place in the traffic implies.
+fn joiner_batches(
+    traffic: &adpipe_local::generator::Traffic,
+    r: &Resources,
+    cfg: &TrafficConfig,
+) -> Vec<(Vec<InputRecord>, i64)> {
+    let batch = r.joiner_mapping.batch_size;
+    let mut pollers = [
+        ShardPoller::new(
+            &r.impressions_stream.name,
+            "shardId-000000000000",
+            traffic.impression_records.clone(),
+        ),
+        ShardPoller::new(
+            &r.clicks_stream.name,
+            "shardId-000000000000",
+            traffic.click_records.clone(),
+        ),
+    ];
+    let totals = [
+        traffic.impression_records.len().max(1),
+        traffic.click_records.len().max(1),
+    ];
+    let mut done = [0usize; 2];
+    let mut out = Vec::new();
+    while pollers.iter().any(|p| !p.drained()) {
+        let progress = |done: &[usize; 2], i: usize| done[i] as f64 / totals[i] as f64;
+        let i = if pollers[1].drained()
+            || (!pollers[0].drained() && progress(&done, 0) <= progress(&done, 1))
+        {
+            0
+        } else {
+            1
+        };
+        let records = pollers[i].next_batch(batch);
+        pollers[i].checkpoint(records.len(), None);
+        done[i] += records.len();
+        let now_ms = cfg.start_ms + (progress(&done, i) * cfg.duration_ms as f64) as i64 + 2_000;
+        out.push((records, now_ms));
+    }
+    out
+}
+
+/// Which seconds of a round a stage took.
+type Seconds = fn(&Round) -> f64;
+
+/// One round's figures.
+struct Round {
+    joiner_s: f64,
+    enricher_s: f64,
+    encode_s: f64,
+    counts: Counts,
+    joined_out: usize,
+    rows: u64,
+    parquet_bytes: u64,
+    dead_letters: usize,
+}
+
+async fn round(
+    batches: &[(Vec<InputRecord>, i64)],
+    joiner_config: &JoinerConfig,
+    enricher_config: &EnricherConfig,
+    r: &Resources,
+) -> anyhow::Result<Round> {
+    let joiner = BatchJoiner::new(
+        InMemoryJoinState::default(),
+        MemoryRecordSink::default(),
+        MemoryDeadLetterSink::default(),
+        joiner_config.clone(),
+    );
+    let mut counts = Counts::default();
+    let t = Instant::now();
+    let mut last_ms = 0;
+    for (records, now_ms) in batches {
+        let report = joiner.process(records, *now_ms).await;
+        anyhow::ensure!(
+            report.first_failure.is_none(),
+            "in-memory joiner failed: {:?}",
+            report.failures
+        );
+        add_counts(&mut counts, &report.counts);
+        last_ms = *now_ms;
+    }
+    let joiner_s = t.elapsed().as_secs_f64();
+
+    // The joined stream, as the enricher's mapping would batch it.
+    let joined = joiner.sink.records();
+    let stream = &r.joined_stream.name;
+    let enricher_batches: Vec<Vec<InputRecord>> = joined
+        .chunks(r.enricher_mapping.batch_size)
+        .enumerate()
+        .map(|(b, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, rec)| InputRecord {
+                    position: SourcePosition {
+                        stream: stream.clone(),
+                        shard: "shardId-000000000000".into(),
+                        sequence_number: format!(
+                            "4960{:020}",
+                            b * r.enricher_mapping.batch_size + i
+                        ),
+                    },
+                    data: rec.data.clone(),
+                    invalid_base64: None,
+                })
+                .collect()
+        })
+        .collect();
+    let lake = ParquetInMemory {
+        props: writer_properties(ROW_GROUP_ROWS),
+        encode_ns: AtomicU64::new(0),
+        rows: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+    };
+    let enricher = BatchEnricher::new(
+        lake,
+        MemoryDeadLetterSink::default(),
+        EnricherSettings {
+            rules: enricher_config.rules,
+            dead_letter_prefix: enricher_config.dead_letter_prefix.clone(),
+            max_in_flight: 32,
+        },
+    );
+    let t = Instant::now();
+    for records in &enricher_batches {
+        let report = enricher.process(records, last_ms).await;
+        anyhow::ensure!(report.failed.is_none(), "enricher: {:?}", report.failed);
+    }
+    let enricher_s = t.elapsed().as_secs_f64();
+    let lake = &enricher.lake;
+    Ok(Round {
+        joiner_s,
+        enricher_s,
+        encode_s: lake.encode_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        counts,
+        joined_out: joined.len(),
+        rows: lake.rows.load(Ordering::Relaxed),
+        parquet_bytes: lake.bytes.load(Ordering::Relaxed),
+        dead_letters: joiner.dead_letters.letters().len(),
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cfg = TrafficConfig {
+        seed: arg("--seed", 42),
+        impressions: arg("--impressions", 1_000_000),
+        ctr: arg("--ctr", 0.02),
+        duplicates: arg("--duplicates", TrafficConfig::default().duplicates),
+        out_of_order: arg("--out-of-order", TrafficConfig::default().out_of_order),
+        ..TrafficConfig::default()
+    };
+    let rounds: usize = arg("--rounds", 3);
+    let r = Resources::local();
+    let joiner_env = r.joiner_env();
+    let joiner_config = JoinerConfig::from_lookup(|k| joiner_env.get(k).cloned())?;
+    let enricher_env = r.enricher_env();
+    let enricher_config = EnricherConfig::from_lookup(|k| enricher_env.get(k).cloned())?;
+
+    let traffic = generate(&cfg)?;
+    let events = traffic.impression_records.len() + traffic.click_records.len();
+    let json_bytes: usize = traffic
+        .impression_records
+        .iter()
+        .chain(&traffic.click_records)
+        .map(Vec::len)
+        .sum();
+    let batches = joiner_batches(&traffic, &r, &cfg);
+    println!(
+        "## core throughput: {} impressions, {} clicks, {events} deliveries ({:.0} MiB of JSON; \
+         {} duplicates, {} out of order, {} malformed); joiner batches of {}, enricher batches of {}",
+        traffic.impressions.len(),
+        traffic.clicks.len(),
+        mib(json_bytes as u64),
+        traffic.stats.duplicates,
+        traffic.stats.out_of_order,
+        traffic.stats.malformed,
+        r.joiner_mapping.batch_size,
+        r.enricher_mapping.batch_size,
+    );
+
+    let mut results = Vec::new();
+    for n in 0..rounds {
+        let res = round(&batches, &joiner_config, &enricher_config, &r).await?;
+        eprintln!(
+            "  round {}: joiner {:.2} s, enricher {:.2} s (Parquet encoding {:.2} s)",
+            n + 1,
+            res.joiner_s,
+            res.enricher_s,
+            res.encode_s
+        );
+        results.push(res);
+    }
+    let last = results
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("--rounds 0"))?;
+    let c = &last.counts;
+    println!(
+        "joiner: {} joined, {} buffered, {} duplicates, {} unmatched, {} rejected ({} dead letters); \
+         joined stream {} records",
+        c.joined,
+        c.buffered,
+        c.duplicates,
+        c.unmatched,
+        c.rejected_total(),
+        last.dead_letters,
+        last.joined_out
+    );
+    println!(
+        "enricher: {} rows, {} Parquet bytes (zstd)",
+        last.rows, last.parquet_bytes
+    );
+    let per_s =
+        |f: fn(&Round) -> f64| Spread::of(results.iter().map(|x| events as f64 / f(x)).collect());
+    let us = |f: Seconds| Spread::of(results.iter().map(|x| f(x) * 1e6 / events as f64).collect());
+    println!(
+        "| stage | events/s, one core: median (min–max) | µs per input event: median (min–max) |"
+    );
+    println!("|---|---|---|");
+    let stages: [(&str, Seconds); 4] = [
+        (
+            "joiner: decode, validate, state write, join decisions, joined records",
+            |x| x.joiner_s,
+        ),
+        ("enricher: decode, validate, enrich, Arrow", |x| {
+            x.enricher_s - x.encode_s
+        }),
+        ("enricher: Parquet encoding (zstd)", |x| x.encode_s),
+        ("**whole path**", |x| x.joiner_s + x.enricher_s),
+    ];
+    for (label, seconds) in stages {
+        println!(
+            "| {label} | {} | {} |",
+            per_s(seconds),
+            us(seconds).with_decimals(2)
+        );
+    }
+    println!("({rounds} rounds; events are input deliveries of both streams)");
+    Ok(())
+}
