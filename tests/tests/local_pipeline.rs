@@ -25,13 +25,7 @@ async fn generated_traffic_lands_in_the_lake_as_the_reference_join_says() {
     let f = p.functions().unwrap();
     let report = drain(&p, &f).await;
     assert!(
-        report
-            .counts(&format!(
-                "{} <- {}",
-                p.resources.joiner.name, p.resources.impressions_stream.name
-            ))
-            .invocations
-            > 2,
+        impressions_mapping(&p, &report).invocations > 2,
         "several batches per shard: {report:?}"
     );
 
@@ -168,10 +162,7 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
         .run(&f, stages, RunOptions::drain(&p.resources.region))
         .await
         .unwrap();
-    let imps = report.counts(&format!(
-        "{} <- {}",
-        p.resources.joiner.name, p.resources.impressions_stream.name
-    ));
+    let imps = impressions_mapping(&p, &report);
     assert_eq!(imps.function_errors, 1, "{imps:?}");
     assert_eq!(imps.discarded, 0);
     assert!(
@@ -245,10 +236,7 @@ async fn batches_out_of_retries_go_to_the_on_failure_queue_and_free_the_shard() 
         .run(&f, stages, RunOptions::drain(&p.resources.region))
         .await
         .unwrap();
-    let imps = report.counts(&format!(
-        "{} <- {}",
-        p.resources.joiner.name, p.resources.impressions_stream.name
-    ));
+    let imps = impressions_mapping(&p, &report);
     assert_eq!(imps.discarded, 5, "{imps:?}");
     let records = p.on_failure_records().await.unwrap();
     let discarded: u64 = records
@@ -282,10 +270,7 @@ async fn batches_out_of_retries_go_to_the_on_failure_queue_and_free_the_shard() 
         .run(&f, stages, RunOptions::drain(&p.resources.region))
         .await
         .unwrap();
-    let imps = report.counts(&format!(
-        "{} <- {}",
-        p.resources.joiner.name, p.resources.impressions_stream.name
-    ));
+    let imps = impressions_mapping(&p, &report);
     // From the stream's start: the five originals and their five redriven copies (these
     // records lack fields, so the joiner dead-letters each; what matters is that it got them).
     assert_eq!((imps.records_done, imps.discarded), (10, 0), "{imps:?}");

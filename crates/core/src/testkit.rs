@@ -8,8 +8,6 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use serde_json::json;
-
 use crate::batch::BatchJoiner;
 use crate::join::{attributes, JoinItem, JoinRules};
 use crate::model::{
@@ -18,7 +16,7 @@ use crate::model::{
 use crate::ports::{
     DeadLetter, DeadLetterSink, EntryResult, JoinState, OutRecord, PortError, RecordSink, SideWrite,
 };
-use crate::time::format_millis;
+pub use crate::validate::{encode_click as click_json, encode_impression as impression_json};
 
 /// A small deterministic PRNG (SplitMix64), so a scenario is a pure function of its seed.
 #[derive(Debug, Clone)]
@@ -183,32 +181,6 @@ fn deliveries(rng: &mut Rng, records: Vec<Vec<u8>>, duplicate_rate: f64) -> Vec<
     }
     rng.shuffle(&mut out);
     out
-}
-
-/// The wire JSON of an impression, as a producer would send it.
-pub fn impression_json(i: &Impression) -> Vec<u8> {
-    json!({
-        "ad_id": i.ad_id, "impression_id": i.impression_id, "campaign_id": i.campaign_id,
-        "publisher_id": i.publisher_id, "event_time": format_millis(i.event_time_ms),
-        "device_type": i.device_type, "geo_location": i.geo_location, "platform": i.platform,
-        "ad_type": i.ad_type, "bid_price": i.bid_price,
-    })
-    .to_string()
-    .into_bytes()
-}
-
-/// The wire JSON of a click; a derived id is left out, as a producer without ids would.
-pub fn click_json(c: &Click) -> Vec<u8> {
-    let mut v = json!({
-        "ad_id": c.ad_id, "impression_id": c.impression_id, "campaign_id": c.campaign_id,
-        "publisher_id": c.publisher_id, "event_time": format_millis(c.event_time_ms),
-        "device_type": c.device_type, "geo_location": c.geo_location, "platform": c.platform,
-        "click_price": c.click_price,
-    });
-    if !c.click_id_derived {
-        v["click_id"] = json!(c.click_id);
-    }
-    v.to_string().into_bytes()
 }
 
 /// Joined records sorted by pair key (duplicates kept, so a comparison sees them).

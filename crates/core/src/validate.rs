@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::model::{Click, Event, Impression, RecordKind};
-use crate::time::parse_event_time;
+use crate::time::{format_millis, parse_event_time};
 
 /// Longest accepted id, in characters: Kinesis partition keys (the joined stream is keyed by
 /// `impression_id`) are limited to 256 characters.
@@ -189,6 +189,32 @@ pub fn derive_click_id(click: &Click) -> String {
     let digest = h.finalize();
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("d-{hex}")
+}
+
+/// The wire JSON of an impression, as a producer sends it (what [`decode`] reads).
+pub fn encode_impression(i: &Impression) -> Vec<u8> {
+    serde_json::json!({
+        "ad_id": i.ad_id, "impression_id": i.impression_id, "campaign_id": i.campaign_id,
+        "publisher_id": i.publisher_id, "event_time": format_millis(i.event_time_ms),
+        "device_type": i.device_type, "geo_location": i.geo_location, "platform": i.platform,
+        "ad_type": i.ad_type, "bid_price": i.bid_price,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The wire JSON of a click; a derived id is left out, as a producer without ids sends it.
+pub fn encode_click(c: &Click) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "ad_id": c.ad_id, "impression_id": c.impression_id, "campaign_id": c.campaign_id,
+        "publisher_id": c.publisher_id, "event_time": format_millis(c.event_time_ms),
+        "device_type": c.device_type, "geo_location": c.geo_location, "platform": c.platform,
+        "click_price": c.click_price,
+    });
+    if !c.click_id_derived {
+        v["click_id"] = serde_json::json!(c.click_id);
+    }
+    v.to_string().into_bytes()
 }
 
 fn json_type(v: &Value) -> &'static str {

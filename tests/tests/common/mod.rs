@@ -14,7 +14,7 @@ use adpipe_local::pipeline::{Functions, Pipeline};
 use adpipe_local::progress::Counter;
 use adpipe_local::replay::Order;
 use adpipe_local::resources::Resources;
-use adpipe_local::runner::RunReport;
+use adpipe_local::runner::{MappingCounts, RunReport};
 use serde_json::Value;
 
 /// A pipeline of its own on the shared endpoint, with small batches and no batching window,
@@ -80,6 +80,14 @@ pub fn traffic(seed: u64, prefix: &str) -> Traffic {
         ..TrafficConfig::default()
     })
     .unwrap()
+}
+
+/// What the joiner's mapping on the impressions stream did in a run.
+pub fn impressions_mapping(p: &Pipeline, report: &RunReport) -> MappingCounts {
+    report.counts(&format!(
+        "{} <- {}",
+        p.resources.joiner.name, p.resources.impressions_stream.name
+    ))
 }
 
 /// Every row of both lake tables, read by pyiceberg.

@@ -6,8 +6,9 @@
 use std::f64::consts::TAU;
 
 use adpipe_core::model::{Click, Impression};
-use adpipe_core::time::format_millis;
-use adpipe_core::validate::derive_click_id;
+use adpipe_core::validate::{
+    derive_click_id, encode_click as click_json, encode_impression as impression_json,
+};
 use serde_json::json;
 
 /// SplitMix64: tiny, fast, and a pure function of its seed on every platform.
@@ -262,32 +263,6 @@ fn platform_of(device: &str) -> &'static str {
         "android" | "mobile" | "tablet" => "android",
         _ => "web",
     }
-}
-
-/// The wire JSON of an impression.
-pub fn impression_json(i: &Impression) -> Vec<u8> {
-    json!({
-        "ad_id": i.ad_id, "impression_id": i.impression_id, "campaign_id": i.campaign_id,
-        "publisher_id": i.publisher_id, "event_time": format_millis(i.event_time_ms),
-        "device_type": i.device_type, "geo_location": i.geo_location, "platform": i.platform,
-        "ad_type": i.ad_type, "bid_price": i.bid_price,
-    })
-    .to_string()
-    .into_bytes()
-}
-
-/// The wire JSON of a click; a derived id is left out, as a producer without ids sends it.
-pub fn click_json(c: &Click) -> Vec<u8> {
-    let mut v = json!({
-        "ad_id": c.ad_id, "impression_id": c.impression_id, "campaign_id": c.campaign_id,
-        "publisher_id": c.publisher_id, "event_time": format_millis(c.event_time_ms),
-        "device_type": c.device_type, "geo_location": c.geo_location, "platform": c.platform,
-        "click_price": c.click_price,
-    });
-    if !c.click_id_derived {
-        v["click_id"] = json!(c.click_id);
-    }
-    v.to_string().into_bytes()
 }
 
 /// The kinds of malformed records, each a different dead-letter reason.
