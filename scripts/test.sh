@@ -24,7 +24,9 @@ step "cargo test (unit, property, integration against the local endpoint)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs even after one fails, so one red test hides no other;
+# the exit status is still non-zero.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run: cargo's own last line is that of its last test binary.

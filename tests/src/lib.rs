@@ -1,5 +1,6 @@
-//! Integration-test harness: a real AWS-compatible endpoint (`moto_server`, from the project's
-//! venv) started by the tests themselves on a free loopback port (`adpipe_local::endpoint`),
+//! Integration-test harness: a real AWS-compatible endpoint (moto from the project's venv, behind
+//! `tools/moto_endpoint.py`, which applies requests one at a time as DynamoDB applies writes to
+//! an item) started by the tests themselves on a free loopback port (`adpipe_local::endpoint`),
 //! SDK clients pointed at it, and helpers to provision resources and read back what the
 //! functions wrote.
 
@@ -10,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use adpipe_aws::Clients;
-use adpipe_local::endpoint::{moto_server_program, LocalEndpoint};
+use adpipe_local::endpoint::{endpoint_server, LocalEndpoint};
 use anyhow::{bail, Context, Result};
 use aws_credential_types::Credentials;
 use aws_lambda_events::event::kinesis::KinesisEvent;
@@ -95,7 +96,7 @@ impl LocalAws {
 
 fn start() -> Result<LocalAws> {
     let root = workspace_root();
-    let program = moto_server_program(&root)?;
+    let program = endpoint_server(&root)?;
     // The server lives as long as this test process (see `LocalEndpoint::start`).
     let endpoint = LocalEndpoint::start(&program, None, &root.join("target"))?;
     Ok(LocalAws {

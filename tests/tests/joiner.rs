@@ -47,12 +47,6 @@ async fn env(extra: &[(&str, &str)]) -> Env {
         ("STATE_TABLE_NAME", table.as_str()),
         ("DEAD_LETTER_BUCKET", bucket.as_str()),
         ("EMIT_MAX_ATTEMPTS", "2"),
-        // The fixtures hold a producer duplicate in one batch, written concurrently to one
-        // item. Under heavy machine load moto was seen returning an ALL_OLD image missing a
-        // stored click (it does not serialise updates of one item as DynamoDB does), so the
-        // fixture tests write one record at a time. Concurrency is covered by the property
-        // test's concurrent pollers.
-        ("MAX_IN_FLIGHT", "1"),
     ]
     .into_iter()
     .chain(extra.iter().copied())
@@ -532,4 +526,136 @@ async fn the_hostile_corpus_is_dead_lettered_once_each_with_its_reason_and_the_r
     let ok = corpus.iter().filter(|c| c.2.is_none()).count() as u64;
     assert_eq!(accepted, ok, "every accepted case was processed");
     assert!(item(&env, "h-ok-1mb-record").await.contains_key("imp"));
+}
+
+/// DynamoDB applies the writes to one item one after another, so N concurrent
+/// `list_append(if_not_exists(...))` updates leave N entries. The join state's write order and
+/// its pair decisions rest on that; an endpoint that loses an update here can lose a pair.
+/// (On plain `moto_server`, which applies concurrent updates without isolation, some round
+/// loses entries in most runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_list_appends_to_one_item_keep_every_entry() {
+    const ROUNDS: usize = 6;
+    const WRITERS: usize = 200;
+    let env = env(&[]).await;
+    for round in 0..ROUNDS {
+        let pk = unique("append");
+        let append = |n: usize| {
+            env.clients
+                .dynamodb
+                .update_item()
+                .table_name(&env.config.state_table)
+                .key("pk", AttributeValue::S(pk.clone()))
+                .update_expression("SET #o = list_append(if_not_exists(#o, :empty), :token)")
+                .expression_attribute_names("#o", "o")
+                .expression_attribute_values(":empty", AttributeValue::L(Vec::new()))
+                .expression_attribute_values(
+                    ":token",
+                    AttributeValue::L(vec![AttributeValue::S(format!("w{n}"))]),
+                )
+                .send()
+        };
+        let results = futures::future::join_all((0..WRITERS).map(append)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let stored = item(&env, &pk).await;
+        let entries = stored["o"].as_l().unwrap();
+        let tokens: HashSet<&str> = entries.iter().map(|t| t.as_s().unwrap().as_str()).collect();
+        assert_eq!(
+            (entries.len(), tokens.len()),
+            (WRITERS, WRITERS),
+            "round {round}: every writer's entry is there, once"
+        );
+    }
+}
+
+/// An impression and many clicks on it, each delivered in its own invocation and all in flight
+/// at once: every partner writes to the same item concurrently. Exactly one writer decides
+/// each pair, so each click is joined once, never twice, never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_impression_and_click_writes_to_one_item_decide_each_pair_once() {
+    use adpipe_core::model::{Click, Impression, InputRecord, SourcePosition};
+    use adpipe_core::validate::{encode_click, encode_impression};
+
+    const IMPRESSIONS: usize = 24;
+    const CLICKS_EACH: usize = 24;
+    let env = env(&[]).await;
+    let prefix = unique("race");
+    let joiner = BatchJoiner::new(
+        DynamoDbJoinState::new(env.clients.dynamodb.clone(), &env.config.state_table),
+        MemoryRecordSink::default(),
+        MemoryDeadLetterSink::default(),
+        env.config.clone(),
+    );
+    let base = 1_795_169_730_000i64;
+    let mut expected = Vec::new();
+    let mut records = Vec::new();
+    let position = |stream: &str, n: usize| SourcePosition {
+        stream: stream.to_owned(),
+        // One shard per record: each is its own invocation's only record.
+        shard: format!("shardId-{n:012}"),
+        sequence_number: format!("4960{n:020}"),
+    };
+    for i in 0..IMPRESSIONS {
+        let imp = Impression {
+            ad_id: "ad-1".into(),
+            impression_id: format!("{prefix}-imp-{i}"),
+            campaign_id: "camp-1".into(),
+            publisher_id: "pub-1".into(),
+            event_time_ms: base,
+            device_type: "mobile".into(),
+            geo_location: "US".into(),
+            platform: "ios".into(),
+            ad_type: "banner".into(),
+            bid_price: 1.0,
+        };
+        let clicks: Vec<Click> = (0..CLICKS_EACH)
+            .map(|c| Click {
+                ad_id: imp.ad_id.clone(),
+                impression_id: imp.impression_id.clone(),
+                campaign_id: imp.campaign_id.clone(),
+                publisher_id: imp.publisher_id.clone(),
+                event_time_ms: base + c as i64 * 1_000,
+                device_type: "mobile".into(),
+                geo_location: "US".into(),
+                platform: "ios".into(),
+                click_price: 0.5,
+                click_id: format!("{prefix}-clk-{i}-{c}"),
+                click_id_derived: false,
+            })
+            .collect();
+        // The impression in the middle of its clicks, so some clicks are sent before it.
+        for (n, click) in clicks.iter().enumerate() {
+            if n == CLICKS_EACH / 2 {
+                let at = records.len();
+                records.push(InputRecord {
+                    position: position(&env.config.impressions_stream, at),
+                    data: encode_impression(&imp),
+                    invalid_base64: None,
+                });
+            }
+            let at = records.len();
+            records.push(InputRecord {
+                position: position(&env.config.clicks_stream, at),
+                data: encode_click(click),
+                invalid_base64: None,
+            });
+            expected.push(JoinedRecord::new(&imp, click));
+        }
+    }
+    let reports = futures::future::join_all(
+        records
+            .iter()
+            .map(|r| joiner.process(std::slice::from_ref(r), NOW_MS)),
+    )
+    .await;
+    assert!(
+        reports.iter().all(|r| r.first_failure.is_none()),
+        "every invocation succeeds: {reports:?}"
+    );
+    let emitted = adpipe_core::testkit::sorted(decode_joined(&joiner.sink.records()));
+    assert_eq!(
+        keys(&emitted),
+        keys(&adpipe_core::testkit::sorted(expected)),
+        "each pair decided exactly once"
+    );
 }

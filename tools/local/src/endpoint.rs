@@ -1,5 +1,6 @@
-//! The local AWS-compatible endpoint: `moto_server` from the project venv, started on a
-//! loopback port and tied to this process's life, plus SDK clients pointed at it.
+//! The local AWS-compatible endpoint: moto from the project venv behind our launcher, which
+//! applies requests one at a time (`tools/moto_endpoint.py`), started on a loopback port and tied
+//! to this process's life, plus SDK clients pointed at it.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,12 +24,19 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// How to start the local endpoint: a program and its leading arguments (`-H`/`-p` follow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
 /// Makes sure the project venv exists (`scripts/venv.sh` is idempotent and fast once done) and
-/// returns its `moto_server`. `ADPIPE_MOTO_SERVER` overrides the program.
-pub fn moto_server_program(root: &Path) -> Result<PathBuf, LocalError> {
-    if let Some(p) = std::env::var_os("ADPIPE_MOTO_SERVER") {
-        return Ok(PathBuf::from(p));
-    }
+/// returns the command that starts the endpoint: moto's server behind our launcher
+/// (`tools/moto_endpoint.py`), which applies requests one at a time so that writes to one
+/// DynamoDB item are atomic, as in DynamoDB (plain `moto_server` applies concurrent writes to one
+/// item without isolation; see `docs/LOCAL.md`).
+pub fn endpoint_server(root: &Path) -> Result<ServerCommand, LocalError> {
     let status = Command::new("bash")
         .arg(root.join("scripts/venv.sh"))
         .status()
@@ -42,7 +50,10 @@ pub fn moto_server_program(root: &Path) -> Result<PathBuf, LocalError> {
             detail: status.to_string(),
         });
     }
-    Ok(root.join(".venv/bin/moto_server"))
+    Ok(ServerCommand {
+        program: root.join(".venv/bin/python"),
+        args: vec![root.join("tools/moto_endpoint.py").display().to_string()],
+    })
 }
 
 /// A free loopback port (the OS picks it; a race with another process is retried by callers).
@@ -71,9 +82,13 @@ pub struct LocalEndpoint {
 }
 
 impl LocalEndpoint {
-    /// Starts `moto_server` on `port` (or a free one, retried a few times if it was taken
+    /// Starts the endpoint server on `port` (or a free one, retried a few times if it was taken
     /// meanwhile) and waits until it answers. The server gets SIGTERM when this process ends.
-    pub fn start(program: &Path, port: Option<u16>, log_dir: &Path) -> Result<Self, LocalError> {
+    pub fn start(
+        server: &ServerCommand,
+        port: Option<u16>,
+        log_dir: &Path,
+    ) -> Result<Self, LocalError> {
         std::fs::create_dir_all(log_dir).map_err(LocalError::io("creating the log directory"))?;
         let tries = if port.is_some() { 1 } else { 3 };
         let mut last = LocalError::Endpoint("not started".into());
@@ -87,7 +102,7 @@ impl LocalEndpoint {
                 continue;
             }
             let log = log_dir.join(format!("moto-{port}.log"));
-            spawn_tied_to_process(program, port, &log)?;
+            spawn_tied_to_process(server, port, &log)?;
             match wait_ready(port, Duration::from_secs(60)) {
                 Ok(()) => {
                     return Ok(LocalEndpoint {
@@ -146,18 +161,19 @@ impl LocalEndpoint {
 /// Spawns the server from a thread that never exits. The child gets SIGTERM when the thread
 /// that forked it dies (PR_SET_PDEATHSIG), so the server lives exactly as long as this process,
 /// whether it ends normally, by Ctrl-C or by a panic.
-fn spawn_tied_to_process(program: &Path, port: u16, log: &Path) -> Result<(), LocalError> {
+fn spawn_tied_to_process(server: &ServerCommand, port: u16, log: &Path) -> Result<(), LocalError> {
     let (tx, rx) = mpsc::channel();
-    let shown = program.display().to_string();
-    let program = program.to_path_buf();
+    let shown = server.program.display().to_string();
+    let server = server.clone();
     let log = log.to_path_buf();
     std::thread::Builder::new()
         .name(format!("moto-server-{port}"))
         .spawn(move || {
             let spawned = (|| -> std::io::Result<std::process::Child> {
                 let log = std::fs::File::create(&log)?;
-                let mut cmd = Command::new(&program);
-                cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                let mut cmd = Command::new(&server.program);
+                cmd.args(&server.args)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                     .stdin(Stdio::null())
                     .stdout(log.try_clone()?)
                     .stderr(log);
@@ -217,7 +233,7 @@ fn wait_ready(port: u16, timeout: Duration) -> Result<(), LocalError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     Err(LocalError::Endpoint(format!(
-        "moto_server on port {port} not ready within {timeout:?}"
+        "local endpoint on port {port} not ready within {timeout:?}"
     )))
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use adpipe_core::join::{attributes, JoinRules};
 use adpipe_local::chart::{self, CHART_SQL};
-use adpipe_local::endpoint::{moto_server_program, workspace_root, LocalEndpoint};
+use adpipe_local::endpoint::{endpoint_server, workspace_root, LocalEndpoint};
 use adpipe_local::generator::{generate, DelayMix, Traffic, TrafficConfig};
 use adpipe_local::lake::{named_queries, render_table, to_csv, QueryResult};
 use adpipe_local::pipeline::{Functions, Pipeline};
@@ -23,7 +23,7 @@ use adpipe_local::runner::{RunOptions, RunReport, ShardKey};
 use anyhow::{anyhow, bail, Context, Result};
 
 const HELP: &str = "\
-adpipe-local: adpipe's pipeline on a local AWS-compatible endpoint (moto_server from .venv)
+adpipe-local: adpipe's pipeline on a local AWS-compatible endpoint (moto from .venv)
 
 USAGE: adpipe-local <command> [options]
 
@@ -574,8 +574,8 @@ async fn demo(a: &Args, root: &Path) -> Result<()> {
         .unwrap_or_else(|| local_dir(root).join("out"));
     let cfg = traffic_config(a)?;
 
-    step("local AWS endpoint (moto_server from .venv)");
-    let program = moto_server_program(root)?;
+    step("local AWS endpoint (moto from .venv, requests applied one at a time)");
+    let program = endpoint_server(root)?;
     let endpoint = LocalEndpoint::start(&program, None, &local_dir(root).join("logs"))?;
     eprintln!("endpoint {} (log {})", endpoint.url, endpoint.log.display());
     let p = Pipeline::connect(endpoint, Resources::local(), root).await;
@@ -677,7 +677,7 @@ async fn demo(a: &Args, root: &Path) -> Result<()> {
 
 async fn up(a: &Args, root: &Path) -> Result<()> {
     let port: u16 = a.parsed("port", 4566)?;
-    let program = moto_server_program(root)?;
+    let program = endpoint_server(root)?;
     let endpoint = LocalEndpoint::start(&program, Some(port), &local_dir(root).join("logs"))?;
     let p = Pipeline::connect(endpoint.clone(), Resources::local(), root).await;
     p.provision().await?;

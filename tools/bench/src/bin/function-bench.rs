@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use adpipe_bench::runtime_api::{Call, RuntimeApi};
 use adpipe_bench::{arg, joined_records, mib, proc_status_kib, Spread};
-use adpipe_local::endpoint::{moto_server_program, workspace_root, LocalEndpoint};
+use adpipe_local::endpoint::{endpoint_server, workspace_root, LocalEndpoint};
 use adpipe_local::esm::{MAX_BATCH_SIZE, MAX_PAYLOAD_BYTES};
 use adpipe_local::generator::{generate, TrafficConfig};
 use adpipe_local::pipeline::Pipeline;
@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     let logs = root.join("target/bench-logs");
     std::fs::create_dir_all(&logs)?;
 
-    let endpoint = LocalEndpoint::start(&moto_server_program(&root)?, None, &logs)?;
+    let endpoint = LocalEndpoint::start(&endpoint_server(&root)?, None, &logs)?;
     let r = Resources::local();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
