@@ -130,6 +130,7 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
         (with("ad_id", "null"), Some("null_field")),
         (with("bid_price", "\"12.5\""), Some("wrong_type")),
         (with("impression_id", "\"\""), Some("empty_id")),
+        (with("device_type", "\"\""), Some("empty_field")),
         (with("bid_price", "-1"), Some("negative_price")),
         (
             with("event_time", "\"2026-02-30T10:00:00Z\""),

@@ -30,6 +30,9 @@ pub enum RejectReason {
     WrongType,
     /// An id field is empty or only white space.
     EmptyId,
+    /// A required string field that is not an id (`device_type`, `geo_location`, `platform`,
+    /// `ad_type`, `event_time`) is `""`: as invalid as a missing one. `" "` is not empty.
+    EmptyField,
     /// An id field is longer than [`MAX_ID_CHARS`].
     IdTooLong,
     /// An id field holds a control character, or `campaign_id` (a partition value, so a path
@@ -48,7 +51,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         RejectReason::InvalidBase64,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
@@ -57,6 +60,7 @@ impl RejectReason {
         RejectReason::NullField,
         RejectReason::WrongType,
         RejectReason::EmptyId,
+        RejectReason::EmptyField,
         RejectReason::IdTooLong,
         RejectReason::InvalidId,
         RejectReason::NegativePrice,
@@ -76,6 +80,7 @@ impl RejectReason {
             RejectReason::NullField => "null_field",
             RejectReason::WrongType => "wrong_type",
             RejectReason::EmptyId => "empty_id",
+            RejectReason::EmptyField => "empty_field",
             RejectReason::IdTooLong => "id_too_long",
             RejectReason::InvalidId => "invalid_id",
             RejectReason::NegativePrice => "negative_price",
@@ -245,12 +250,17 @@ impl Fields<'_> {
         }
     }
 
+    /// A required string field: `""` counts as missing (SPEC), white space does not.
     fn string(&self, name: &str) -> Result<String, Rejection> {
-        as_string(name, self.present(name)?)
+        let s = as_string(name, self.present(name)?)?;
+        if s.is_empty() {
+            return Err(empty_field(name));
+        }
+        Ok(s)
     }
 
     fn id(&self, name: &str) -> Result<String, Rejection> {
-        check_id(name, self.string(name)?)
+        check_id(name, as_string(name, self.present(name)?)?)
     }
 
     fn optional_id(&self, name: &str) -> Result<Option<String>, Rejection> {
@@ -301,6 +311,14 @@ fn as_string(name: &str, v: &Value) -> Result<String, Rejection> {
             ),
         )),
     }
+}
+
+/// The refusal of a required string field holding `""`.
+pub fn empty_field(name: &str) -> Rejection {
+    Rejection::new(
+        RejectReason::EmptyField,
+        format!("required field `{name}` is empty"),
+    )
 }
 
 fn check_id(name: &str, id: String) -> Result<String, Rejection> {
@@ -437,12 +455,44 @@ mod tests {
             InvalidTime
         );
         assert_eq!(with("event_time", json!(1_763_633_730)), WrongType);
+        for field in [
+            "device_type",
+            "geo_location",
+            "platform",
+            "ad_type",
+            "event_time",
+        ] {
+            assert_eq!(with(field, json!("")), EmptyField, "{field}");
+        }
 
         let mut click = click_json();
         click["click_id"] = json!("");
         assert_eq!(reason(RecordKind::Click, &click), EmptyId);
         click["click_id"] = json!(5);
         assert_eq!(reason(RecordKind::Click, &click), WrongType);
+    }
+
+    #[test]
+    fn blank_but_not_empty_strings_are_values_and_unknown_devices_are_accepted() {
+        for device in [" ", "\t", "smart-fridge"] {
+            let mut v = impression_json();
+            v["device_type"] = json!(device);
+            let Event::Impression(i) =
+                decode(RecordKind::Impression, v.to_string().as_bytes()).unwrap()
+            else {
+                panic!("expected an impression")
+            };
+            assert_eq!(i.device_type, device);
+        }
+        for field in ["device_type", "geo_location", "platform"] {
+            let mut c = click_json();
+            c[field] = json!("");
+            assert_eq!(
+                reason(RecordKind::Click, &c),
+                RejectReason::EmptyField,
+                "{field}"
+            );
+        }
     }
 
     #[test]

@@ -61,6 +61,7 @@ fn the_corpus_covers_every_input_reason() {
         "null_field",
         "wrong_type",
         "empty_id",
+        "empty_field",
         "id_too_long",
         "invalid_id",
         "negative_price",

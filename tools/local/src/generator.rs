@@ -269,7 +269,7 @@ fn platform_of(device: &str) -> &'static str {
 fn malformed_record(rng: &mut Rng, n: u64, valid_example: &[u8]) -> Vec<u8> {
     let mut obj: serde_json::Value =
         serde_json::from_slice(valid_example).unwrap_or_else(|_| json!({}));
-    match n % 10 {
+    match n % 11 {
         0 => b"this is not json".to_vec(),
         1 => vec![0xff, 0xfe, b'{', 0xfd],
         2 => b"[1,2,3]".to_vec(),
@@ -298,6 +298,11 @@ fn malformed_record(rng: &mut Rng, n: u64, valid_example: &[u8]) -> Vec<u8> {
         }
         8 => {
             obj["publisher_id"] = json!(12345);
+            obj.to_string().into_bytes()
+        }
+        9 => {
+            // "" is a missing value (empty_field), not an unknown device.
+            obj["device_type"] = json!("");
             obj.to_string().into_bytes()
         }
         _ => {
