@@ -252,6 +252,78 @@ class EnvironmentAndNames(unittest.TestCase):
             self.assertIn({"Ref": logical_id}, [o["Value"] for o in outputs.values()], logical_id)
 
 
+# Types whose resources hold data, or the pointers to it, that a stack deletion or replacement
+# must not take along. A key is on the list because what it encrypts is unreadable without it.
+DATA_TYPES = {
+    "AWS::Kinesis::Stream",
+    "AWS::SQS::Queue",
+    "AWS::DynamoDB::Table",
+    "AWS::S3::Bucket",
+    "AWS::Glue::Database",
+    "AWS::KMS::Key",
+}
+# Data-typed resources that hold nothing worth keeping, and why.
+DISPOSABLE = {
+    "CommitLeaseTable": "a lease lives a minute; what each commit covers is in the Iceberg snapshots",
+}
+
+
+def retained(res: dict[str, Any]) -> bool:
+    return res.get("DeletionPolicy") == "Retain" and res.get("UpdateReplacePolicy") == "Retain"
+
+
+class Retention(unittest.TestCase):
+    def test_every_resource_holding_data_survives_stack_deletion_and_replacement(self) -> None:
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] not in DATA_TYPES:
+                continue
+            with self.subTest(resource=logical_id):
+                if logical_id in DISPOSABLE:
+                    self.assertFalse(retained(res), f"{logical_id} is listed as disposable")
+                else:
+                    self.assertTrue(retained(res), "DeletionPolicy and UpdateReplacePolicy must be Retain")
+
+    def test_the_lake_and_its_pointers_are_among_them(self) -> None:
+        # Named, so that retyping one of them cannot drop it from the check above unnoticed.
+        for logical_id in (
+            "LakeBucket",
+            "GlueDatabase",
+            "StateTable",
+            "ImpressionsStream",
+            "ClicksStream",
+            "JoinedStream",
+            "OnFailureQueue",
+            "StreamKey",
+        ):
+            self.assertTrue(retained(resource(logical_id)), logical_id)
+
+    def test_keys_of_retained_resources_are_retained(self) -> None:
+        def keys(value: Any) -> set[str]:
+            if isinstance(value, dict):
+                found = set()
+                for k, v in value.items():
+                    if k in ("KeyId", "KmsMasterKeyId", "KMSMasterKeyID", "KmsKeyId"):
+                        found |= {r for r in referenced(v) if resource(r)["Type"] == "AWS::KMS::Key"}
+                    else:
+                        found |= keys(v)
+                return found
+            if isinstance(value, list):
+                return set().union(*(keys(v) for v in value)) if value else set()
+            return set()
+
+        for logical_id, res in template()["Resources"].items():
+            if retained(res):
+                for key in keys(res.get("Properties", {})):
+                    self.assertTrue(retained(resource(key)), f"{logical_id} is encrypted with {key}")
+
+    def test_state_table_is_protected_from_deletion(self) -> None:
+        self.assertIs(props("StateTable")["DeletionProtectionEnabled"], True)
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] == "AWS::DynamoDB::Table" and res["Properties"].get("DeletionProtectionEnabled"):
+                # Otherwise deleting the stack fails on the table instead of leaving it behind.
+                self.assertTrue(retained(res), logical_id)
+
+
 class Functions(unittest.TestCase):
     def test_functions_are_arm64_al2023_rust_builds(self) -> None:
         for function, logical_id in FUNCTIONS.items():
