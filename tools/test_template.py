@@ -136,6 +136,60 @@ def sub_strings(role: str, action: str) -> set[str]:
     return out
 
 
+def rule_prefixes(rule: dict[str, Any]) -> list[Any]:
+    """Every key prefix a lifecycle rule names, in any spelling: CloudFormation's `Prefix`, the
+    S3 API's `Filter.Prefix` and `Filter.And.Prefix`. None at all means the whole bucket, as
+    does an empty one."""
+    found = [rule.get("Prefix")]
+    filt = rule.get("Filter")
+    if isinstance(filt, dict):
+        found.append(filt.get("Prefix"))
+        if isinstance(filt.get("And"), dict):
+            found.append(filt["And"].get("Prefix"))
+    given = [p for p in found if p is not None]
+    return given or [""]
+
+
+def expires_current_objects(rule: dict[str, Any]) -> bool:
+    """Whether a rule deletes live objects. Old versions (NoncurrentVersionExpiration), delete
+    markers with nothing behind them (ExpiredObjectDeleteMarker) and unfinished uploads
+    (AbortIncompleteMultipartUpload) are fair game: none of them is part of a table."""
+    if rule.get("ExpirationInDays") is not None or rule.get("ExpirationDate") is not None:
+        return True
+    expiration = rule.get("Expiration")  # the S3 API's spelling
+    return isinstance(expiration, dict) and any(k in expiration for k in ("Days", "Date"))
+
+
+def lifecycle_threats(tmpl: dict[str, Any], bucket: str, protected: str) -> list[str]:
+    """The lifecycle rules of `bucket` that could expire objects under `protected`, by Id.
+
+    An Iceberg table's files may only be deleted by Iceberg, which knows which ones a snapshot
+    still references; a lifecycle expiry deletes them by age and breaks the table. A rule
+    counts when its prefix, whatever the spelling, covers `protected` from outside (the whole
+    bucket, `la`) or inside (`lake/x.db/`). Disabled rules count too (one edit from
+    enabled), and so does anything that cannot be read here (an intrinsic function).
+    """
+    config = tmpl["Resources"][bucket].get("Properties", {}).get("LifecycleConfiguration")
+    if config is None:
+        return []
+    rules = config.get("Rules")
+    if not isinstance(rules, list):
+        return ["<Rules is not a plain list>"]
+    threats = []
+    for i, rule in enumerate(rules):
+        name = rule.get("Id", f"rule {i}") if isinstance(rule, dict) else f"rule {i}"
+        if not isinstance(rule, dict) or any(k.startswith("Fn::") for k in rule):
+            threats.append(f"{name} (not a plain rule)")
+            continue
+        if not expires_current_objects(rule):
+            continue
+        for prefix in rule_prefixes(rule):
+            if not isinstance(prefix, str) or protected.startswith(prefix) or prefix.startswith(protected):
+                threats.append(name)
+                break
+    return threats
+
+
 class EnvironmentAndNames(unittest.TestCase):
     def test_every_function_sets_exactly_its_contract_environment(self) -> None:
         for function, logical_id in FUNCTIONS.items():
@@ -235,7 +289,6 @@ class EnvironmentAndNames(unittest.TestCase):
         rules = props("LakeBucket")["LifecycleConfiguration"]["Rules"]
         expiring = {r.get("Prefix") for r in rules if "ExpirationInDays" in r}
         self.assertLessEqual({prefixes["dead_letter"], prefixes["late"], prefixes["athena_results"]}, expiring)
-        self.assertNotIn(prefixes["lake"], expiring, "the lake itself must never expire")
         output = props("AthenaWorkGroup")["WorkGroupConfiguration"]["ResultConfiguration"]["OutputLocation"]
         self.assertEqual(output, {"Fn::Sub": "s3://${LakeBucket}/" + prefixes["athena_results"]})
 
@@ -250,6 +303,86 @@ class EnvironmentAndNames(unittest.TestCase):
             "AthenaWorkGroup",
         ):
             self.assertIn({"Ref": logical_id}, [o["Value"] for o in outputs.values()], logical_id)
+
+
+class LakeLifecycle(unittest.TestCase):
+    """No lifecycle rule may expire the Iceberg tables' files (lifecycle_threats)."""
+
+    def lake(self) -> tuple[str, str]:
+        return contract()["resources"]["lake_bucket"]["logical_id"], contract()["prefixes"]["lake"]
+
+    def with_rule(self, rule: dict[str, Any]) -> dict[str, Any]:
+        """The real template with one more rule on the lake bucket."""
+        tmpl = json.loads(json.dumps(template()))
+        bucket, _ = self.lake()
+        tmpl["Resources"][bucket]["Properties"]["LifecycleConfiguration"]["Rules"].append(rule)
+        return tmpl
+
+    def test_the_template_expires_nothing_under_the_lake_prefix(self) -> None:
+        bucket, lake = self.lake()
+        self.assertEqual(lifecycle_threats(template(), bucket, lake), [])
+
+    def test_catches_a_whole_bucket_expiry(self) -> None:
+        bucket, lake = self.lake()
+        for rule in (
+            {"Id": "no-prefix", "Status": "Enabled", "ExpirationInDays": 365},
+            {"Id": "empty-prefix", "Status": "Enabled", "Prefix": "", "ExpirationInDays": 365},
+            {"Id": "api-spelling", "Status": "Enabled", "Expiration": {"Days": 365}},
+            {"Id": "by-date", "Status": "Enabled", "ExpirationDate": "2030-01-01T00:00:00Z"},
+            {"Id": "disabled", "Status": "Disabled", "ExpirationInDays": 365},
+        ):
+            with self.subTest(rule=rule["Id"]):
+                self.assertEqual(lifecycle_threats(self.with_rule(rule), bucket, lake), [rule["Id"]])
+
+    def test_catches_a_filter_prefix(self) -> None:
+        bucket, lake = self.lake()
+        for rule in (
+            {"Id": "filter-prefix", "Status": "Enabled", "Filter": {"Prefix": "lake/"}, "ExpirationInDays": 30},
+            {"Id": "filter-empty", "Status": "Enabled", "Filter": {}, "ExpirationInDays": 30},
+            {
+                "Id": "filter-and-prefix",
+                "Status": "Enabled",
+                "Filter": {"And": {"Prefix": "lake/", "Tags": [{"Key": "k", "Value": "v"}]}},
+                "ExpirationInDays": 30,
+            },
+        ):
+            with self.subTest(rule=rule["Id"]):
+                self.assertEqual(lifecycle_threats(self.with_rule(rule), bucket, lake), [rule["Id"]])
+
+    def test_catches_a_prefix_that_covers_the_lake_from_outside_or_inside(self) -> None:
+        bucket, lake = self.lake()
+        for prefix in ("la", "l", "lake", "lake/", "lake/adpipe_dev.db/enriched_clicks/metadata/"):
+            rule = {"Id": f"prefix-{prefix}", "Status": "Enabled", "Prefix": prefix, "ExpirationInDays": 30}
+            with self.subTest(prefix=prefix):
+                self.assertEqual(lifecycle_threats(self.with_rule(rule), bucket, lake), [rule["Id"]])
+
+    def test_catches_what_it_cannot_read(self) -> None:
+        bucket, lake = self.lake()
+        rule = {"Id": "from-a-parameter", "Status": "Enabled", "Prefix": {"Ref": "SomePrefix"}, "ExpirationInDays": 30}
+        self.assertEqual(lifecycle_threats(self.with_rule(rule), bucket, lake), ["from-a-parameter"])
+        conditional = {"Fn::If": ["Cond", {"Id": "x", "ExpirationInDays": 1}, {"Ref": "AWS::NoValue"}]}
+        self.assertEqual(len(lifecycle_threats(self.with_rule(conditional), bucket, lake)), 1)
+
+    def test_lets_through_what_leaves_the_tables_alone(self) -> None:
+        bucket, lake = self.lake()
+        for rule in (
+            {"Id": "other-prefix", "Status": "Enabled", "Prefix": "lakehouse/", "ExpirationInDays": 1},
+            {"Id": "sibling", "Status": "Enabled", "Filter": {"Prefix": "dead-letter/"}, "ExpirationInDays": 1},
+            {"Id": "old-versions", "Status": "Enabled", "NoncurrentVersionExpiration": {"NoncurrentDays": 1}},
+            {"Id": "markers", "Status": "Enabled", "ExpiredObjectDeleteMarker": True},
+            {"Id": "uploads", "Status": "Enabled", "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
+        ):
+            with self.subTest(rule=rule["Id"]):
+                self.assertEqual(lifecycle_threats(self.with_rule(rule), bucket, lake), [])
+
+    def test_old_versions_are_kept_long_enough_to_undo_a_mistake(self) -> None:
+        rules = props("LakeBucket")["LifecycleConfiguration"]["Rules"]
+        noncurrent = [r["NoncurrentVersionExpiration"]["NoncurrentDays"] for r in rules if "NoncurrentVersionExpiration" in r]
+        self.assertEqual(noncurrent, [{"Ref": "LakeNoncurrentVersionDays"}])
+        param = template()["Parameters"]["LakeNoncurrentVersionDays"]
+        self.assertGreaterEqual(int(param["Default"]), 30)
+        self.assertGreaterEqual(int(param["MinValue"]), 7)
+        self.assertEqual(props("LakeBucket")["VersioningConfiguration"], {"Status": "Enabled"})
 
 
 # Types whose resources hold data, or the pointers to it, that a stack deletion or replacement
