@@ -9,6 +9,7 @@ deploy/resources.json) is checked in Rust, by tests/tests/deploy_contract.rs.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import sys
@@ -535,12 +536,11 @@ class LeastPrivilege(unittest.TestCase):
             for st in statements(document):
                 if st["Effect"] != "Allow":
                     continue  # a wildcard in a Deny only narrows access
-                if where == "StreamKey" and st.get("Sid") == "AccountUsesKeyThroughIam":
-                    # The default key policy: in a key policy "*" can only mean this key, and
-                    # the account root statement is what lets IAM policies grant the key at all.
-                    self.assertEqual(
-                        st["Principal"], {"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}}
-                    )
+                if where == "StreamKey":
+                    # In a key policy "*" can only mean this key, and the account root statement
+                    # is what lets IAM policies grant the key at all; wildcard administration
+                    # actions are checked against every use action in KeyPolicy below.
+                    self.assertEqual(st["Principal"], {"AWS": {"Fn::Sub": ACCOUNT_ROOT}})
                     continue
                 with self.subTest(policy=where, sid=st.get("Sid")):
                     for action in as_list(st["Action"]):
@@ -626,6 +626,82 @@ class LeastPrivilege(unittest.TestCase):
             self.assertEqual(resources_of(role, "kms"), {"kms:Decrypt": {"StreamKey"}, "kms:GenerateDataKey": {"StreamKey"}})
             log_group = props(logical_id)["LoggingConfig"]["LogGroup"]["Ref"]
             self.assertEqual(resources_of(role, "logs"), {"logs:CreateLogStream": {log_group}, "logs:PutLogEvents": {log_group}})
+
+
+ACCOUNT_ROOT = "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"
+# Every KMS action that uses a key rather than manages it (a grant hands out use).
+KMS_USE = [
+    "kms:Decrypt",
+    "kms:Encrypt",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:GenerateDataKeyPair",
+    "kms:GenerateDataKeyPairWithoutPlaintext",
+    "kms:GenerateRandom",
+    "kms:GenerateMac",
+    "kms:VerifyMac",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+    "kms:Sign",
+    "kms:Verify",
+    "kms:DeriveSharedSecret",
+    "kms:CreateGrant",
+]
+VIA_STREAMS_AND_QUEUE = {"kinesis.${AWS::Region}.amazonaws.com", "sqs.${AWS::Region}.amazonaws.com"}
+
+
+def via_services(statement: dict[str, Any]) -> set[str]:
+    """The kms:ViaService values a statement is limited to (empty: not limited)."""
+    values = statement.get("Condition", {}).get("StringEquals", {}).get("kms:ViaService", [])
+    return {v["Fn::Sub"] if isinstance(v, dict) else v for v in as_list(values)}
+
+
+class KeyPolicy(unittest.TestCase):
+    """The stream key: administered by the account, used only through Kinesis and SQS."""
+
+    def key_statements(self) -> list[dict[str, Any]]:
+        return list(statements(props("StreamKey")["KeyPolicy"]))
+
+    def test_every_statement_names_the_account_and_nobody_else(self) -> None:
+        for st in self.key_statements():
+            self.assertEqual(st["Effect"], "Allow")
+            self.assertEqual(st["Principal"], {"AWS": {"Fn::Sub": ACCOUNT_ROOT}}, st.get("Sid"))
+
+    def test_administration_grants_no_use_of_the_key(self) -> None:
+        admin = [st for st in self.key_statements() if not via_services(st)]
+        self.assertEqual(len(admin), 1)
+        actions = as_list(admin[0]["Action"])
+        self.assertNotIn("kms:*", actions)
+        for use in KMS_USE:
+            self.assertFalse(any(fnmatch.fnmatchcase(use, a) for a in actions), f"{use} is granted by {actions}")
+        # Without it CloudFormation refuses the policy: the account could never change it again.
+        self.assertTrue(any(fnmatch.fnmatchcase("kms:PutKeyPolicy", a) for a in actions))
+
+    def test_use_goes_through_kinesis_and_sqs_only(self) -> None:
+        users = [st for st in self.key_statements() if via_services(st)]
+        self.assertEqual(len(users), 1)
+        self.assertEqual(set(as_list(users[0]["Action"])), {"kms:Decrypt", "kms:GenerateDataKey"})
+        self.assertEqual(via_services(users[0]), VIA_STREAMS_AND_QUEUE)
+
+    def test_role_grants_of_the_key_carry_their_own_via_service_condition(self) -> None:
+        wanted = {
+            # The joiner reads and writes streams and writes the queue.
+            "JoinerRole": {"kms:Decrypt": VIA_STREAMS_AND_QUEUE, "kms:GenerateDataKey": VIA_STREAMS_AND_QUEUE},
+            # The enricher reads a stream and writes the queue only.
+            "EnricherRole": {
+                "kms:Decrypt": VIA_STREAMS_AND_QUEUE,
+                "kms:GenerateDataKey": {"sqs.${AWS::Region}.amazonaws.com"},
+            },
+        }
+        for role, via in wanted.items():
+            found: dict[str, set[str]] = {}
+            for policy in props(role)["Policies"]:
+                for st in statements(policy["PolicyDocument"]):
+                    for action in as_list(st["Action"]):
+                        if action.startswith("kms:"):
+                            self.assertTrue(via_services(st), f"{role} {action} without kms:ViaService")
+                            found.setdefault(action, set()).update(via_services(st))
+            self.assertEqual(found, via, role)
 
 
 class Monitoring(unittest.TestCase):
