@@ -317,9 +317,40 @@ class EnvironmentAndNames(unittest.TestCase):
         prefixes = contract()["prefixes"]
         rules = props("LakeBucket")["LifecycleConfiguration"]["Rules"]
         expiring = {r.get("Prefix") for r in rules if "ExpirationInDays" in r}
-        self.assertLessEqual({prefixes["dead_letter"], prefixes["late"], prefixes["athena_results"]}, expiring)
+        # athena-results/: what the workgroup wrote there before results had their own bucket.
+        self.assertEqual({prefixes["dead_letter"], prefixes["late"], "athena-results/"}, expiring)
+
+    def test_athena_results_have_a_bucket_of_their_own(self) -> None:
+        # Whoever may write query results must not thereby be able to write under lake/.
+        results = contract()["resources"]["athena_results_bucket"]["logical_id"]
+        self.assertNotEqual(results, contract()["resources"]["lake_bucket"]["logical_id"])
         output = props("AthenaWorkGroup")["WorkGroupConfiguration"]["ResultConfiguration"]["OutputLocation"]
-        self.assertEqual(output, {"Fn::Sub": "s3://${LakeBucket}/" + prefixes["athena_results"]})
+        self.assertEqual(output, {"Fn::Sub": "s3://${" + results + "}/"})
+        self.assertIs(props("AthenaWorkGroup")["WorkGroupConfiguration"]["EnforceWorkGroupConfiguration"], True)
+        rules = props(results)["LifecycleConfiguration"]["Rules"]
+        self.assertIn(7, [r.get("ExpirationInDays") for r in rules if "Prefix" not in r])
+        for role in ("JoinerRole", "EnricherRole"):
+            self.assertNotIn(results, set().union(*resources_of(role, "s3").values()), role)
+
+    def test_every_bucket_is_encrypted_private_and_tls_only(self) -> None:
+        tls_only: set[str] = set()
+        for res in template()["Resources"].values():
+            if res["Type"] != "AWS::S3::BucketPolicy":
+                continue
+            for st in statements(res["Properties"]["PolicyDocument"]):
+                if st["Effect"] == "Deny" and st.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}:
+                    tls_only |= referenced(res["Properties"]["Bucket"])
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] != "AWS::S3::Bucket":
+                continue
+            with self.subTest(bucket=logical_id):
+                p = res["Properties"]
+                rule = p["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+                self.assertIn(rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"], ("AES256", "aws:kms"))
+                self.assertEqual(set(p["PublicAccessBlockConfiguration"].values()), {True})
+                self.assertEqual(len(p["PublicAccessBlockConfiguration"]), 4)
+                self.assertEqual(p["OwnershipControls"], {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]})
+                self.assertIn(logical_id, tls_only)
 
     def test_outputs_name_the_streams_bucket_catalog_and_workgroup(self) -> None:
         outputs = template()["Outputs"]
@@ -328,6 +359,7 @@ class EnvironmentAndNames(unittest.TestCase):
             "ClicksStream",
             "JoinedStream",
             "LakeBucket",
+            "AthenaResultsBucket",
             "GlueDatabase",
             "AthenaWorkGroup",
         ):
