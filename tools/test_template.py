@@ -446,6 +446,47 @@ class LakeLifecycle(unittest.TestCase):
         self.assertEqual(props("LakeBucket")["VersioningConfiguration"], {"Status": "Enabled"})
 
 
+class LakeAudit(unittest.TestCase):
+    """CloudTrail data events on the lake bucket: off by default, one parameter away."""
+
+    TRAIL_RESOURCES = ("LakeTrailBucket", "LakeTrailBucketPolicy", "LakeDataEventsTrail")
+
+    def test_off_by_default_and_entirely_behind_the_switch(self) -> None:
+        param = template()["Parameters"]["LakeDataEvents"]
+        self.assertEqual(param["Default"], "none")
+        self.assertEqual(set(param["AllowedValues"]), {"none", "writes", "all"})
+        self.assertEqual(template()["Conditions"]["LakeDataEventsOn"], {"Fn::Not": [{"Fn::Equals": [{"Ref": "LakeDataEvents"}, "none"]}]})
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] == "AWS::CloudTrail::Trail" or logical_id in self.TRAIL_RESOURCES:
+                self.assertEqual(res.get("Condition"), "LakeDataEventsOn", logical_id)
+
+    def test_trail_records_object_calls_on_the_lake_bucket_only(self) -> None:
+        trail = props("LakeDataEventsTrail")
+        self.assertEqual(trail["S3BucketName"], {"Ref": "LakeTrailBucket"})
+        self.assertIs(trail["EnableLogFileValidation"], True)
+        self.assertIs(trail["IsLogging"], True)
+        (selector,) = trail["AdvancedEventSelectors"]
+        fields = {f["Field"]: f for f in selector["FieldSelectors"] if "Field" in f}
+        self.assertEqual(fields["eventCategory"]["Equals"], ["Data"])
+        self.assertEqual(fields["resources.type"]["Equals"], ["AWS::S3::Object"])
+        self.assertEqual(fields["resources.ARN"]["StartsWith"], [{"Fn::Sub": "${LakeBucket.Arn}/"}])
+        # "writes" adds readOnly = false; "all" leaves it out.
+        (conditional,) = [f for f in selector["FieldSelectors"] if "Fn::If" in f]
+        self.assertEqual(
+            conditional["Fn::If"],
+            ["LakeDataEventsWritesOnly", {"Field": "readOnly", "Equals": ["false"]}, {"Ref": "AWS::NoValue"}],
+        )
+
+    def test_cloudtrail_may_write_only_for_this_trail(self) -> None:
+        trail_arn = "arn:${AWS::Partition}:cloudtrail:${AWS::Region}:${AWS::AccountId}:trail/adpipe-${Stage}-lake-data-events"
+        self.assertEqual(props("LakeDataEventsTrail")["TrailName"], {"Fn::Sub": "adpipe-${Stage}-lake-data-events"})
+        allows = [st for st in statements(props("LakeTrailBucketPolicy")["PolicyDocument"]) if st["Effect"] == "Allow"]
+        self.assertEqual(len(allows), 2)
+        for st in allows:
+            self.assertEqual(st["Principal"], {"Service": "cloudtrail.amazonaws.com"})
+            self.assertEqual(st["Condition"]["StringEquals"]["aws:SourceArn"], {"Fn::Sub": trail_arn})
+
+
 # Types whose resources hold data, or the pointers to it, that a stack deletion or replacement
 # must not take along. A key is on the list because what it encrypts is unreadable without it.
 DATA_TYPES = {
