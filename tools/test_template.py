@@ -1,6 +1,8 @@
-"""Tests over template.yaml: it agrees with deploy/resources.json, grants least privilege, wires
-the event source mappings and alarms as docs/DEPLOY.md says, embeds the sql/ files, and passes
-the SAM-level lint (which must catch misspelt properties that plain cfn-lint lets through).
+"""Tests over template.yaml: it agrees with deploy/resources.json, grants least privilege (the
+grants against the calls in the Rust code, the key policy, the optimizer role's trust), keeps
+what holds data when the stack goes, never lets a lifecycle rule expire the lake, wires the
+event source mappings and alarms as docs/DEPLOY.md says, embeds the sql/ files, and passes the
+SAM-level lint (which must catch misspelt properties that plain cfn-lint lets through).
 
 Run by scripts/check-template.sh:  .venv/bin/python -m unittest tools/test_template.py
 The joiner's side of the contract (JOINER_ENV, its defaults and its EMF metric names against
