@@ -33,12 +33,13 @@ def record(stream, shard, seq, partition_key, data: bytes, arrival):
     }
 
 
-def event(stream, payloads, shard="shardId-000000000000", base_seq=49656853465235457112345678901234567890123456789000):
+def event(stream, payloads, shard="shardId-000000000000", base_seq=49656853465235457112345678901234567890123456789000,
+          arrival=1795169730.5):
     records = []
     for n, p in enumerate(payloads):
         data = p if isinstance(p, bytes) else json.dumps(p, separators=(",", ":")).encode()
         key = p.get("impression_id", "x") if isinstance(p, dict) else "malformed"
-        records.append(record(stream, shard, str(base_seq + n * 10), str(key), data, 1795169730.5 + n))
+        records.append(record(stream, shard, str(base_seq + n * 10), str(key), data, arrival + n))
     return {"Records": records}
 
 
@@ -205,6 +206,17 @@ hostile = [
     ("offset-24-hours", "impression", {**base_imp, "event_time": "2026-11-20T10:15:00+24:00"}, "invalid_time"),
     ("date-only", "impression", {**base_imp, "event_time": "2026-11-20"}, "invalid_time"),
     ("time-not-a-date", "impression", {**base_imp, "event_time": "yesterday"}, "invalid_time"),
+    # Valid times out of bounds (default bounds; the events' arrival is 2026-11-20T10:15:30Z and
+    # later): a clock far ahead of arrival, before the earliest accepted time, year 1 and 9999.
+    ("time-2h-ahead-of-arrival", "impression", {**base_imp, "event_time": "2026-11-20T12:20:00Z"}, "event_time_in_future"),
+    ("time-year-9999", "impression", {**base_imp, "event_time": "9999-12-31T23:59:59Z"}, "event_time_in_future"),
+    ("time-before-earliest", "impression", {**base_imp, "event_time": "2019-12-31T23:59:59.999Z"}, "event_time_too_early"),
+    ("time-year-0001", "impression", {**base_imp, "event_time": "0001-01-01T00:00:00Z"}, "event_time_too_early"),
+    ("click-time-ahead-of-arrival", "click", {**base_click, "event_time": "2026-11-21T10:15:10Z"}, "event_time_in_future"),
+    # Ids whose percent-encoding is far longer than S3's 1,024-byte key limit: accepted, and
+    # every key built from them is bounded (a digest replaces the tail of a long segment).
+    ("ok-long-non-ascii-campaign", "impression", {**base_imp, "campaign_id": "\u00e9" * 256}, None),
+    ("ok-long-4-byte-ids", "impression", {**base_imp, "campaign_id": "\U0001D11E" * 256, "ad_id": "\U0001D11E" * 256}, None),
     ("ok-click", "click", base_click, None),
     ("ok-click-null-click-id", "click", {**base_click, "click_id": None}, None),
     ("click-negative-price", "click", {**base_click, "click_price": -1}, "negative_price"),
@@ -263,7 +275,9 @@ for name, ev in {
     "impressions.json": event("adpipe-local-impressions", impressions),
     "clicks.json": event("adpipe-local-clicks", clicks, shard="shardId-000000000001"),
     "malformed.json": event("adpipe-local-impressions", malformed, shard="shardId-000000000002"),
-    "joined.json": event("adpipe-local-joined", joined, shard="shardId-000000000003"),
+    # Joined records arrive after their events: 2026-11-21T00:00:30.5Z, after the latest time
+    # they carry (imp-1007 at 23:59:59.999Z), as the joiner emits them.
+    "joined.json": event("adpipe-local-joined", joined, shard="shardId-000000000003", arrival=1795219230.5),
     "hostile-impressions.json": hostile_impressions_event,
     "hostile-clicks.json": event("adpipe-local-clicks", hostile_clicks, shard="shardId-000000000005"),
 }.items():

@@ -426,3 +426,102 @@ async fn pyiceberg_and_duckdb_read_exactly_the_rows_written() {
     .unwrap();
     assert_eq!(q["counts.sql"]["rows"][0], serde_json::json!([2, 7]));
 }
+
+/// Joined records with event times out of bounds are dead-lettered once each with their reason,
+/// and ids whose percent-encoding is far past S3's 1,024-byte key limit land, under bounded
+/// keys; the rest of the batch lands with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_bounds_times_are_dead_lettered_and_long_ids_land_under_bounded_keys() {
+    let env = env().await;
+    let e = enricher(&env, "test-writer").await;
+    let mut event = load_event("joined.json");
+    let json = |r: &aws_lambda_events::event::kinesis::KinesisEventRecord| -> serde_json::Value {
+        serde_json::from_slice(&r.kinesis.data.0).unwrap_or_default()
+    };
+    let of_type = |t: &str| {
+        event
+            .records
+            .iter()
+            .find(|r| json(r)["type"] == t && json(r)["recovered"] == false)
+            .cloned()
+            .unwrap()
+    };
+    let (click, impression) = (of_type("click"), of_type("impression"));
+    let long_campaign = "\u{1D11E}".repeat(256);
+    let long_id = "é".repeat(256);
+    let mut with = |template: &aws_lambda_events::event::kinesis::KinesisEventRecord,
+                    fields: serde_json::Value| {
+        let mut v = json(template);
+        for (k, value) in fields.as_object().unwrap() {
+            v[k] = value.clone();
+        }
+        let mut r = template.clone();
+        let n = event.records.len();
+        r.kinesis.data.0 = serde_json::to_vec(&v).unwrap();
+        r.kinesis.sequence_number =
+            format!("49656853465235457112345678901234567890123456789{n:03}");
+        event.records.push(r);
+    };
+    with(
+        &click,
+        serde_json::json!({"impression_id": long_id, "click_id": long_id, "campaign_id": long_campaign}),
+    );
+    with(
+        &impression,
+        serde_json::json!({"impression_id": long_id, "campaign_id": long_campaign}),
+    );
+    with(
+        &click,
+        serde_json::json!({"click_id": "clk-1999", "impression_time": "2019-06-01T00:00:00Z",
+                           "click_time": "2019-06-01T00:00:10Z"}),
+    );
+    with(
+        &impression,
+        // Two hours ahead of its arrival (the fixture's joined records arrive from 00:00:30Z).
+        serde_json::json!({"impression_id": "imp-ahead", "impression_time": "2026-11-21T02:30:00Z"}),
+    );
+
+    let (response, report) = handle(&e, "adpipe", &event, NOW_MS).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+    let letters = read_objects(
+        &env.clients,
+        &env.config.lake_bucket,
+        "dead-letter/enricher/",
+    )
+    .await
+    .unwrap();
+    let mut reasons: Vec<String> = letters
+        .iter()
+        .map(|(_, body)| {
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            v["reason"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "event_time_in_future",
+            "event_time_too_early",
+            "invalid_json"
+        ],
+        "the two out-of-bounds records and the fixture's malformed one, once each"
+    );
+    let clicks = rows(&e, LakeTable::Clicks).await;
+    assert_eq!(
+        column(&clicks, "click_id"),
+        ["clk-1", "clk-3", long_id.as_str()]
+    );
+    let imps = column(&rows(&e, LakeTable::Impressions).await, "impression_id");
+    assert_eq!(imps.len(), 8, "the fixture's seven and the long one");
+    assert!(imps.contains(&long_id));
+    let objects = read_objects(&env.clients, &env.config.lake_bucket, "")
+        .await
+        .unwrap();
+    let longest = objects.iter().map(|(k, _)| k.len()).max().unwrap();
+    assert!(longest <= 1024, "longest key {longest} bytes");
+}

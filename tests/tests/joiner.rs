@@ -631,6 +631,7 @@ async fn concurrent_impression_and_click_writes_to_one_item_decide_each_pair_onc
                     position: position(&env.config.impressions_stream, at),
                     data: encode_impression(&imp),
                     invalid_base64: None,
+                    arrival_ms: Some(base),
                 });
             }
             let at = records.len();
@@ -638,6 +639,7 @@ async fn concurrent_impression_and_click_writes_to_one_item_decide_each_pair_onc
                 position: position(&env.config.clicks_stream, at),
                 data: encode_click(click),
                 invalid_base64: None,
+                arrival_ms: Some(base),
             });
             expected.push(JoinedRecord::new(&imp, click));
         }

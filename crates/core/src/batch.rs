@@ -96,7 +96,15 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
                 ),
             )
         })?;
-        decode(kind, &record.data)
+        let event = decode(kind, &record.data)?;
+        let time_ms = match &event {
+            Event::Impression(i) => i.event_time_ms,
+            Event::Click(c) => c.event_time_ms,
+        };
+        self.config
+            .time_bounds
+            .check("event_time", time_ms, record.arrival_ms)?;
+        Ok(event)
     }
 
     fn ttl_epoch_s(&self, now_ms: i64) -> i64 {

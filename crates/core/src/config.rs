@@ -36,6 +36,40 @@ pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
 pub const EMIT_MAX_ATTEMPTS: &str = "EMIT_MAX_ATTEMPTS";
 /// CloudWatch namespace of the EMF metrics. Default `adpipe`.
 pub const METRICS_NAMESPACE: &str = "METRICS_NAMESPACE";
+/// Earliest accepted event time, RFC 3339. Older records are dead-lettered
+/// (`event_time_too_early`). Default `2020-01-01T00:00:00Z`; lower it to backfill older data.
+pub const EARLIEST_EVENT_TIME: &str = "EARLIEST_EVENT_TIME";
+/// How far an event time may be ahead of its record's arrival on the stream, in seconds; more
+/// is a broken producer clock (`event_time_in_future`). Default 3600.
+pub const MAX_EVENT_TIME_AHEAD_SECONDS: &str = "MAX_EVENT_TIME_AHEAD_SECONDS";
+
+/// Reads [`EARLIEST_EVENT_TIME`] and [`MAX_EVENT_TIME_AHEAD_SECONDS`].
+fn time_bounds(
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<crate::validate::TimeBounds, ConfigError> {
+    let mut bounds = crate::validate::TimeBounds::default();
+    if let Some(v) = lookup(EARLIEST_EVENT_TIME) {
+        bounds.earliest_ms =
+            crate::time::parse_event_time(v.trim()).map_err(|_| ConfigError::Invalid {
+                name: EARLIEST_EVENT_TIME,
+                value: v.clone(),
+                why: "expected an RFC 3339 time with an offset, such as 2020-01-01T00:00:00Z",
+            })?;
+    }
+    if let Some(v) = lookup(MAX_EVENT_TIME_AHEAD_SECONDS) {
+        bounds.max_ahead_ms = match v.trim().parse::<i64>() {
+            Ok(n) if n > 0 && n <= 31_536_000 => n * 1000,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: MAX_EVENT_TIME_AHEAD_SECONDS,
+                    value: v,
+                    why: "expected a whole number of seconds from 1 to 31536000",
+                })
+            }
+        };
+    }
+    Ok(bounds)
+}
 
 /// Every variable the joiner reads.
 pub const JOINER_ENV: &[&str] = &[
@@ -53,6 +87,8 @@ pub const JOINER_ENV: &[&str] = &[
     MAX_IN_FLIGHT,
     EMIT_MAX_ATTEMPTS,
     METRICS_NAMESPACE,
+    EARLIEST_EVENT_TIME,
+    MAX_EVENT_TIME_AHEAD_SECONDS,
 ];
 
 /// A missing or malformed setting.
@@ -83,6 +119,7 @@ pub struct JoinerConfig {
     pub max_in_flight: usize,
     pub emit_retry: RetryPolicy,
     pub metrics_namespace: String,
+    pub time_bounds: crate::validate::TimeBounds,
 }
 
 impl JoinerConfig {
@@ -129,6 +166,7 @@ impl JoinerConfig {
                 max_delay: Duration::from_secs(2),
             },
             metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
+            time_bounds: time_bounds(&lookup)?,
         })
     }
 }
@@ -172,6 +210,28 @@ mod tests {
         assert_eq!(c.rules, JoinRules::default());
         assert_eq!(c.max_in_flight, 32);
         assert_eq!(c.dead_letter_prefix, "dead-letter/");
+        assert_eq!(c.time_bounds, crate::validate::TimeBounds::default());
+    }
+
+    #[test]
+    fn event_time_bounds_are_read_and_checked() {
+        let mut pairs = REQUIRED.to_vec();
+        pairs.push((EARLIEST_EVENT_TIME, "2001-01-01T00:00:00Z"));
+        pairs.push((MAX_EVENT_TIME_AHEAD_SECONDS, "600"));
+        let c = JoinerConfig::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(c.time_bounds.earliest_ms, 978_307_200_000);
+        assert_eq!(c.time_bounds.max_ahead_ms, 600_000);
+        for (name, bad) in [
+            (EARLIEST_EVENT_TIME, "2001-01-01"),
+            (MAX_EVENT_TIME_AHEAD_SECONDS, "0"),
+        ] {
+            let mut pairs = REQUIRED.to_vec();
+            pairs.push((name, bad));
+            assert!(matches!(
+                JoinerConfig::from_lookup(env(&pairs)).unwrap_err(),
+                ConfigError::Invalid { name: n, .. } if n == name
+            ));
+        }
     }
 
     #[test]
@@ -208,6 +268,10 @@ pub const COMMIT_LEASE_TABLE: &str = "COMMIT_LEASE_TABLE";
 pub const PREMIUM_BID_THRESHOLD: &str = "PREMIUM_BID_THRESHOLD";
 /// Enricher: `click_revenue = click_price × this`. Default 1.2.
 pub const CLICK_REVENUE_FACTOR: &str = "CLICK_REVENUE_FACTOR";
+/// Enricher: distinct event days one batch may land (each is a partition, so a file per table
+/// and campaign); records of further days are dead-lettered (`too_many_days_in_batch`).
+/// Default 31.
+pub const MAX_DAYS_PER_BATCH: &str = "MAX_DAYS_PER_BATCH";
 
 /// Every variable the enricher reads.
 pub const ENRICHER_ENV: &[&str] = &[
@@ -223,6 +287,9 @@ pub const ENRICHER_ENV: &[&str] = &[
     PREMIUM_BID_THRESHOLD,
     CLICK_REVENUE_FACTOR,
     METRICS_NAMESPACE,
+    EARLIEST_EVENT_TIME,
+    MAX_EVENT_TIME_AHEAD_SECONDS,
+    MAX_DAYS_PER_BATCH,
 ];
 
 /// The enricher's settings.
@@ -239,6 +306,8 @@ pub struct EnricherConfig {
     pub dead_letter_prefix: String,
     pub rules: crate::enrich::EnrichRules,
     pub metrics_namespace: String,
+    pub time_bounds: crate::validate::TimeBounds,
+    pub max_days_per_batch: usize,
 }
 
 impl EnricherConfig {
@@ -279,6 +348,20 @@ impl EnricherConfig {
                 click_revenue_factor: number(CLICK_REVENUE_FACTOR, 1.2)?,
             },
             metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
+            time_bounds: time_bounds(&lookup)?,
+            max_days_per_batch: match lookup(MAX_DAYS_PER_BATCH) {
+                None => 31,
+                Some(v) => match v.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            name: MAX_DAYS_PER_BATCH,
+                            value: v,
+                            why: "expected a positive whole number",
+                        })
+                    }
+                },
+            },
         })
     }
 

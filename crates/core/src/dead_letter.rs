@@ -17,14 +17,41 @@ use crate::validate::Rejection;
 /// form `..`-style traversal, whatever the input.
 const KEY_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
 
-/// One safe S3 key segment from untrusted text. `.` and `..` are escaped too.
+/// The longest key segment [`key_segment`] makes, in bytes. S3 keys are limited to 1,024 bytes
+/// and a percent-encoded id can take 12 bytes per character (a 4-byte character, each byte
+/// `%XX`): 256 such characters would make 3,072. Every key we build has at most four segments
+/// from input plus fixed text, so bounding each segment bounds every key by construction.
+pub const MAX_KEY_SEGMENT_BYTES: usize = 128;
+
+/// One safe S3 key segment from untrusted text, at most [`MAX_KEY_SEGMENT_BYTES`] long. `.` and
+/// `..` are escaped too. A value whose encoding is longer keeps a readable head of it followed
+/// by `~` and a SHA-256 digest of the whole value: still one distinct segment per distinct value
+/// (`~` is always escaped in an encoded value, so the two forms cannot meet).
 pub fn key_segment(raw: &str) -> String {
+    use sha2::{Digest, Sha256};
     let enc = utf8_percent_encode(raw, KEY_SEGMENT).to_string();
     if enc.is_empty() {
-        "%00".to_owned()
-    } else {
-        enc
+        return "%00".to_owned();
     }
+    if enc.len() <= MAX_KEY_SEGMENT_BYTES {
+        return enc;
+    }
+    let digest: String = Sha256::digest(raw.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // The head is whole characters, so it still decodes to a prefix of the value.
+    let budget = MAX_KEY_SEGMENT_BYTES - 1 - digest.len();
+    let mut head = String::with_capacity(budget);
+    let mut buf = [0u8; 4];
+    for c in raw.chars() {
+        let piece = utf8_percent_encode(c.encode_utf8(&mut buf), KEY_SEGMENT).to_string();
+        if head.len() + piece.len() > budget {
+            break;
+        }
+        head.push_str(&piece);
+    }
+    format!("{head}~{digest}")
 }
 
 /// The entry for a refused record.
@@ -107,6 +134,47 @@ mod tests {
         }
         assert_eq!(key_segment("shardId-000000000000"), "shardId-000000000000");
         assert_ne!(key_segment("%2F"), key_segment("/"));
+    }
+
+    #[test]
+    fn long_segments_are_bounded_and_stay_distinct() {
+        let worst = "\u{1D11E}".repeat(256); // 4 bytes each in UTF-8, 12 encoded
+        for raw in [
+            "é".repeat(256),
+            worst.clone(),
+            "/".repeat(256),
+            "a".repeat(1000),
+            format!("{worst}x"),
+        ] {
+            let seg = key_segment(&raw);
+            assert!(seg.len() <= MAX_KEY_SEGMENT_BYTES, "{} bytes", seg.len());
+            assert!(!seg.contains('/') && seg.is_ascii());
+            // The head is whole `%XX` triples: it decodes.
+            let head = seg.split('~').next().unwrap();
+            assert!(percent_encoding::percent_decode_str(head)
+                .decode_utf8()
+                .is_ok());
+        }
+        assert_ne!(key_segment(&worst), key_segment(&format!("{worst}x")));
+        assert_ne!(key_segment(&"a".repeat(200)), key_segment(&"a".repeat(201)));
+        // Short values keep their plain encoding, and none contains the digest marker.
+        assert_eq!(key_segment("camp-1"), "camp-1");
+        assert!(!key_segment("~").contains('~'));
+        let exactly = "b".repeat(MAX_KEY_SEGMENT_BYTES);
+        assert_eq!(key_segment(&exactly), exactly);
+    }
+
+    #[test]
+    fn the_longest_dead_letter_and_late_keys_fit_s3() {
+        let long = "\u{1D11E}".repeat(256);
+        let pos = SourcePosition {
+            stream: long.clone(),
+            shard: long.clone(),
+            sequence_number: long.clone(),
+        };
+        let rej = Rejection::new(RejectReason::InvalidJson, "bad");
+        let letter = rejected("dead-letter/", &long, &pos, b"x", &rej, 0);
+        assert!(letter.key.len() <= 1024, "{}", letter.key.len());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::model::{InputRecord, JoinedStreamRecord, JOINED_SCHEMA_VERSION};
 use crate::ports::{
     AppendReport, DeadLetterSink, InputRange, LakeAppend, LakeTable, PortError, TableWriter,
 };
-use crate::validate::{RejectReason, Rejection};
+use crate::validate::{RejectReason, Rejection, TimeBounds};
 
 /// The function name in dead-letter keys and metrics.
 pub const FUNCTION: &str = "enricher";
@@ -30,6 +30,31 @@ pub struct EnricherSettings {
     pub rules: EnrichRules,
     pub dead_letter_prefix: String,
     pub max_in_flight: usize,
+    /// The joiner's event-time bounds, checked again on joined records (one written by an
+    /// older joiner, or put on the stream by hand, is held to the same contract).
+    pub time_bounds: TimeBounds,
+    /// Distinct event days (UTC) one batch may land. Every day is a partition, so a file per
+    /// table and campaign: the bound keeps the files of one batch bounded whatever times it
+    /// carries. Records of a further day are dead-lettered (`too_many_days_in_batch`).
+    pub max_days_per_batch: usize,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Row {
+    /// The row's event times: the partition time first.
+    fn times(&self) -> [(&'static str, i64); 2] {
+        match self {
+            Row::Click(c, _) => [
+                ("impression_time", c.impression_time_ms),
+                ("click_time", c.click_time_ms),
+            ],
+            Row::Impression(i, _) => [
+                ("impression_time", i.impression_time_ms),
+                ("impression_time", i.impression_time_ms),
+            ],
+        }
+    }
 }
 
 /// What an enricher batch came to.
@@ -90,6 +115,36 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
         }
     }
 
+    /// The row if its times are within the bounds and its day is one of the batch's first
+    /// [`EnricherSettings::max_days_per_batch`] (in record order, so a redelivery of the same
+    /// batch decides the same way).
+    fn within_bounds(
+        &self,
+        row: Row,
+        arrival_ms: Option<i64>,
+        days: &mut HashSet<i64>,
+    ) -> Result<Row, Rejection> {
+        let times = row.times();
+        for (field, t) in times {
+            self.settings.time_bounds.check(field, t, arrival_ms)?;
+        }
+        let day = times[0].1.div_euclid(DAY_MS);
+        if !days.contains(&day) {
+            if days.len() >= self.settings.max_days_per_batch {
+                return Err(Rejection::new(
+                    RejectReason::TooManyDaysInBatch,
+                    format!(
+                        "the batch already lands {} distinct event days (MAX_DAYS_PER_BATCH); \
+                         this record's day would be one more",
+                        days.len()
+                    ),
+                ));
+            }
+            days.insert(day);
+        }
+        Ok(row)
+    }
+
     /// Processes one batch from one joined-stream shard, in sequence order.
     pub async fn process(&self, records: &[InputRecord], now_ms: i64) -> EnrichReport {
         let mut report = EnrichReport::default();
@@ -107,6 +162,7 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
         // Decode and enrich; repeats within the batch keep their first copy. A repeat on the
         // stream always comes after its original (same partition key, same shard).
         let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut days: HashSet<i64> = HashSet::new();
         let mut rows = Vec::new();
         let mut rejected = Vec::new();
         for (i, record) in records.iter().enumerate() {
@@ -125,6 +181,8 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
                     }
                 }
             });
+            let decoded =
+                decoded.and_then(|row| self.within_bounds(row, record.arrival_ms, &mut days));
             match decoded {
                 Err(rejection) => {
                     report.counts.reject(rejection.reason);
@@ -244,5 +302,90 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
             tracing::warn!(%reason, records = records.len(), "enricher batch failed; Lambda will redeliver it");
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryDeadLetterSink;
+    use crate::model::{Impression, ImpressionRecord, SourcePosition};
+    use std::sync::Mutex;
+
+    /// Counts the rows each append carries.
+    #[derive(Default)]
+    struct Rows(Mutex<usize>);
+
+    impl TableWriter for Rows {
+        async fn append(&self, append: LakeAppend) -> Result<AppendReport, PortError> {
+            let n = append.rows.num_rows();
+            *self.0.lock().unwrap() += n;
+            Ok(AppendReport {
+                rows_written: n as u64,
+                ..AppendReport::default()
+            })
+        }
+    }
+
+    fn impression_on_day(n: usize, day: i64) -> InputRecord {
+        let imp = Impression {
+            ad_id: "ad-1".into(),
+            impression_id: format!("imp-{n}"),
+            campaign_id: "camp-1".into(),
+            publisher_id: "pub-1".into(),
+            event_time_ms: crate::validate::DEFAULT_EARLIEST_EVENT_MS + day * DAY_MS + 1_000,
+            device_type: "mobile".into(),
+            geo_location: "US".into(),
+            platform: "ios".into(),
+            ad_type: "banner".into(),
+            bid_price: 1.0,
+        };
+        InputRecord {
+            position: SourcePosition {
+                stream: "joined".into(),
+                shard: "shardId-000000000000".into(),
+                sequence_number: format!("{n:020}"),
+            },
+            data: serde_json::to_vec(&JoinedStreamRecord::Impression(ImpressionRecord::new(
+                &imp, false,
+            )))
+            .unwrap(),
+            invalid_base64: None,
+            arrival_ms: Some(crate::validate::DEFAULT_EARLIEST_EVENT_MS + 4_000 * DAY_MS),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_batch_lands_at_most_max_days_and_dead_letters_the_records_of_further_days() {
+        let enricher = BatchEnricher::new(
+            Rows::default(),
+            MemoryDeadLetterSink::default(),
+            EnricherSettings {
+                rules: EnrichRules::default(),
+                dead_letter_prefix: "dead-letter/".into(),
+                max_in_flight: 4,
+                time_bounds: TimeBounds::default(),
+                max_days_per_batch: 3,
+            },
+        );
+        // A broken clock: every record on another day, with repeats of the first days between.
+        let days = [0, 1, 0, 2, 700, 1, 3000, 2, 5];
+        let records: Vec<InputRecord> = days
+            .iter()
+            .enumerate()
+            .map(|(n, d)| impression_on_day(n, *d))
+            .collect();
+        let report = enricher.process(&records, 0).await;
+        assert_eq!(report.failed, None);
+        assert_eq!(*enricher.lake.0.lock().unwrap(), 6, "days 0, 1 and 2 land");
+        assert_eq!(
+            report
+                .counts
+                .rejected
+                .get(&RejectReason::TooManyDaysInBatch),
+            Some(&3),
+            "days 700, 3000 and 5 are dead-lettered"
+        );
+        assert_eq!(enricher.dead_letters.letters().len(), 3);
     }
 }

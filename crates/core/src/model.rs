@@ -53,6 +53,9 @@ pub struct InputRecord {
     /// Why the envelope's `data` is not valid base64, if it is not. Lambda always sends valid
     /// base64; a record that is not is dead-lettered as `invalid_base64`, not a failed batch.
     pub invalid_base64: Option<String>,
+    /// When the record arrived on its stream (Kinesis' `approximateArrivalTimestamp`), epoch ms;
+    /// `None` if the event did not say. The bound on event times ahead of arrival uses it.
+    pub arrival_ms: Option<i64>,
 }
 
 /// A validated ad impression. Event time is held in UTC epoch milliseconds.

@@ -287,6 +287,8 @@ impl ShardPoller {
                 },
                 data: self.records[i].clone(),
                 invalid_base64: None,
+                // Scenario times are fixed in the past: no arrival, no bound ahead of it.
+                arrival_ms: None,
             })
             .collect()
     }

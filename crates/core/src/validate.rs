@@ -44,6 +44,16 @@ pub enum RejectReason {
     NonFinitePrice,
     /// `event_time` is not an RFC 3339 timestamp with an offset.
     InvalidTime,
+    /// `event_time` (or a joined record's time) is before the earliest accepted event time
+    /// ([`TimeBounds::earliest_ms`]): a broken clock, or a backfill older than configured.
+    EventTimeTooEarly,
+    /// `event_time` is further ahead of the record's arrival on its stream than
+    /// [`TimeBounds::max_ahead_ms`]: a producer clock running ahead.
+    EventTimeInFuture,
+    /// The enricher's batch already touches [`crate::enricher::EnricherSettings::max_days_per_batch`]
+    /// distinct event days (each a partition and a file per table); this record's day would be
+    /// one more. Bounds the files one batch writes, whatever times it carries.
+    TooManyDaysInBatch,
     /// The record came from a stream the function is not configured for.
     UnknownSource,
     /// Same id as a stored event of the same kind, but different content.
@@ -51,7 +61,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 19] = [
         RejectReason::InvalidBase64,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
@@ -66,6 +76,9 @@ impl RejectReason {
         RejectReason::NegativePrice,
         RejectReason::NonFinitePrice,
         RejectReason::InvalidTime,
+        RejectReason::EventTimeTooEarly,
+        RejectReason::EventTimeInFuture,
+        RejectReason::TooManyDaysInBatch,
         RejectReason::UnknownSource,
         RejectReason::ConflictingDuplicate,
     ];
@@ -86,6 +99,9 @@ impl RejectReason {
             RejectReason::NegativePrice => "negative_price",
             RejectReason::NonFinitePrice => "non_finite_price",
             RejectReason::InvalidTime => "invalid_time",
+            RejectReason::EventTimeTooEarly => "event_time_too_early",
+            RejectReason::EventTimeInFuture => "event_time_in_future",
+            RejectReason::TooManyDaysInBatch => "too_many_days_in_batch",
             RejectReason::UnknownSource => "unknown_source",
             RejectReason::ConflictingDuplicate => "conflicting_duplicate",
         }
@@ -106,6 +122,68 @@ impl Rejection {
             reason,
             detail: detail.into(),
         }
+    }
+}
+
+/// The event times the pipeline accepts. Each distinct event day is a partition (and a file per
+/// table) in the lake, so a producer with a broken clock could otherwise make one batch write a
+/// file for every day from year 0 to 9999.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBounds {
+    /// Earliest accepted event time, epoch ms. Default 2020-01-01T00:00:00Z; lower it (the
+    /// `EARLIEST_EVENT_TIME` setting) to backfill older data.
+    pub earliest_ms: i64,
+    /// How far an event time may be ahead of its record's arrival on the stream, ms.
+    /// Default one hour.
+    pub max_ahead_ms: i64,
+}
+
+/// 2020-01-01T00:00:00Z.
+pub const DEFAULT_EARLIEST_EVENT_MS: i64 = 1_577_836_800_000;
+
+impl Default for TimeBounds {
+    fn default() -> Self {
+        TimeBounds {
+            earliest_ms: DEFAULT_EARLIEST_EVENT_MS,
+            max_ahead_ms: 3_600_000,
+        }
+    }
+}
+
+impl TimeBounds {
+    /// Checks one event time. `arrival_ms` is the record's arrival on its stream (Kinesis'
+    /// `approximateArrivalTimestamp`): fixed per record, so a retry decides the same way, unlike
+    /// the invocation's clock. Without it only the earliest bound applies.
+    pub fn check(
+        &self,
+        field: &str,
+        time_ms: i64,
+        arrival_ms: Option<i64>,
+    ) -> Result<(), Rejection> {
+        if time_ms < self.earliest_ms {
+            return Err(Rejection::new(
+                RejectReason::EventTimeTooEarly,
+                format!(
+                    "`{field}` {} is before the earliest accepted event time {}",
+                    format_millis(time_ms),
+                    format_millis(self.earliest_ms)
+                ),
+            ));
+        }
+        if let Some(arrival) = arrival_ms {
+            if time_ms - arrival > self.max_ahead_ms {
+                return Err(Rejection::new(
+                    RejectReason::EventTimeInFuture,
+                    format!(
+                        "`{field}` {} is more than {} s ahead of the record's arrival {}",
+                        format_millis(time_ms),
+                        self.max_ahead_ms / 1000,
+                        format_millis(arrival)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -504,6 +582,40 @@ mod tests {
         let a = decode(RecordKind::Impression, a.to_string().as_bytes()).unwrap();
         let b = decode(RecordKind::Impression, b.to_string().as_bytes()).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn event_times_outside_the_bounds_are_refused_with_their_own_reasons() {
+        let b = TimeBounds::default();
+        let arrival = 1_795_169_730_000; // 2026-11-20T10:15:30Z
+        assert!(b.check("event_time", arrival, Some(arrival)).is_ok());
+        assert!(b.check("event_time", b.earliest_ms, Some(arrival)).is_ok());
+        assert!(b
+            .check("event_time", arrival + 3_600_000, Some(arrival))
+            .is_ok());
+        let reason = |t: i64, a: Option<i64>| b.check("event_time", t, a).unwrap_err().reason;
+        assert_eq!(
+            reason(arrival + 3_600_001, Some(arrival)),
+            RejectReason::EventTimeInFuture
+        );
+        assert_eq!(
+            reason(b.earliest_ms - 1, Some(arrival)),
+            RejectReason::EventTimeTooEarly
+        );
+        assert_eq!(
+            reason(-62_135_596_800_000, None),
+            RejectReason::EventTimeTooEarly
+        );
+        // No arrival known: only the earliest bound applies.
+        assert!(b.check("event_time", arrival * 2, None).is_ok());
+        // A backfill lowers the bound.
+        let backfill = TimeBounds {
+            earliest_ms: 0,
+            ..b
+        };
+        assert!(backfill
+            .check("event_time", 946_684_800_000, Some(arrival))
+            .is_ok());
     }
 
     #[test]

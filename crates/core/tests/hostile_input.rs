@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use adpipe_core::enricher::decode_joined;
+use adpipe_core::model::Event;
 use adpipe_core::model::RecordKind;
-use adpipe_core::validate::decode;
+use adpipe_core::validate::{decode, Rejection, TimeBounds};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -33,13 +34,25 @@ fn corpus() -> Vec<(String, RecordKind, Vec<u8>, Option<String>)> {
         .collect()
 }
 
+/// The earliest arrival of a corpus record in `events/hostile-*.json` (2026-11-20T10:15:30Z).
+const ARRIVAL_MS: i64 = 1_795_169_730_000;
+
+/// What the joiner decides for a record: decoding, then the default event-time bounds.
+fn admit(kind: RecordKind, bytes: &[u8]) -> Result<(), Rejection> {
+    let time_ms = match decode(kind, bytes)? {
+        Event::Impression(i) => i.event_time_ms,
+        Event::Click(c) => c.event_time_ms,
+    };
+    TimeBounds::default().check("event_time", time_ms, Some(ARRIVAL_MS))
+}
+
 #[test]
 fn every_corpus_case_gets_its_reason() {
     let cases = corpus();
     assert!(cases.len() >= 60, "the corpus is there: {}", cases.len());
     let mut wrong = Vec::new();
     for (name, kind, bytes, want) in &cases {
-        let got = decode(*kind, bytes)
+        let got = admit(*kind, bytes)
             .err()
             .map(|r| r.reason.as_str().to_owned());
         if &got != want {
@@ -66,6 +79,8 @@ fn the_corpus_covers_every_input_reason() {
         "invalid_id",
         "negative_price",
         "invalid_time",
+        "event_time_too_early",
+        "event_time_in_future",
     ] {
         assert!(reasons.contains(r), "no corpus case for {r}");
     }

@@ -52,6 +52,8 @@ pub async fn aws_enricher(
             rules: config.rules,
             dead_letter_prefix: config.dead_letter_prefix,
             max_in_flight: 32,
+            time_bounds: config.time_bounds,
+            max_days_per_batch: config.max_days_per_batch,
         },
     ))
 }

@@ -43,12 +43,32 @@ pub struct KinesisBatchRecord {
     pub kinesis: KinesisBatchData,
 }
 
-/// The `kinesis` object of a record: its sequence number and base64 `data`.
+/// The `kinesis` object of a record: its sequence number, base64 `data` and arrival time.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct KinesisBatchData {
     #[serde(rename = "sequenceNumber")]
     pub sequence_number: String,
     pub data: String,
+    /// Epoch seconds with a fraction: a JSON number as Lambda sends it, or a string as
+    /// `aws_lambda_events` writes it back.
+    #[serde(
+        rename = "approximateArrivalTimestamp",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub approximate_arrival_timestamp: Option<serde_json::Value>,
+}
+
+/// Epoch seconds as epoch milliseconds, to the whole second: the arrival only bounds event
+/// times an hour ahead, and `aws_lambda_events` misreads the fraction (`.5` as 5 ms), so both
+/// readings of an event agree only on whole seconds.
+fn seconds_to_ms(v: &serde_json::Value) -> Option<i64> {
+    let seconds = match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }?;
+    seconds.is_finite().then(|| seconds.floor() as i64 * 1000)
 }
 
 /// What the handlers need of a Kinesis event: its records with their positions, and each
@@ -83,16 +103,23 @@ impl KinesisInput for KinesisBatch {
                     r.event_source_arn.as_deref(),
                     &r.kinesis.sequence_number,
                 );
+                let arrival_ms = r
+                    .kinesis
+                    .approximate_arrival_timestamp
+                    .as_ref()
+                    .and_then(seconds_to_ms);
                 match base64::engine::general_purpose::STANDARD.decode(&r.kinesis.data) {
                     Ok(data) => InputRecord {
                         position,
                         data,
                         invalid_base64: None,
+                        arrival_ms,
                     },
                     Err(e) => InputRecord {
                         position,
                         data: r.kinesis.data.clone().into_bytes(),
                         invalid_base64: Some(format!("the envelope's data is not base64: {e}")),
+                        arrival_ms,
                     },
                 }
             })
@@ -118,6 +145,7 @@ impl KinesisInput for KinesisEvent {
                 ),
                 data: r.kinesis.data.0.clone(),
                 invalid_base64: None,
+                arrival_ms: Some(r.kinesis.approximate_arrival_timestamp.0.timestamp() * 1000),
             })
             .collect()
     }

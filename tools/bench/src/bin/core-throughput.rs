@@ -165,6 +165,7 @@ async fn round(
                     },
                     data: rec.data.clone(),
                     invalid_base64: None,
+                    arrival_ms: None,
                 })
                 .collect()
         })
@@ -182,6 +183,8 @@ async fn round(
             rules: enricher_config.rules,
             dead_letter_prefix: enricher_config.dead_letter_prefix.clone(),
             max_in_flight: 32,
+            time_bounds: enricher_config.time_bounds,
+            max_days_per_batch: enricher_config.max_days_per_batch,
         },
     );
     let t = Instant::now();
