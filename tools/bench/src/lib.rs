@@ -146,6 +146,11 @@ pub fn peak_rss_mib() -> f64 {
 /// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`, …) of a live process, in KiB.
 pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field_kib(&status, field)
+}
+
+/// A memory field of one `/proc/<pid>/status` text, in KiB.
+pub fn status_field_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|line| {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
         rest.trim().trim_end_matches("kB").trim().parse().ok()
@@ -172,9 +177,15 @@ mod tests {
 
     #[test]
     fn status_fields_of_this_process_are_read() {
-        let rss = proc_status_kib(std::process::id(), "VmRSS").unwrap();
-        let hwm = proc_status_kib(std::process::id(), "VmHWM").unwrap();
-        assert!(rss > 0 && hwm >= rss);
+        assert!(proc_status_kib(std::process::id(), "VmRSS").unwrap() > 0);
+        // Both fields from one reading: the kernel reports the peak as at least the RSS of that
+        // same moment, but an RSS read earlier can exceed a peak read later (RSS is summed from
+        // per-thread counters that other test threads update in between; this failed now and
+        // then when read twice).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let rss = status_field_kib(&status, "VmRSS").unwrap();
+        let hwm = status_field_kib(&status, "VmHWM").unwrap();
+        assert!(rss > 0 && hwm >= rss, "VmRSS {rss} kB, VmHWM {hwm} kB");
     }
 
     #[test]
