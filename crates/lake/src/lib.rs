@@ -153,9 +153,89 @@ impl IcebergLake {
         TableIdent::new(self.namespace.clone(), name.clone())
     }
 
+    /// Where a new table of that name goes: `<warehouse>/<database>.db/<table>`, as a bucket
+    /// and a key prefix without the trailing `/`.
+    fn table_location(&self, table: LakeTable) -> Option<(String, String)> {
+        let rest = self.config.warehouse.strip_prefix("s3://")?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        let name = &self.ident(table).name().to_owned();
+        let db = &self.config.database;
+        let key = if prefix.is_empty() {
+            format!("{db}.db/{name}")
+        } else {
+            format!("{prefix}/{db}.db/{name}")
+        };
+        Some((bucket.to_owned(), key))
+    }
+
+    /// The current metadata file of a table whose catalog entry is gone but whose location
+    /// still holds Iceberg metadata (`metadata/<version>-<uuid>.metadata.json`): the file of the
+    /// highest version. `Ok(None)` if the location holds no metadata. Two files of the highest
+    /// version (a failed commit beside the committed one) cannot be told apart from the files
+    /// alone, so that is an error for an operator to settle, never a guess.
+    pub async fn retained_metadata(
+        &self,
+        s3: &aws_sdk_s3::Client,
+        table: LakeTable,
+    ) -> Result<Option<String>, PortError> {
+        let Some((bucket, key)) = self.table_location(table) else {
+            return Ok(None);
+        };
+        let prefix = format!("{key}/metadata/");
+        let mut newest: Vec<(u64, String)> = Vec::new();
+        let mut pages = s3
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix(&prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| adpipe_aws::error::port_error("S3 ListObjectsV2", e))?;
+            for object in page.contents() {
+                let Some(name) = object.key().and_then(|k| k.strip_prefix(&prefix)) else {
+                    continue;
+                };
+                let Some(version) = name
+                    .strip_suffix(".metadata.json")
+                    .and_then(|stem| stem.split_once('-'))
+                    .and_then(|(v, _)| v.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let path = format!("s3://{bucket}/{prefix}{name}");
+                match newest.first().map(|(v, _)| *v) {
+                    Some(top) if version < top => {}
+                    Some(top) if version == top => newest.push((version, path)),
+                    _ => newest = vec![(version, path)],
+                }
+            }
+        }
+        match newest.len() {
+            0 => Ok(None),
+            1 => Ok(newest.pop().map(|(_, path)| path)),
+            _ => Err(PortError::Rejected(format!(
+                "s3://{bucket}/{prefix} holds {} metadata files of version {}: {}; register the \
+                 table's current one by hand (docs/DEPLOY.md, \"Re-attaching a retained lake\")",
+                newest.len(),
+                newest[0].0,
+                newest
+                    .iter()
+                    .map(|(_, p)| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
     /// Creates the database and both tables if they do not exist (format v2, partitioned by
     /// `identity(campaign_id)` and `day(impression_time)`, zstd Parquet).
-    pub async fn ensure_tables(&self) -> Result<(), PortError> {
+    ///
+    /// A table missing from the catalog whose location already holds Iceberg metadata (its
+    /// Glue database was deleted while the bucket was kept) is registered from its current
+    /// metadata, never created anew: an empty table over the old location would hide every
+    /// landed row, and its orphan-file cleanup could later delete them.
+    pub async fn ensure_tables(&self, s3: &aws_sdk_s3::Client) -> Result<(), PortError> {
         let exists = self
             .catalog
             .namespace_exists(&self.namespace)
@@ -181,6 +261,18 @@ impl IcebergLake {
                 .await
                 .map_err(|e| lake_error("checking a table", e))?
             {
+                continue;
+            }
+            if let Some(metadata) = self.retained_metadata(s3, table).await? {
+                tracing::warn!(
+                    table = %ident,
+                    %metadata,
+                    "table missing from the catalog but its location holds metadata: registering it"
+                );
+                self.catalog
+                    .register_table(&ident, metadata)
+                    .await
+                    .map_err(|e| lake_error("registering a retained table", e))?;
                 continue;
             }
             let schema = arrow_schema_to_schema(&arrow)

@@ -44,7 +44,7 @@ pub async fn aws_enricher(
 ) -> Result<AwsEnricher, PortError> {
     let lease = DynamoDbCommitLease::new(clients.dynamodb.clone(), &config.commit_lease_table);
     let lake = IcebergLake::connect(lake, lease, owner).await?;
-    lake.ensure_tables().await?;
+    lake.ensure_tables(&clients.s3).await?;
     Ok(BatchEnricher::new(
         lake,
         S3DeadLetterSink::new(clients.s3.clone(), &config.dead_letter_bucket),
