@@ -28,6 +28,9 @@ and the injected faults are counted:  GET /__faults  -> {"injected": {"<rule nam
     forwarded.
   - lost_response: the request IS forwarded and done, then the client gets a 500: the
     response was lost.
+  - lost_gateway: like lost_response, but the client gets what a gateway in front of the
+    service sends when the upstream answer is lost: a 502 with an HTML body and no AWS error
+    code (clients must take any 5xx as "may have been applied", whatever its code).
   - partial: Kinesis PutRecords only: each entry fails with the given probability
     (ProvisionedThroughputExceededException); only the others are forwarded, and the response
     merges both, in order, as Kinesis answers a partial failure.
@@ -205,6 +208,10 @@ class Handler(BaseHTTPRequestHandler):
         if fault == "lost_response":
             self.forward(body)
             return self.reply(*fault_response(service, "server_error", self.headers.get("Content-Type", "")))
+        if fault == "lost_gateway":
+            self.forward(body)
+            page = b"<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>"
+            return self.reply(502, {"Content-Type": "text/html"}, page)
         if fault == "partial" and service == "kinesis" and operation == "PutRecords":
             return self.partial_put_records(rule, body)
         return self.reply(*fault_response(service, fault, self.headers.get("Content-Type", "")))

@@ -244,6 +244,15 @@ async fn partial_put_records_failures_and_lost_responses() {
             "throttle",
             7
         ),
+        // Applied, then a gateway's 502 without an AWS error code: the entries must be re-sent
+        // flagged, as for any other 5xx, or the lake lands them twice.
+        every(
+            "putrecords-gateway",
+            "kinesis",
+            "PutRecords",
+            "lost_gateway",
+            6
+        ),
     ]);
     run_under(&p, &proxy, &t, rules, None).await;
 }
