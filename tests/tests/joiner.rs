@@ -661,3 +661,122 @@ async fn concurrent_impression_and_click_writes_to_one_item_decide_each_pair_onc
         "each pair decided exactly once"
     );
 }
+
+/// Issue: an item past DynamoDB's 400 KB limit blocked the shard. Every field at its longest
+/// (ids of 256 four-byte characters, other strings of 256 bytes that double when JSON-escaped)
+/// and more clicks on one impression id than the limit, all written concurrently: the first
+/// [`MAX_CLICKS_PER_IMPRESSION`] join, the rest are dead-lettered as `too_many_clicks`, no
+/// request fails, and the stored item stays below the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_possible_item_stays_below_the_dynamodb_limit_and_extra_clicks_are_dead_lettered(
+) {
+    use adpipe_aws::dynamodb::item_size;
+    use adpipe_core::join::MAX_CLICKS_PER_IMPRESSION;
+    use adpipe_core::model::{Click, Impression, InputRecord, SourcePosition};
+    use adpipe_core::validate::{encode_click, encode_impression, MAX_FIELD_BYTES, MAX_ID_CHARS};
+
+    let env = env(&[]).await;
+    // An id of exactly MAX_ID_CHARS characters, most of them four bytes long.
+    let id = |head: String| -> String {
+        let tail = MAX_ID_CHARS - head.chars().count();
+        format!("{head}{}", "\u{1d11e}".repeat(tail))
+    };
+    let quotes = "\"".repeat(MAX_FIELD_BYTES);
+    let base = 1_795_169_730_000i64;
+    let imp = Impression {
+        ad_id: id("ad-".into()),
+        impression_id: id(unique("big")),
+        campaign_id: id("camp-".into()),
+        publisher_id: id("pub-".into()),
+        event_time_ms: base,
+        device_type: quotes.clone(),
+        geo_location: quotes.clone(),
+        platform: quotes.clone(),
+        ad_type: quotes.clone(),
+        bid_price: 1.0,
+    };
+    let extra = 8;
+    let clicks: Vec<Click> = (0..MAX_CLICKS_PER_IMPRESSION + extra)
+        .map(|c| Click {
+            ad_id: imp.ad_id.clone(),
+            impression_id: imp.impression_id.clone(),
+            campaign_id: imp.campaign_id.clone(),
+            publisher_id: imp.publisher_id.clone(),
+            event_time_ms: base + c as i64 * 100,
+            device_type: quotes.clone(),
+            geo_location: quotes.clone(),
+            platform: quotes.clone(),
+            click_price: 0.5,
+            click_id: id(format!("clk-{c}-")),
+            click_id_derived: false,
+        })
+        .collect();
+    let position = |stream: &str, n: usize| SourcePosition {
+        stream: stream.to_owned(),
+        shard: format!("shardId-{n:012}"),
+        sequence_number: format!("4960{n:020}"),
+    };
+    let mut records = vec![InputRecord {
+        position: position(&env.config.impressions_stream, 0),
+        data: encode_impression(&imp),
+        invalid_base64: None,
+        arrival_ms: Some(base),
+    }];
+    for (n, click) in clicks.iter().enumerate() {
+        records.push(InputRecord {
+            position: position(&env.config.clicks_stream, n + 1),
+            data: encode_click(click),
+            invalid_base64: None,
+            arrival_ms: Some(base),
+        });
+    }
+    let joiner = BatchJoiner::new(
+        DynamoDbJoinState::new(env.clients.dynamodb.clone(), &env.config.state_table),
+        MemoryRecordSink::default(),
+        MemoryDeadLetterSink::default(),
+        env.config.clone(),
+    );
+    let reports = futures::future::join_all(
+        records
+            .iter()
+            .map(|r| joiner.process(std::slice::from_ref(r), NOW_MS)),
+    )
+    .await;
+    assert!(
+        reports.iter().all(|r| r.first_failure.is_none()),
+        "no write fails, so no shard is blocked: {:?}",
+        reports.iter().find(|r| r.first_failure.is_some())
+    );
+    // Every click is either joined or dead-lettered, never both, never neither.
+    let joined = decode_joined(&joiner.sink.records());
+    let letters = joiner.dead_letters.letters();
+    assert_eq!(joined.len(), MAX_CLICKS_PER_IMPRESSION);
+    assert_eq!(letters.len(), extra);
+    for body in letters.values() {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["reason"], "too_many_clicks", "{v}");
+    }
+    // A redelivery of everything changes nothing: duplicates write nothing, the refused stay
+    // refused.
+    let again = futures::future::join_all(
+        records
+            .iter()
+            .map(|r| joiner.process(std::slice::from_ref(r), NOW_MS + 1)),
+    )
+    .await;
+    assert!(again.iter().all(|r| r.first_failure.is_none()));
+    assert_eq!(decode_joined(&joiner.sink.records()).len(), joined.len());
+    assert_eq!(joiner.dead_letters.letters().len(), extra);
+
+    let stored = item(&env, &imp.impression_id).await;
+    let size = item_size(&stored);
+    eprintln!("largest possible join-state item: {size} bytes");
+    assert!(
+        size < 400 * 1024,
+        "the fullest item is {size} bytes, over DynamoDB's 400 KB"
+    );
+    assert!(
+        size > 200 * 1024,
+        "the test did build a large item: {size} bytes"
+    );
+}

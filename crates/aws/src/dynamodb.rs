@@ -5,19 +5,27 @@
 //! - `imp` (S): the impression with its arrival time, JSON;
 //! - `c#<click_id>` (S): one attribute per click with its arrival time, JSON;
 //! - `e#<click_id>` (BOOL): present once that pair's joined record was emitted;
-//! - `o` (L of S): write-order tokens, one appended per write (who decided a pair);
+//! - `o` (L of S): write-order tokens, one appended per stored side (who decided a pair);
+//! - `nc` (N): the number of clicks stored;
 //! - `ttl` (N): epoch seconds for DynamoDB's TTL (retention plus grace).
 //!
-//! Each arrival is one `UpdateItem` with `SET side = if_not_exists(side, :v)` and
-//! `ReturnValues = ALL_OLD`: one write unit for a typical item, no read, and DynamoDB's per-item
-//! serialisation makes the returned "before" image the atomic basis of the join decision.
+//! Each arrival is one conditional `UpdateItem`: the side is stored only if it is absent (and,
+//! for a click, only if the item holds fewer than [`MAX_CLICKS_PER_IMPRESSION`] clicks), with
+//! `ReturnValues = ALL_OLD` and `ReturnValuesOnConditionCheckFailure = ALL_OLD`, so either way
+//! the reply is the item as it was before: one write unit for a typical item, no read, and
+//! DynamoDB's per-item serialisation makes that image the atomic basis of the join decision.
+//! A redelivery writes nothing, so no item grows with redeliveries, and the field limits of
+//! `adpipe_core::validate` with the click bound keep every item below the 400 KB limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use adpipe_core::join::{JoinItem, StoredClick, StoredImpression};
+use adpipe_core::join::{JoinItem, StoredClick, StoredImpression, MAX_CLICKS_PER_IMPRESSION};
 use adpipe_core::ports::{JoinState, PortError, SideWrite};
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity, ReturnValue};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
+};
 use aws_sdk_dynamodb::Client;
 
 use crate::error::port_error;
@@ -34,6 +42,8 @@ pub const EMITTED_PREFIX: &str = "e#";
 pub const ORDER: &str = "o";
 /// TTL attribute (enable TTL on it in the table).
 pub const TTL: &str = "ttl";
+/// Number of clicks stored (N), the bound of [`MAX_CLICKS_PER_IMPRESSION`].
+pub const CLICK_COUNT: &str = "nc";
 
 /// Requests and write units this adapter spent, for the cost benchmarks. Write units follow
 /// DynamoDB's rule for `UpdateItem`: the larger of the item's size before and after, in 1 KB
@@ -156,18 +166,15 @@ impl JoinState for DynamoDbJoinState {
             SideWrite::Impression(i) => (IMPRESSION.to_owned(), encode(i)?),
             SideWrite::Click(c) => (click_attribute(&c.click.click_id), encode(c)?),
         };
+        let is_click = matches!(side, SideWrite::Click(_));
         let ttl = AttributeValue::N(ttl_epoch_s.to_string());
         let side_value = AttributeValue::S(value);
         let token = AttributeValue::S(side.order_token());
-        let out = self
+        let mut request = self
             .client
             .update_item()
             .table_name(&self.table)
             .key(PK, AttributeValue::S(impression_id.clone()))
-            .update_expression(
-                "SET #side = if_not_exists(#side, :side), #ttl = :ttl, \
-                 #order = list_append(if_not_exists(#order, :empty), :token)",
-            )
             .expression_attribute_names("#side", &attribute)
             .expression_attribute_names("#ttl", TTL)
             .expression_attribute_names("#order", ORDER)
@@ -176,14 +183,45 @@ impl JoinState for DynamoDbJoinState {
             .expression_attribute_values(":empty", AttributeValue::L(Vec::new()))
             .expression_attribute_values(":token", AttributeValue::L(vec![token.clone()]))
             .return_values(ReturnValue::AllOld)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| port_error("DynamoDB UpdateItem", e))?;
-        let before = out.attributes.unwrap_or_default();
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        let set = "SET #side = :side, #ttl = :ttl, \
+                   #order = list_append(if_not_exists(#order, :empty), :token)";
+        request = if is_click {
+            request
+                .condition_expression(
+                    "attribute_not_exists(#side) AND (attribute_not_exists(#n) OR #n < :max)",
+                )
+                .update_expression(format!("{set}, #n = if_not_exists(#n, :zero) + :one"))
+                .expression_attribute_names("#n", CLICK_COUNT)
+                .expression_attribute_values(
+                    ":max",
+                    AttributeValue::N(MAX_CLICKS_PER_IMPRESSION.to_string()),
+                )
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()))
+                .expression_attribute_values(":one", AttributeValue::N("1".into()))
+        } else {
+            request
+                .condition_expression("attribute_not_exists(#side)")
+                .update_expression(set)
+        };
+        let before = match request.send().await {
+            Ok(out) => out.attributes.unwrap_or_default(),
+            Err(e) => match e.as_service_error() {
+                // The side is stored already, or the item is full: nothing was written, and
+                // DynamoDB returned the item as it is (a failed condition still costs units).
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    let item = failed.item.clone().unwrap_or_default();
+                    let size = item_size(&item);
+                    self.usage.record_write(size, size);
+                    return decode_item(&item);
+                }
+                _ => return Err(port_error("DynamoDB UpdateItem", e)),
+            },
+        };
         let mut after = before.clone();
         after.insert(PK.to_owned(), AttributeValue::S(impression_id));
-        after.entry(attribute).or_insert(side_value);
+        after.insert(attribute, side_value);
         after.insert(TTL.to_owned(), ttl);
         let mut order = before
             .get(ORDER)
@@ -192,6 +230,10 @@ impl JoinState for DynamoDbJoinState {
             .unwrap_or_default();
         order.push(token);
         after.insert(ORDER.to_owned(), AttributeValue::L(order));
+        if is_click {
+            let n = decode_item(&before)?.clicks.len() + 1;
+            after.insert(CLICK_COUNT.to_owned(), AttributeValue::N(n.to_string()));
+        }
         self.usage
             .record_write(item_size(&before), item_size(&after));
         decode_item(&before)

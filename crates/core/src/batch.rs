@@ -14,6 +14,7 @@ use crate::dead_letter;
 use crate::emit::{self};
 use crate::join::{
     decide_click, decide_impression, Arrival, Arriving, Decision, StoredClick, StoredImpression,
+    MAX_CLICKS_PER_IMPRESSION,
 };
 use crate::metrics::Counts;
 use crate::model::{Event, InputRecord, JoinedStreamRecord, RecordKind};
@@ -220,17 +221,27 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
                 }
                 Arrival::Duplicate => counts.duplicates += 1,
                 Arrival::Conflicting => counts.reject(RejectReason::ConflictingDuplicate),
+                Arrival::TooManyClicks => counts.reject(RejectReason::TooManyClicks),
             }
             counts.unmatched += u64::from(decision.unmatched);
             counts.deferred += u64::from(decision.deferred);
             if i >= cut {
                 continue;
             }
-            if decision.arrival == Arrival::Conflicting {
-                let rejection = Rejection::new(
+            let refusal = match decision.arrival {
+                Arrival::Conflicting => Some(Rejection::new(
                     RejectReason::ConflictingDuplicate,
                     "an event with this id and different content is already stored; nothing was overwritten",
-                );
+                )),
+                Arrival::TooManyClicks => Some(Rejection::new(
+                    RejectReason::TooManyClicks,
+                    format!(
+                        "this impression id already holds {MAX_CLICKS_PER_IMPRESSION} clicks; nothing was written"
+                    ),
+                )),
+                Arrival::New | Arrival::Duplicate => None,
+            };
+            if let Some(rejection) = refusal {
                 let letter = dead_letter::rejected(
                     &cfg.dead_letter_prefix,
                     FUNCTION,

@@ -119,6 +119,15 @@ fn text(field: &str, v: &str) -> Result<(), Rejection> {
     if v.is_empty() {
         return Err(crate::validate::empty_field(field));
     }
+    if v.len() > crate::validate::MAX_FIELD_BYTES {
+        return Err(Rejection::new(
+            RejectReason::FieldTooLong,
+            format!(
+                "`{field}` is longer than {} bytes",
+                crate::validate::MAX_FIELD_BYTES
+            ),
+        ));
+    }
     Ok(())
 }
 

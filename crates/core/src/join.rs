@@ -44,6 +44,13 @@ impl Default for JoinRules {
     }
 }
 
+/// Most clicks one impression id holds in the join state. A new click past it is refused
+/// ([`Arrival::TooManyClicks`], dead-lettered as `too_many_clicks`) and nothing is written.
+/// With the field limits of [`crate::validate`] this keeps every state item below DynamoDB's
+/// 400 KB item limit whatever the input (the AWS adapter's tests build the largest possible
+/// item and measure it); real traffic has one or two clicks per impression.
+pub const MAX_CLICKS_PER_IMPRESSION: usize = 32;
+
 /// The write-order token of the impression side.
 pub const IMPRESSION_TOKEN: &str = "i";
 
@@ -129,6 +136,9 @@ pub enum Arrival {
     /// Already stored with different content (a producer reused an id). Nothing was
     /// overwritten; the arrival goes to the dead-letter destination.
     Conflicting,
+    /// A new click for an impression id that already holds [`MAX_CLICKS_PER_IMPRESSION`]
+    /// clicks. Nothing was written; the arrival goes to the dead-letter destination.
+    TooManyClicks,
 }
 
 /// A pair whose partners met only after the earlier one's retention had run out.
@@ -302,6 +312,9 @@ pub fn decide_click(
             (Decision::new(Arrival::Duplicate), stored.clone())
         }
         Some(_) => return Decision::new(Arrival::Conflicting),
+        None if before.clicks.len() >= MAX_CLICKS_PER_IMPRESSION => {
+            return Decision::new(Arrival::TooManyClicks)
+        }
         None => (
             Decision::new(Arrival::New),
             StoredClick {
@@ -622,6 +635,25 @@ mod tests {
         store_click(&mut before, &click("c", "i", "a", T0), 100, false);
         let d = decide_click(&r, &before, &click("c", "i", "a", T0 + 1), at(200));
         assert_eq!(d.arrival, Arrival::Conflicting);
+    }
+
+    #[test]
+    fn a_new_click_past_the_limit_is_refused_and_a_stored_one_is_still_a_duplicate() {
+        let r = JoinRules::default();
+        let mut before = with_impression(&imp("i", "a", T0), 100);
+        for n in 0..MAX_CLICKS_PER_IMPRESSION {
+            store_click(
+                &mut before,
+                &click(&format!("c{n}"), "i", "a", T0),
+                100,
+                true,
+            );
+        }
+        let d = decide_click(&r, &before, &click("one-more", "i", "a", T0), at(200));
+        assert_eq!(d.arrival, Arrival::TooManyClicks);
+        assert!(d.pairs.is_empty() && !d.buffered);
+        let d = decide_click(&r, &before, &click("c0", "i", "a", T0), at(200));
+        assert_eq!(d.arrival, Arrival::Duplicate);
     }
 
     #[test]

@@ -56,9 +56,12 @@ impl SideWrite<'_> {
 
 /// Join state keyed by `impression_id`.
 pub trait JoinState: Send + Sync {
-    /// Atomically: stores `side` unless that side (the impression, or this click id) is already
-    /// stored, appends its [`SideWrite::order_token`] to the write order, sets the item's expiry
-    /// to `ttl_epoch_s`, and returns the item as it was before.
+    /// Atomically: unless that side (the impression, or this click id) is already stored, or
+    /// `side` is a click and the item already holds
+    /// [`crate::join::MAX_CLICKS_PER_IMPRESSION`] clicks, stores `side`, appends its
+    /// [`SideWrite::order_token`] to the write order and sets the item's expiry to
+    /// `ttl_epoch_s`; otherwise writes nothing (so a redelivery never grows the item). Either way
+    /// returns the item as it was before.
     fn put_if_absent(
         &self,
         side: SideWrite<'_>,

@@ -11,6 +11,12 @@ use crate::time::{format_millis, parse_event_time};
 /// `impression_id`) are limited to 256 characters.
 pub const MAX_ID_CHARS: usize = 256;
 
+/// Longest accepted value of a required string field that is not an id (`device_type`,
+/// `geo_location`, `platform`, `ad_type`, `event_time`), in bytes of UTF-8. With
+/// [`MAX_ID_CHARS`] and [`crate::join::MAX_CLICKS_PER_IMPRESSION`] it bounds every join-state
+/// item below DynamoDB's 400 KB item limit by construction.
+pub const MAX_FIELD_BYTES: usize = 256;
+
 /// Why a record was refused. `as_str` is the stable name used in metrics and dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RejectReason {
@@ -35,6 +41,8 @@ pub enum RejectReason {
     EmptyField,
     /// An id field is longer than [`MAX_ID_CHARS`].
     IdTooLong,
+    /// A required string field that is not an id is longer than [`MAX_FIELD_BYTES`].
+    FieldTooLong,
     /// An id field holds a control character, or `campaign_id` (a partition value, so a path
     /// segment in the lake) holds `/` or `\\` or is `.` or `..`.
     InvalidId,
@@ -58,10 +66,14 @@ pub enum RejectReason {
     UnknownSource,
     /// Same id as a stored event of the same kind, but different content.
     ConflictingDuplicate,
+    /// A new click for an impression id that already holds
+    /// [`crate::join::MAX_CLICKS_PER_IMPRESSION`] clicks (an unexpanded click macro, a bot):
+    /// stored, it would push the join state past DynamoDB's item limit and block the shard.
+    TooManyClicks,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 19] = [
+    pub const ALL: [RejectReason; 21] = [
         RejectReason::InvalidBase64,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
@@ -72,6 +84,7 @@ impl RejectReason {
         RejectReason::EmptyId,
         RejectReason::EmptyField,
         RejectReason::IdTooLong,
+        RejectReason::FieldTooLong,
         RejectReason::InvalidId,
         RejectReason::NegativePrice,
         RejectReason::NonFinitePrice,
@@ -81,6 +94,7 @@ impl RejectReason {
         RejectReason::TooManyDaysInBatch,
         RejectReason::UnknownSource,
         RejectReason::ConflictingDuplicate,
+        RejectReason::TooManyClicks,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,6 +109,7 @@ impl RejectReason {
             RejectReason::EmptyId => "empty_id",
             RejectReason::EmptyField => "empty_field",
             RejectReason::IdTooLong => "id_too_long",
+            RejectReason::FieldTooLong => "field_too_long",
             RejectReason::InvalidId => "invalid_id",
             RejectReason::NegativePrice => "negative_price",
             RejectReason::NonFinitePrice => "non_finite_price",
@@ -104,6 +119,7 @@ impl RejectReason {
             RejectReason::TooManyDaysInBatch => "too_many_days_in_batch",
             RejectReason::UnknownSource => "unknown_source",
             RejectReason::ConflictingDuplicate => "conflicting_duplicate",
+            RejectReason::TooManyClicks => "too_many_clicks",
         }
     }
 }
@@ -333,6 +349,15 @@ impl Fields<'_> {
         let s = as_string(name, self.present(name)?)?;
         if s.is_empty() {
             return Err(empty_field(name));
+        }
+        if s.len() > MAX_FIELD_BYTES {
+            return Err(Rejection::new(
+                RejectReason::FieldTooLong,
+                format!(
+                    "field `{name}` is {} bytes long, more than {MAX_FIELD_BYTES}",
+                    s.len()
+                ),
+            ));
         }
         Ok(s)
     }
@@ -616,6 +641,24 @@ mod tests {
         assert!(backfill
             .check("event_time", 946_684_800_000, Some(arrival))
             .is_ok());
+    }
+
+    #[test]
+    fn string_fields_longer_than_the_limit_are_refused() {
+        for field in ["device_type", "geo_location", "platform", "ad_type"] {
+            let mut at_limit = impression_json();
+            at_limit[field] = json!("x".repeat(MAX_FIELD_BYTES));
+            assert!(decode(RecordKind::Impression, at_limit.to_string().as_bytes()).is_ok());
+            let mut over = impression_json();
+            // Bytes, not characters: 65 four-byte characters are 260 bytes.
+            over[field] = json!("\u{1d11e}".repeat(MAX_FIELD_BYTES / 4 + 1));
+            let err = decode(RecordKind::Impression, over.to_string().as_bytes()).unwrap_err();
+            assert_eq!(err.reason, RejectReason::FieldTooLong, "{field}");
+        }
+        let mut time = impression_json();
+        time["event_time"] = json!(format!("2026-11-20T10:15:30.{}Z", "1".repeat(300)));
+        let err = decode(RecordKind::Impression, time.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.reason, RejectReason::FieldTooLong);
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn the_corpus_covers_every_input_reason() {
         "empty_id",
         "empty_field",
         "id_too_long",
+        "field_too_long",
         "invalid_id",
         "negative_price",
         "invalid_time",
