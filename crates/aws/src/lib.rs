@@ -34,7 +34,18 @@ impl Clients {
     }
 
     fn build(sdk: &aws_config::SdkConfig, counter: Option<&RequestCounter>) -> Self {
-        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(sdk);
+        // DynamoDB's retries are not limited by the SDK's shared retry quota. The quota is
+        // refilled only by successes, and a redelivered record's conditional write is answered
+        // with ConditionalCheckFailedException by design (nothing to write), so under a
+        // throttling storm plus Lambda's redeliveries it drains and stays empty: every throttle
+        // then fails its record at once, and Lambda retries the whole rest of the batch, far
+        // more load than the one request the SDK would have retried. Each request still makes
+        // at most the retry config's attempts, with backoff.
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(sdk).retry_partition(
+            aws_sdk_dynamodb::config::retry::RetryPartition::custom("adpipe-dynamodb")
+                .token_bucket(aws_sdk_dynamodb::config::retry::TokenBucket::unlimited())
+                .build(),
+        );
         let mut kinesis = aws_sdk_kinesis::config::Builder::from(sdk);
         let mut s3 =
             aws_sdk_s3::config::Builder::from(sdk).force_path_style(sdk.endpoint_url().is_some());
