@@ -19,6 +19,8 @@ and the injected faults are counted:  GET /__faults  -> {"injected": {"<rule nam
 - service: the SigV4 signing name (dynamodb, kinesis, s3, glue, sqs), from Authorization.
 - operation: the X-Amz-Target operation (UpdateItem, PutRecords, UpdateTable, ...), or for S3
   the HTTP method (PUT, GET, HEAD, DELETE, POST); "*" for any.
+- body_contains (optional): only requests whose body holds this string, e.g.
+  "\"Name\":\"impressions\"" for a Glue UpdateTable of one table.
 - fault:
   - throttle: the service's throttling error, nothing forwarded
     (DynamoDB ProvisionedThroughputExceededException, Kinesis
@@ -71,7 +73,7 @@ class State:
             self.injected = {}
             self.seen = {}
 
-    def pick(self, service: str, operation: str) -> dict | None:
+    def pick(self, service: str, operation: str, body: bytes = b"") -> dict | None:
         with self.lock:
             # Whole-request faults first; a `partial` rule decides per entry, after them.
             ordered = sorted(self.rules, key=lambda r: r["fault"] == "partial")
@@ -79,6 +81,8 @@ class State:
                 if rule.get("service") not in (service, "*"):
                     continue
                 if rule.get("operation", "*") not in (operation, "*"):
+                    continue
+                if "body_contains" in rule and rule["body_contains"].encode() not in body:
                     continue
                 name = rule.get("name") or f"{service}.{operation}.{rule['fault']}"
                 if self.injected.get(name, 0) >= rule.get("max", 1 << 62):
@@ -201,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
         service = m.group(1) if m else "unknown"
         target = self.headers.get("X-Amz-Target", "")
         operation = target.rsplit(".", 1)[-1] if target else self.command
-        rule = STATE.pick(service, operation)
+        rule = STATE.pick(service, operation, body)
         if rule is None:
             return self.reply(*self.forward(body))
         fault = rule["fault"]

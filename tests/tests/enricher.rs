@@ -2,12 +2,16 @@
 //! Catalog and the DynamoDB commit lease, driven by `events/joined.json`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use adpipe_aws::Clients;
+use adpipe_aws::S3DeadLetterSink;
 use adpipe_core::config::EnricherConfig;
-use adpipe_core::ports::LakeTable;
+use adpipe_core::enricher::{BatchEnricher, EnricherSettings};
+use adpipe_core::ports::{AppendReport, LakeAppend, LakeTable, PortError, TableWriter};
 use adpipe_enricher::{aws_enricher, handle, lake_config, AwsEnricher};
 use adpipe_it::{create_bucket, create_state_table, load_event, read_objects, unique, LocalAws};
+use adpipe_lake::{iceberg_schema, DynamoDbCommitLease, IcebergLake};
 use arrow_array::{Array, RecordBatch};
 use futures::TryStreamExt;
 use iceberg::Catalog;
@@ -612,4 +616,250 @@ async fn a_retained_lake_is_registered_again_not_recreated_when_its_database_is_
     let refused = aws_enricher(&env.clients, env.config.clone(), lake, "writer-3".into()).await;
     let message = format!("{:?}", refused.err().expect("start-up refuses"));
     assert!(message.contains("metadata files of version"), "{message}");
+}
+
+/// The lake as an enricher of the previous version wrote it: each append's rows with only the
+/// columns that version had (the first ones of the code's schema).
+struct PreviousVersion {
+    lake: IcebergLake,
+    clicks_columns: usize,
+    impressions_columns: usize,
+}
+
+impl TableWriter for PreviousVersion {
+    async fn append(&self, mut append: LakeAppend) -> Result<AppendReport, PortError> {
+        let keep = match append.table {
+            LakeTable::Clicks => self.clicks_columns,
+            LakeTable::Impressions => self.impressions_columns,
+        };
+        append.rows = append.rows.project(&(0..keep).collect::<Vec<_>>()).unwrap();
+        self.lake.append(append).await
+    }
+}
+
+/// The code's schema of `table` without its last `drop` columns.
+fn previous_schema(table: LakeTable, drop: usize) -> Arc<iceberg::spec::Schema> {
+    let now = iceberg_schema(table).unwrap();
+    let fields = now.as_struct().fields();
+    Arc::new(
+        iceberg::spec::Schema::builder()
+            .with_fields(fields[..fields.len() - drop].iter().cloned())
+            .build()
+            .unwrap(),
+    )
+}
+
+/// Tables created by the previous version (clicks without their last two columns, impressions
+/// without their last one) and holding its rows: the new enricher's start-up adds the columns
+/// before its first write, its rows land with them, and the old rows read them as null.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_of_the_previous_schema_get_the_new_columns_and_keep_their_rows() {
+    let env = env().await;
+    let mut config = lake_config(
+        &env.config,
+        Some(env.endpoint.clone()),
+        Some("us-east-1".into()),
+    );
+    config.credentials = Some(("test".into(), "test".into()));
+    let lease =
+        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
+    let old_lake = IcebergLake::connect(config, lease, "previous-version".into())
+        .await
+        .unwrap();
+    let (old_clicks, old_imps) = (
+        previous_schema(LakeTable::Clicks, 2),
+        previous_schema(LakeTable::Impressions, 1),
+    );
+    old_lake
+        .ensure_tables_with(
+            &env.clients.s3,
+            &[
+                (LakeTable::Clicks, old_clicks.clone()),
+                (LakeTable::Impressions, old_imps.clone()),
+            ],
+        )
+        .await
+        .unwrap();
+    let old = BatchEnricher::new(
+        PreviousVersion {
+            lake: old_lake,
+            clicks_columns: old_clicks.as_struct().fields().len(),
+            impressions_columns: old_imps.as_struct().fields().len(),
+        },
+        S3DeadLetterSink::new(env.clients.s3.clone(), &env.config.dead_letter_bucket),
+        EnricherSettings {
+            rules: env.config.rules,
+            dead_letter_prefix: env.config.dead_letter_prefix.clone(),
+            max_in_flight: 4,
+            time_bounds: env.config.time_bounds,
+            max_days_per_batch: env.config.max_days_per_batch,
+        },
+    );
+    let event = load_event("joined.json");
+    let (response, report) = handle(&old, "adpipe", &slice(&event, 0..2), NOW_MS).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+
+    // The new version starts: ensure_tables adds the columns, then a batch lands.
+    let e = enricher(&env, "new-version").await;
+    for (table, old_schema) in [
+        (LakeTable::Clicks, &old_clicks),
+        (LakeTable::Impressions, &old_imps),
+    ] {
+        let t = e
+            .lake
+            .catalog()
+            .load_table(&e.lake.ident(table))
+            .await
+            .unwrap();
+        let schema = t.metadata().current_schema();
+        let code = iceberg_schema(table).unwrap();
+        assert_eq!(
+            schema.as_struct().fields().len(),
+            code.as_struct().fields().len()
+        );
+        for (have, want) in schema
+            .as_struct()
+            .fields()
+            .iter()
+            .zip(code.as_struct().fields())
+        {
+            assert_eq!(
+                (&have.name, have.id, &have.field_type, have.required),
+                (&want.name, want.id, &want.field_type, want.required)
+            );
+        }
+        assert_eq!(t.metadata().schemas_iter().count(), 2, "one schema update");
+        assert_ne!(schema.schema_id(), old_schema.schema_id());
+    }
+    let (response, report) = handle(&e, "adpipe", &slice(&event, 2..11), NOW_MS + 1_000).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+    // A second start finds nothing to add.
+    for table in [LakeTable::Clicks, LakeTable::Impressions] {
+        assert!(e
+            .lake
+            .migrate_table(table, &iceberg_schema(table).unwrap())
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    // Every row reads back; only the old version's rows lack the new columns.
+    let clicks = rows(&e, LakeTable::Clicks).await;
+    assert_eq!(column(&clicks, "click_id"), ["clk-1", "clk-3"]);
+    let imps = rows(&e, LakeTable::Impressions).await;
+    assert_eq!(column(&imps, "impression_id").len(), 7);
+    for (batches, key, old_keys, new_columns) in [
+        (
+            &clicks,
+            "click_id",
+            "clk-1",
+            &["click_revenue", "processed_time"][..],
+        ),
+        (&imps, "impression_id", "imp-1001", &["processed_time"][..]),
+    ] {
+        let (mut old_rows, mut new_rows) = (0, 0);
+        for b in batches.iter() {
+            let keys = arrow_array::cast::as_string_array(b.column_by_name(key).unwrap());
+            for row in 0..b.num_rows() {
+                let from_old = keys.value(row) == old_keys;
+                for name in new_columns {
+                    let c = b.column_by_name(name).unwrap();
+                    assert_eq!(c.is_null(row), from_old, "{name} of {}", keys.value(row));
+                }
+                if from_old {
+                    old_rows += 1;
+                } else {
+                    new_rows += 1;
+                }
+            }
+        }
+        assert_eq!(old_rows, 1, "{key}");
+        assert!(new_rows > 0, "{key}");
+    }
+}
+
+/// A table whose schema differs from the code's other than by appended optional columns stops
+/// the enricher's start-up, with the column named, and is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retyped_column_stops_start_up_and_changes_nothing() {
+    let env = env().await;
+    let mut config = lake_config(
+        &env.config,
+        Some(env.endpoint.clone()),
+        Some("us-east-1".into()),
+    );
+    config.credentials = Some(("test".into(), "test".into()));
+    let lease =
+        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
+    let other = IcebergLake::connect(config, lease, "other-version".into())
+        .await
+        .unwrap();
+    let code = iceberg_schema(LakeTable::Clicks).unwrap();
+    let retyped: Vec<_> = code
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| {
+            let mut f = f.as_ref().clone();
+            if f.name == "engagement_duration" {
+                *f.field_type =
+                    iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::String);
+            }
+            Arc::new(f)
+        })
+        .collect();
+    let retyped = Arc::new(
+        iceberg::spec::Schema::builder()
+            .with_fields(retyped)
+            .build()
+            .unwrap(),
+    );
+    other
+        .ensure_tables_with(
+            &env.clients.s3,
+            &[
+                (LakeTable::Clicks, retyped.clone()),
+                (
+                    LakeTable::Impressions,
+                    iceberg_schema(LakeTable::Impressions).unwrap(),
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut config = lake_config(
+        &env.config,
+        Some(env.endpoint.clone()),
+        Some("us-east-1".into()),
+    );
+    config.credentials = Some(("test".into(), "test".into()));
+    let refused = aws_enricher(&env.clients, env.config.clone(), config, "new".into()).await;
+    let message = format!("{:?}", refused.err().expect("start-up refuses"));
+    assert!(
+        message.contains("engagement_duration") && message.contains("type"),
+        "{message}"
+    );
+    let t = other
+        .catalog()
+        .load_table(&other.ident(LakeTable::Clicks))
+        .await
+        .unwrap();
+    assert_eq!(t.metadata().schemas_iter().count(), 1, "nothing applied");
+    assert_eq!(
+        t.metadata()
+            .current_schema()
+            .field_by_name("engagement_duration")
+            .unwrap()
+            .field_type
+            .to_string(),
+        "string"
+    );
 }

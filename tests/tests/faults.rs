@@ -310,3 +310,68 @@ async fn everything_at_once() {
     ]);
     run_under(&p, &proxy, &t, rules, Some(0.15)).await;
 }
+
+/// A joined-stream batch Lambda gave up on after its clicks had committed and its impressions
+/// had not, put back on the stream by the redrive (new sequence numbers, so no batch id or
+/// range of the lake matches it): every pair and every impression lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redriven_half_committed_batch_lands_every_row_once_in_both_tables() {
+    let t = traffic(47, "redrive-");
+    let (p, proxy) = faulty_pipeline(&t).await;
+    let f = p.functions().unwrap();
+    let mut stages = p.mappings(&f).await.unwrap();
+    for m in &mut stages[1] {
+        m.settings.max_retry_attempts = Some(1);
+        m.settings.bisect_on_error = false;
+    }
+    // Every commit to the impressions table is refused; the clicks table commits normally.
+    let refuse = json!([{
+        "name": "impressions-commit-refused", "service": "glue", "operation": "UpdateTable",
+        "fault": "conflict", "probability": 1.0,
+        "body_contains": format!("\"Name\":\"{}\"", adpipe_core::lake::IMPRESSIONS_TABLE),
+    }]);
+    proxy.set_rules(7, refuse).unwrap();
+    let first = p
+        .run(&f, stages, RunOptions::drain(&p.resources.region))
+        .await
+        .unwrap();
+    let injected = proxy.injected().unwrap();
+    proxy.set_rules(0, json!([])).unwrap();
+    assert!(injected["impressions-commit-refused"] > 0, "{injected:?}");
+    let enricher = first.counts(&format!(
+        "{} <- {}",
+        p.resources.enricher.name, p.resources.joined_stream.name
+    ));
+    assert!(enricher.discarded > 0, "{enricher:?}");
+
+    // Half committed: every pair is in the clicks table, no impression is in its table.
+    let (clicks, imps) = lake_rows(&p).await;
+    assert_eq!(
+        clicks.len(),
+        reference_pairs(&t.impressions, &t.clicks).len()
+    );
+    assert!(imps.is_empty(), "{} impressions landed", imps.len());
+
+    // The redrive puts every given-up batch back on the joined stream, flagged.
+    let done = p.redrive().await.unwrap();
+    assert_eq!(done.records, enricher.discarded, "{done:?}");
+    assert_eq!(done.flagged, done.records, "{done:?}");
+    assert!(p.on_failure_records().await.unwrap().is_empty());
+
+    // The enricher resumes where it stood (as Lambda does) and reads only the redriven copies.
+    let mut stages = p.mappings(&f).await.unwrap();
+    let enricher_stage = stages.pop().unwrap();
+    let mut options = RunOptions::drain(&p.resources.region);
+    options.checkpoints = first.checkpoints.clone();
+    let second = p.run(&f, vec![enricher_stage], options).await.unwrap();
+    let again = second.counts(&format!(
+        "{} <- {}",
+        p.resources.enricher.name, p.resources.joined_stream.name
+    ));
+    assert_eq!(
+        (again.records_done, again.discarded),
+        (done.records, 0),
+        "{again:?}"
+    );
+    check_lake(&p, &t).await;
+}

@@ -152,6 +152,26 @@ impl JoinedStreamRecord {
     }
 }
 
+/// A joined-stream record as it must be put back on the stream by a redrive or an operator's
+/// replay: flagged `recovered`, so the enricher lands each of its rows only if the row's key is
+/// not in the table yet.
+///
+/// A record put back gets new sequence numbers, so nothing else tells the enricher that it may
+/// already have landed (in one table or in both: the two appends commit independently). The
+/// record is edited as JSON, so a field this version does not know is kept. `None` for bytes
+/// that are not a click or impression record (they are put back as they are, and dead-lettered
+/// again by the enricher).
+pub fn flag_recovered_bytes(data: &[u8]) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(data).ok()?;
+    let object = value.as_object_mut()?;
+    match object.get("type").and_then(serde_json::Value::as_str) {
+        Some("click" | "impression") => {}
+        _ => return None,
+    }
+    object.insert("recovered".to_owned(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&value).ok()
+}
+
 /// A first-seen impression on the joined stream (schema version [`JOINED_SCHEMA_VERSION`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImpressionRecord {
@@ -255,5 +275,81 @@ impl JoinedRecord {
     /// The pair key, `(impression_id, click_id)`.
     pub fn pair_key(&self) -> (&str, &str) {
         (&self.impression_id, &self.click_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn impression() -> Impression {
+        Impression {
+            ad_id: "ad-1".into(),
+            impression_id: "imp-1".into(),
+            campaign_id: "camp-1".into(),
+            publisher_id: "pub-1".into(),
+            event_time_ms: 1_795_219_200_123,
+            device_type: "mobile".into(),
+            geo_location: "US".into(),
+            platform: "ios".into(),
+            ad_type: "banner".into(),
+            bid_price: 12.345_678_901_234_567,
+        }
+    }
+
+    #[test]
+    fn a_record_put_back_is_flagged_and_otherwise_unchanged() {
+        let imp = impression();
+        let click = Click {
+            click_id: "clk-1".into(),
+            click_id_derived: false,
+            impression_id: "imp-1".into(),
+            ad_id: "ad-1".into(),
+            campaign_id: "camp-1".into(),
+            publisher_id: "pub-1".into(),
+            event_time_ms: 1_795_219_201_000,
+            device_type: "mobile".into(),
+            geo_location: "US".into(),
+            platform: "ios".into(),
+            click_price: 0.1,
+        };
+        for record in [
+            JoinedStreamRecord::Click(JoinedRecord::new(&imp, &click)),
+            JoinedStreamRecord::Impression(ImpressionRecord::new(&imp, false)),
+            JoinedStreamRecord::Impression(ImpressionRecord::new(&imp, true)),
+        ] {
+            let bytes = serde_json::to_vec(&record).unwrap();
+            let flagged = flag_recovered_bytes(&bytes).expect("a joined record");
+            let back: JoinedStreamRecord = serde_json::from_slice(&flagged).unwrap();
+            assert!(back.recovered());
+            let mut want = record.clone();
+            want.set_recovered();
+            assert_eq!(back, want, "only the flag changes");
+        }
+        // A field this version does not know survives.
+        let mut v = serde_json::to_value(JoinedStreamRecord::Impression(ImpressionRecord::new(
+            &imp, false,
+        )))
+        .unwrap();
+        v["added_later"] = serde_json::json!({"x": 1});
+        let flagged: serde_json::Value = serde_json::from_slice(
+            &flag_recovered_bytes(&serde_json::to_vec(&v).unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(flagged["added_later"]["x"], 1);
+        assert_eq!(flagged["recovered"], true);
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_joined_record_are_left_alone() {
+        for data in [
+            &b"not json"[..],
+            b"[1,2]",
+            br#"{"impression_id":"imp-1"}"#,
+            br#"{"type":"view","impression_id":"imp-1"}"#,
+            b"\xff\xfe",
+        ] {
+            assert_eq!(flag_recovered_bytes(data), None, "{data:?}");
+        }
     }
 }

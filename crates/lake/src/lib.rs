@@ -26,7 +26,7 @@ use iceberg::spec::{
     DataFile, DataFileFormat, Datum, Literal, PartitionKey, Struct, Transform, UnboundPartitionSpec,
 };
 use iceberg::table::Table;
-use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::location_generator::DefaultFileNameGenerator;
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
@@ -229,13 +229,34 @@ impl IcebergLake {
     }
 
     /// Creates the database and both tables if they do not exist (format v2, partitioned by
-    /// `identity(campaign_id)` and `day(impression_time)`, zstd Parquet).
+    /// `identity(campaign_id)` and `day(impression_time)`, zstd Parquet), and brings an
+    /// existing table's schema to this version's ([`IcebergLake::migrate_table`]).
     ///
     /// A table missing from the catalog whose location already holds Iceberg metadata (its
     /// Glue database was deleted while the bucket was kept) is registered from its current
     /// metadata, never created anew: an empty table over the old location would hide every
     /// landed row, and its orphan-file cleanup could later delete them.
     pub async fn ensure_tables(&self, s3: &aws_sdk_s3::Client) -> Result<(), PortError> {
+        self.ensure_tables_with(
+            s3,
+            &[
+                (LakeTable::Clicks, iceberg_schema(LakeTable::Clicks)?),
+                (
+                    LakeTable::Impressions,
+                    iceberg_schema(LakeTable::Impressions)?,
+                ),
+            ],
+        )
+        .await
+    }
+
+    /// [`IcebergLake::ensure_tables`] with the given schemas (those of another version: the
+    /// schema-evolution test creates tables as an older version did).
+    pub async fn ensure_tables_with(
+        &self,
+        s3: &aws_sdk_s3::Client,
+        schemas: &[(LakeTable, Arc<iceberg::spec::Schema>)],
+    ) -> Result<(), PortError> {
         let exists = self
             .catalog
             .namespace_exists(&self.namespace)
@@ -247,13 +268,8 @@ impl IcebergLake {
                 .await
                 .map_err(|e| lake_error("creating the Glue database", e))?;
         }
-        for (table, arrow) in [
-            (LakeTable::Clicks, adpipe_core::lake::clicks_schema()),
-            (
-                LakeTable::Impressions,
-                adpipe_core::lake::impressions_schema(),
-            ),
-        ] {
+        for (table, schema) in schemas {
+            let (table, schema) = (*table, schema.as_ref().clone());
             let ident = self.ident(table);
             if self
                 .catalog
@@ -261,6 +277,7 @@ impl IcebergLake {
                 .await
                 .map_err(|e| lake_error("checking a table", e))?
             {
+                self.migrate_table(table, &schema).await?;
                 continue;
             }
             if let Some(metadata) = self.retained_metadata(s3, table).await? {
@@ -273,10 +290,9 @@ impl IcebergLake {
                     .register_table(&ident, metadata)
                     .await
                     .map_err(|e| lake_error("registering a retained table", e))?;
+                self.migrate_table(table, &schema).await?;
                 continue;
             }
-            let schema = arrow_schema_to_schema(&arrow)
-                .map_err(|e| lake_error("converting the schema", e))?;
             let field_id = |name: &str| {
                 schema
                     .field_by_name(name)
@@ -310,6 +326,73 @@ impl IcebergLake {
                 .map_err(|e| lake_error("creating a table", e))?;
         }
         Ok(())
+    }
+
+    /// Adds to an existing table the columns of `code` it lacks ([`schema_additions`]), as
+    /// optional columns with new field ids, in one Iceberg schema update (`AddSchema` and
+    /// `SetCurrentSchema`, guarded by the current schema id), under the table's commit lease.
+    /// Data files written before keep their own schema: the added columns read as null there.
+    /// Any other difference is refused with an error naming the column. Returns the names of
+    /// the columns added (none when the table already matches).
+    pub async fn migrate_table(
+        &self,
+        table: LakeTable,
+        code: &iceberg::spec::Schema,
+    ) -> Result<Vec<String>, PortError> {
+        let ident = self.ident(table);
+        let plan = |t: &Table| {
+            schema_additions(
+                t.metadata().current_schema(),
+                code,
+                t.metadata().last_column_id(),
+            )
+            .map_err(|m| PortError::Rejected(format!("table {ident}: {m}")))
+        };
+        if plan(&self.load(&ident).await?)?.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease = self.lease.acquire(&ident.to_string(), &self.owner).await?;
+        let result = async {
+            // Again under the lease: another instance may have migrated it meanwhile.
+            let current = self.load(&ident).await?;
+            let added = plan(&current)?;
+            if added.is_empty() {
+                return Ok(Vec::new());
+            }
+            let tx = Transaction::new(&current);
+            let mut update = tx.update_schema();
+            for field in &added {
+                update = update.add_column(AddColumn::optional(
+                    &field.name,
+                    field.field_type.as_ref().clone(),
+                ));
+            }
+            let tx = update
+                .apply(tx)
+                .map_err(|e| lake_error("preparing the schema update", e))?;
+            let migrated = tx
+                .commit(&self.catalog)
+                .await
+                .map_err(|e| lake_error("committing the schema update", e))?;
+            let left = plan(&migrated)?;
+            if !left.is_empty() {
+                return Err(PortError::Rejected(format!(
+                    "table {ident}: the schema update left columns missing: {}",
+                    left.iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let names: Vec<String> = added.iter().map(|f| f.name.clone()).collect();
+            tracing::warn!(table = %ident, columns = ?names, "columns added to the table's schema");
+            Ok(names)
+        }
+        .await;
+        let released = self.lease.release(lease).await;
+        let added = result?;
+        released?;
+        Ok(added)
     }
 
     async fn load(&self, ident: &TableIdent) -> Result<Table, PortError> {
@@ -349,6 +432,93 @@ pub fn committed_inputs(table: &Table) -> Vec<(String, InputRange)> {
             .and_then(|p| metadata.snapshot_by_id(p).cloned());
     }
     out
+}
+
+/// What a table's schema needs to become the code's: the code's columns it lacks, in order,
+/// each to be added as an optional column.
+///
+/// The code's columns carry field ids 1..=N in order and new columns are only ever appended
+/// (`adpipe_core::lake`), so a table of an older version holds a prefix of them. Anything else
+/// is refused with the column named, never applied: a column of the table that the code no
+/// longer has (a removal or a rename), a changed type or nullability, a column the code
+/// declares required (old rows have no value for it), or field ids that would come out
+/// different from the code's (a table whose `last_column_id` ran ahead, e.g. a column added
+/// and dropped by hand). `last_column_id` is the table metadata's.
+pub fn schema_additions(
+    table: &iceberg::spec::Schema,
+    code: &iceberg::spec::Schema,
+    last_column_id: i32,
+) -> Result<Vec<iceberg::spec::NestedFieldRef>, String> {
+    let have = table.as_struct().fields();
+    let want = code.as_struct().fields();
+    for (i, t) in have.iter().enumerate() {
+        let Some(c) = want.get(i) else {
+            return Err(format!(
+                "the table has column {} (field id {}), which this version's schema does not: \
+                 removing a column is refused",
+                t.name, t.id
+            ));
+        };
+        if c.name != t.name {
+            return Err(if code.field_by_name(&t.name).is_some() {
+                format!(
+                    "column {} is at position {} in the table but not in this version's \
+                     schema (which has {} there): reordering columns is refused",
+                    t.name,
+                    i + 1,
+                    c.name
+                )
+            } else {
+                format!(
+                    "the table has column {} (field id {}), which this version's schema does \
+                     not (it has {} there): removing or renaming a column is refused",
+                    t.name, t.id, c.name
+                )
+            });
+        }
+        if c.field_type != t.field_type {
+            return Err(format!(
+                "column {} is {} in the table but {} in this version's schema: changing a \
+                 column's type is refused",
+                t.name, t.field_type, c.field_type
+            ));
+        }
+        if c.required != t.required {
+            let word = |r: bool| if r { "required" } else { "optional" };
+            return Err(format!(
+                "column {} is {} in the table but {} in this version's schema: changing a \
+                 column's nullability is refused",
+                t.name,
+                word(t.required),
+                word(c.required)
+            ));
+        }
+        if c.id != t.id {
+            return Err(format!(
+                "column {} has field id {} in the table but {} in this version's schema",
+                t.name, t.id, c.id
+            ));
+        }
+    }
+    let added: Vec<iceberg::spec::NestedFieldRef> = want[have.len()..].to_vec();
+    for (k, c) in added.iter().enumerate() {
+        if c.required {
+            return Err(format!(
+                "new column {} is required in this version's schema; a column added to a \
+                 table with rows must be optional (old rows have no value for it)",
+                c.name
+            ));
+        }
+        let assigned = last_column_id + 1 + k as i32;
+        if c.id != assigned {
+            return Err(format!(
+                "new column {} would get field id {assigned} in the table (its last column id \
+                 is {last_column_id}) but has {} in this version's schema",
+                c.name, c.id
+            ));
+        }
+    }
+    Ok(added)
 }
 
 /// Orders Kinesis sequence numbers: decimal digit strings compare as numbers. Anything else is
@@ -711,6 +881,83 @@ mod tests {
             first_sequence: first.into(),
             last_sequence: last.into(),
         }
+    }
+
+    fn with_fields(fields: Vec<iceberg::spec::NestedField>) -> iceberg::spec::Schema {
+        iceberg::spec::Schema::builder()
+            .with_fields(fields.into_iter().map(Arc::new))
+            .build()
+            .unwrap()
+    }
+
+    fn code_fields() -> Vec<iceberg::spec::NestedField> {
+        iceberg_schema(LakeTable::Impressions)
+            .unwrap()
+            .as_struct()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_table_of_an_older_version_gets_the_appended_columns() {
+        let code = with_fields(code_fields());
+        let n = code_fields().len();
+        let table = with_fields(code_fields()[..n - 2].to_vec());
+        let added = schema_additions(&table, &code, (n - 2) as i32).unwrap();
+        let names: Vec<&str> = added.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["platform_category", "processed_time"]);
+        assert!(schema_additions(&code, &code, n as i32).unwrap().is_empty());
+    }
+
+    #[test]
+    fn every_other_schema_difference_is_refused_with_the_column_named() {
+        let n = code_fields().len();
+        let code = with_fields(code_fields());
+        let refused = |table: Vec<iceberg::spec::NestedField>, last: i32, words: &[&str]| {
+            let message = schema_additions(&with_fields(table), &code, last).unwrap_err();
+            for w in words {
+                assert!(message.contains(w), "{w:?} not in {message:?}");
+            }
+        };
+        // A type change.
+        let mut retyped = code_fields();
+        *retyped[9].field_type =
+            iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::String);
+        refused(retyped, n as i32, &["bid_price", "type"]);
+        // A column the code no longer has.
+        let mut extra = code_fields();
+        extra.push(iceberg::spec::NestedField::optional(
+            n as i32 + 1,
+            "dropped_later",
+            iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::Long),
+        ));
+        refused(extra, n as i32 + 1, &["dropped_later", "removing"]);
+        // A rename.
+        let mut renamed = code_fields();
+        renamed[1].name = "advert_id".into();
+        refused(renamed, n as i32, &["advert_id", "renaming"]);
+        // Nullability.
+        let mut required = code_fields();
+        required[1].required = true;
+        refused(required, n as i32, &["ad_id", "nullability"]);
+        // Field ids that would not match the code's (a column added and dropped by hand).
+        refused(
+            code_fields()[..n - 1].to_vec(),
+            n as i32 + 3,
+            &["processed_time", "field id"],
+        );
+        // A new column the code declares required.
+        let mut code_required = code_fields();
+        code_required[n - 1].required = true;
+        let message = schema_additions(
+            &with_fields(code_fields()[..n - 1].to_vec()),
+            &with_fields(code_required),
+            (n - 1) as i32,
+        )
+        .unwrap_err();
+        assert!(message.contains("must be optional"), "{message}");
     }
 
     #[test]

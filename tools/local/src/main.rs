@@ -343,8 +343,9 @@ async fn dispatch(raw: &[String]) -> Result<()> {
             let p = pipeline(&a, &root).await?;
             let done = p.redrive().await?;
             println!(
-                "redrove {} records of {} discarded batches from {} (run `adpipe-local run` to process them)",
+                "redrove {} records ({} joined-stream records flagged recovered) of {} discarded batches from {} (run `adpipe-local run` to process them)",
                 thousands(done.records),
+                thousands(done.flagged),
                 thousands(done.batches),
                 p.resources.on_failure_queue
             );

@@ -113,10 +113,16 @@ impl Pipeline {
     }
 
     /// Puts the records of every batch in the on-failure queue back on their streams
-    /// ([`crate::redrive`]).
+    /// ([`crate::redrive`]), joined-stream records flagged `recovered`.
     pub async fn redrive(&self) -> Result<crate::redrive::Redriven, LocalError> {
         let url = self.on_failure_queue_url().await?;
-        crate::redrive::redrive(&self.clients.kinesis, &self.sqs, &url).await
+        crate::redrive::redrive(
+            &self.clients.kinesis,
+            &self.sqs,
+            &url,
+            &self.resources.joined_stream.name,
+        )
+        .await
     }
 
     /// The invocation records the mappings sent to the on-failure queue so far (received

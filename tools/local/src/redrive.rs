@@ -5,6 +5,12 @@
 //! that range from the stream, sends the records again with their partition keys, and deletes
 //! the message once they are in. Both functions are idempotent, so records of the range that
 //! were processed before the batch was given up come out as duplicates, not double counts.
+//!
+//! Records put back on the joined stream get new sequence numbers, so the enricher cannot
+//! recognise their range; each is therefore flagged `recovered`
+//! ([`adpipe_core::model::flag_recovered_bytes`]) and lands only where its key is absent, in
+//! each table on its own (one may have committed the batch and the other not). Records of the
+//! input streams are put back byte for byte: the joiner's state recognises them.
 
 use aws_sdk_kinesis::types::ShardIteratorType;
 use serde_json::Value;
@@ -19,6 +25,8 @@ pub struct Redriven {
     pub batches: u64,
     /// Records sent back to their streams.
     pub records: u64,
+    /// Of those, joined-stream records flagged `recovered` on the way.
+    pub flagged: u64,
 }
 
 /// Kinesis sequence numbers are decimal strings of up to 128 bits: compare them as numbers.
@@ -70,11 +78,33 @@ pub async fn read_range(
     Ok(out)
 }
 
-/// Handles every message in the on-failure queue at `queue_url`.
+/// The records as they go back on `stream`: flagged `recovered` if it is the joined stream
+/// (the enricher's input), unchanged otherwise. Returns how many were flagged.
+pub fn prepare_for_stream(
+    records: &mut [(String, Vec<u8>)],
+    stream: &str,
+    joined_stream: &str,
+) -> u64 {
+    if stream != joined_stream {
+        return 0;
+    }
+    let mut flagged = 0;
+    for (_, data) in records.iter_mut() {
+        if let Some(marked) = adpipe_core::model::flag_recovered_bytes(data) {
+            *data = marked;
+            flagged += 1;
+        }
+    }
+    flagged
+}
+
+/// Handles every message in the on-failure queue at `queue_url`. Records of `joined_stream`
+/// are flagged `recovered` on the way back ([`prepare_for_stream`]).
 pub async fn redrive(
     kinesis: &aws_sdk_kinesis::Client,
     sqs: &aws_sdk_sqs::Client,
     queue_url: &str,
+    joined_stream: &str,
 ) -> Result<Redriven, LocalError> {
     let mut done = Redriven::default();
     loop {
@@ -100,7 +130,7 @@ pub async fn redrive(
             };
             let arn = field("streamArn")?;
             let stream = adpipe_core::config::stream_name(&arn).to_owned();
-            let records = read_range(
+            let mut records = read_range(
                 kinesis,
                 &stream,
                 &field("shardId")?,
@@ -108,11 +138,13 @@ pub async fn redrive(
                 &field("endSequenceNumber")?,
             )
             .await?;
+            let flagged = prepare_for_stream(&mut records, &stream, joined_stream);
             StreamWriter::new(kinesis.clone(), &stream)
                 .send_keyed(&records)
                 .await?;
-            tracing::info!(%stream, records = records.len(), "batch redriven");
+            tracing::info!(%stream, records = records.len(), flagged, "batch redriven");
             done.records += records.len() as u64;
+            done.flagged += flagged;
             done.batches += 1;
             if let Some(handle) = m.receipt_handle() {
                 sqs.delete_message()
@@ -139,5 +171,28 @@ mod tests {
         )
         .is_gt());
         assert!(seq_cmp("42", "42").is_eq());
+    }
+
+    #[test]
+    fn only_joined_stream_records_are_flagged() {
+        let joined =
+            br#"{"type":"impression","schema_version":1,"recovered":false,"impression_id":"i"}"#;
+        let raw = br#"{"impression_id":"i","type":"impression"}"#;
+        let records = || {
+            vec![
+                ("i".to_owned(), joined.to_vec()),
+                ("i".to_owned(), b"garbage".to_vec()),
+            ]
+        };
+        let mut input = vec![("i".to_owned(), raw.to_vec())];
+        assert_eq!(prepare_for_stream(&mut input, "impressions", "joined"), 0);
+        assert_eq!(input[0].1, raw.to_vec(), "input streams: byte for byte");
+
+        let mut out = records();
+        assert_eq!(prepare_for_stream(&mut out, "joined", "joined"), 1);
+        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        assert_eq!(v["recovered"], true);
+        assert_eq!(out[0].0, "i", "the partition key is kept");
+        assert_eq!(out[1].1, b"garbage".to_vec());
     }
 }
