@@ -3,9 +3,10 @@
 //! event source mapping does, and the lake's queries, Parquet export and CTR chart.
 //!
 //! The pure parts ([`generator`], [`esm`], [`chart`], parts of [`replay`] and [`runner`]) have
-//! unit tests without I/O; the binary `adpipe-local` puts the pieces together.
+//! unit tests without I/O; the binary `adpipe` puts the pieces together, on the command line of [`cli`].
 
 pub mod chart;
+pub mod cli;
 pub mod endpoint;
 pub mod esm;
 pub mod functions;

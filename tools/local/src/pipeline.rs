@@ -1,6 +1,6 @@
 //! The pieces put together against one endpoint: provision, send traffic, run both functions
 //! through their event source mappings until the streams are drained, and read the lake and
-//! the dead letters back. Used by the `adpipe-local` binary and by the end-to-end tests.
+//! the dead letters back. Used by the `adpipe` binary and by the end-to-end tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -20,25 +20,12 @@ pub const MAX_BYTES_PER_PUT: usize = 5 * 1024 * 1024;
 pub const PUT_ATTEMPTS: u32 = 10;
 
 /// In which order the two streams receive their records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
     /// Both streams at once, each in its file's order (as two producers would).
     Interleaved,
     /// Every click is sent (and, when the pipeline runs, processed) before any impression.
     ClicksFirst,
-}
-
-impl std::str::FromStr for Order {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "interleaved" => Ok(Order::Interleaved),
-            "clicks-first" => Ok(Order::ClicksFirst),
-            other => Err(format!(
-                "unknown order {other:?} (interleaved | clicks-first)"
-            )),
-        }
-    }
 }
 
 /// Splits JSONL bytes into records: one per line, bytes unchanged (a `\r` before the newline
@@ -315,11 +302,5 @@ mod tests {
         assert!(c.iter().all(|r| r.len() <= 4), "{c:?}");
         assert_eq!(c.iter().map(|r| r.len()).sum::<usize>(), 12);
         assert_eq!(chunks(&[], 500), Vec::<std::ops::Range<usize>>::new());
-    }
-
-    #[test]
-    fn orders_parse() {
-        assert_eq!("clicks-first".parse::<Order>(), Ok(Order::ClicksFirst));
-        assert!("random".parse::<Order>().is_err());
     }
 }
