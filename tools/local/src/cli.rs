@@ -28,9 +28,16 @@ pub const DEFAULT_PORT: u16 = 4566;
                   $ADPIPE_ENDPOINT, else the endpoint `adpipe up` recorded in .local/endpoint)."
 )]
 pub struct Cli {
-    /// Where the commands act.
+    /// Where the commands act (without --stack).
     #[arg(long, global = true, value_enum, default_value_t = Stage::Local)]
     pub stage: Stage,
+    /// Act on this deployed stack instead, with names from its CloudFormation outputs and the
+    /// default AWS credential chain (generate, replay and redrive so far) [default: none]
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "stage")]
+    pub stack: Option<String>,
+    /// Region of --stack [default: the credential chain's (AWS_REGION, the profile)]
+    #[arg(long, global = true, value_name = "R", requires = "stack")]
+    pub region: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -720,6 +727,31 @@ mod tests {
                 },
                 out: Some("lake".into()),
             })
+        );
+    }
+
+    #[test]
+    fn stack_and_region_are_global_and_region_needs_a_stack() {
+        let cli = parse(&["generate", "--stack", "adpipe-dev", "--region", "eu-west-1"]).unwrap();
+        assert_eq!(cli.stack.as_deref(), Some("adpipe-dev"));
+        assert_eq!(cli.region.as_deref(), Some("eu-west-1"));
+        let cli = parse(&["--stack", "adpipe-dev", "redrive"]).unwrap();
+        assert_eq!(
+            (cli.stack.as_deref(), cli.region),
+            (Some("adpipe-dev"), None)
+        );
+        assert_eq!(parse(&["env"]).unwrap().stack, None);
+        assert_eq!(
+            error(&["generate", "--region", "eu-west-1"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            error(&["generate", "--stack", "s", "--stage", "local"]).kind(),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            error(&["generate", "--stack"]).kind(),
+            ErrorKind::InvalidValue
         );
     }
 

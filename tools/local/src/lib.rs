@@ -19,6 +19,7 @@ pub mod redrive;
 pub mod replay;
 pub mod resources;
 pub mod runner;
+pub mod stack;
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 
@@ -70,6 +71,9 @@ pub enum LocalError {
     /// A shard could not be read or a discarded batch could not be recorded.
     #[error("runner: {0}")]
     Runner(String),
+    /// A deployed stack is missing or lacks an output the commands need.
+    #[error("stack: {0}")]
+    Stack(String),
 }
 
 impl LocalError {

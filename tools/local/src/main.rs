@@ -22,9 +22,11 @@ use adpipe_local::generator::{generate, Traffic};
 use adpipe_local::lake::{named_queries, render_table, to_csv, QueryResult};
 use adpipe_local::pipeline::{Functions, Pipeline};
 use adpipe_local::progress::{thousands, Counter, Reporter};
-use adpipe_local::replay::{read_jsonl, write_jsonl, Order};
+use adpipe_local::redrive::redrive;
+use adpipe_local::replay::{read_jsonl, send_rated, write_jsonl, Order};
 use adpipe_local::resources::Resources;
 use adpipe_local::runner::{RunOptions, RunReport, ShardKey};
+use adpipe_local::stack::StackTarget;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
@@ -119,7 +121,10 @@ async fn main() {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     let root = workspace_root();
-    // The local stage is the only target so far: every command below acts on it.
+    if let Some(stack) = &cli.stack {
+        return on_stack(stack, cli.region.as_deref(), cli.command).await;
+    }
+    // The local stage is the only stage so far: every command below acts on it.
     let Stage::Local = cli.stage;
     match cli.command {
         Command::Demo(a) => demo(&a, &root).await,
@@ -169,6 +174,120 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", Resources::local().lambda_env_file(&e.url));
             Ok(())
         }
+    }
+}
+
+/// A command against a deployed stack (`--stack NAME [--region R]`): names from the stack's
+/// outputs, clients from the default credential chain.
+async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result<()> {
+    let refuse_endpoint = |e: &EndpointArgs| {
+        if e.endpoint.is_some() {
+            bail!("--endpoint is for the local stage; --stack {stack} uses the stack's region and the AWS credential chain");
+        }
+        Ok(())
+    };
+    let unsupported = |what: &str| {
+        bail!("`adpipe {what}` against a stack is not supported yet (only generate, replay and redrive are); without --stack it acts on the local stage")
+    };
+    // Check what runs before the credential chain is asked anything.
+    match &command {
+        Command::Generate(a) => refuse_endpoint(&a.endpoint)?,
+        Command::Replay(a) => {
+            refuse_endpoint(&a.endpoint)?;
+            if a.run {
+                bail!("--run drives the local functions; against --stack {stack} the deployed functions read the streams");
+            }
+        }
+        Command::Redrive(a) => refuse_endpoint(a)?,
+        Command::Demo(_) => return unsupported("demo"),
+        Command::Up(_) => return unsupported("up"),
+        Command::Provision(_) => {
+            return unsupported("provision (sam deploy creates the stack's resources)")
+        }
+        Command::Run(_) => {
+            return unsupported("run (the deployed event source mappings run the functions)")
+        }
+        Command::Query(_) => return unsupported("query (Athena)"),
+        Command::Chart(_) => return unsupported("chart (Athena)"),
+        Command::Export(_) => return unsupported("export"),
+        Command::Env(_) => {
+            return unsupported(
+                "env (the deployed functions' settings are not among the stack's outputs)",
+            )
+        }
+    }
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_owned()));
+    }
+    let sdk = loader.load().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&sdk);
+    let target = StackTarget::resolve(&cfn, stack).await?;
+    let kinesis = aws_sdk_kinesis::Client::new(&sdk);
+    let send = |imps: Records, clicks: Records, order: Order, rate: Option<f64>| {
+        let (kinesis, target) = (kinesis.clone(), target.clone());
+        async move {
+            let counters = (
+                Counter::new("impressions", imps.len() as u64),
+                Counter::new("clicks", clicks.len() as u64),
+            );
+            let reporter = Reporter::start("send", vec![counters.0.clone(), counters.1.clone()]);
+            let started = Instant::now();
+            send_rated(
+                &kinesis,
+                &target.impressions_stream,
+                &target.clicks_stream,
+                &imps,
+                &clicks,
+                order,
+                rate,
+                &counters,
+            )
+            .await?;
+            drop(reporter);
+            println!(
+                "sent {} impression and {} click records to {} and {} (stack {}) in {:.1}s",
+                thousands(imps.len() as u64),
+                thousands(clicks.len() as u64),
+                target.impressions_stream,
+                target.clicks_stream,
+                target.stack,
+                started.elapsed().as_secs_f64()
+            );
+            anyhow::Ok(())
+        }
+    };
+    match command {
+        Command::Generate(a) => {
+            let traffic = generate(&a.traffic.config(adpipe_joiner::now_ms()))?;
+            if let Some(dir) = &a.out {
+                return write_traffic(&traffic, dir);
+            }
+            send(
+                traffic.impression_records,
+                traffic.click_records,
+                a.order,
+                a.rate,
+            )
+            .await
+        }
+        Command::Replay(a) => {
+            let (imps, clicks) = read_replay_files(&a)?;
+            send(imps, clicks, a.order, None).await
+        }
+        Command::Redrive(_) => {
+            let sqs = aws_sdk_sqs::Client::new(&sdk);
+            let done = redrive(&kinesis, &sqs, &target.on_failure_queue_url).await?;
+            println!(
+                "redrove {} records of {} discarded batches from {} (stack {})",
+                thousands(done.records),
+                thousands(done.batches),
+                target.on_failure_queue_url,
+                target.stack
+            );
+            Ok(())
+        }
+        _ => unreachable!("refused above"),
     }
 }
 
@@ -587,14 +706,7 @@ async fn generate_cmd(a: &GenerateArgs, root: &Path) -> Result<()> {
         traffic.stats.malformed
     );
     if let Some(dir) = &a.out {
-        write_jsonl(&dir.join("impressions.jsonl"), &traffic.impression_records)?;
-        write_jsonl(&dir.join("clicks.jsonl"), &traffic.click_records)?;
-        println!(
-            "wrote {} and {}",
-            dir.join("impressions.jsonl").display(),
-            dir.join("clicks.jsonl").display()
-        );
-        return Ok(());
+        return write_traffic(&traffic, dir);
     }
     let p = pipeline(&a.endpoint, root).await?;
     let took = send_traffic(
@@ -609,7 +721,23 @@ async fn generate_cmd(a: &GenerateArgs, root: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn replay_cmd(a: &ReplayArgs, root: &Path) -> Result<()> {
+/// Writes generated traffic as `impressions.jsonl` and `clicks.jsonl` into `dir`.
+fn write_traffic(traffic: &Traffic, dir: &Path) -> Result<()> {
+    write_jsonl(&dir.join("impressions.jsonl"), &traffic.impression_records)?;
+    write_jsonl(&dir.join("clicks.jsonl"), &traffic.click_records)?;
+    println!(
+        "wrote {} and {}",
+        dir.join("impressions.jsonl").display(),
+        dir.join("clicks.jsonl").display()
+    );
+    Ok(())
+}
+
+/// Raw records, one per stream record.
+type Records = Vec<Vec<u8>>;
+
+/// The records of `--impressions` and `--clicks` (at least one of them holds some).
+fn read_replay_files(a: &ReplayArgs) -> Result<(Records, Records)> {
     let imps = match &a.impressions {
         Some(f) => read_jsonl(f)?,
         None => Vec::new(),
@@ -619,8 +747,13 @@ async fn replay_cmd(a: &ReplayArgs, root: &Path) -> Result<()> {
         None => Vec::new(),
     };
     if imps.is_empty() && clicks.is_empty() {
-        bail!("nothing to replay: pass --impressions FILE and/or --clicks FILE");
+        bail!("nothing to replay: the files hold no records");
     }
+    Ok((imps, clicks))
+}
+
+async fn replay_cmd(a: &ReplayArgs, root: &Path) -> Result<()> {
+    let (imps, clicks) = read_replay_files(a)?;
     let order = a.order;
     let p = pipeline(&a.endpoint, root).await?;
     if !a.run {

@@ -252,6 +252,27 @@ pub async fn send_both(
     }
 }
 
+/// Sends raw records to two streams. `rate` (records/s) is for both streams together,
+/// shared in proportion to their records. `counters` count accepted records.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_rated(
+    client: &Client,
+    impressions_stream: &str,
+    clicks_stream: &str,
+    impressions: &[Vec<u8>],
+    clicks: &[Vec<u8>],
+    order: Order,
+    rate: Option<f64>,
+    counters: &(Arc<Counter>, Arc<Counter>),
+) -> Result<(), LocalError> {
+    let total = (impressions.len() + clicks.len()).max(1) as f64;
+    let mut w_imps = StreamWriter::new(client.clone(), impressions_stream);
+    let mut w_clicks = StreamWriter::new(client.clone(), clicks_stream);
+    w_imps.rate = rate.map(|r| r * impressions.len() as f64 / total);
+    w_clicks.rate = rate.map(|r| r * clicks.len() as f64 / total);
+    send_both(&w_imps, &w_clicks, impressions, clicks, order, counters).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
