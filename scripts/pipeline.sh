@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # README command 1: the whole pipeline on this machine, without an AWS account or Docker.
 # Installs the Python tools into .venv (moto_server, pyiceberg, DuckDB), builds the workspace,
-# then runs `adpipe-local demo`: a local AWS endpoint, the streams, tables and buckets, seeded
+# then runs `adpipe demo`: a local AWS endpoint, the streams, tables and buckets, seeded
 # traffic, both functions driven by a Kinesis event source mapping runner until the streams
 # are drained, the named queries, a CTR chart and a Parquet export of the lake.
-# Idempotent: a second run reuses .venv and target/. Arguments go to `adpipe-local demo`
-# (e.g. --impressions 100000; see `adpipe-local help`).
+# Idempotent: a second run reuses .venv and target/. Arguments go to `adpipe demo`
+# (e.g. --impressions 100000; see `adpipe demo --help`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,4 +21,4 @@ cargo build --workspace --all-targets --locked
 
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked |
   .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-exec "$target_dir/debug/adpipe-local" demo "$@"
+exec "$target_dir/debug/adpipe" demo "$@"

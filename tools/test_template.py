@@ -254,7 +254,7 @@ class EnvironmentAndNames(unittest.TestCase):
                     self.assertEqual(value, spec["name"])
 
     def test_mappings_streams_and_timeouts_follow_the_contract(self) -> None:
-        # adpipe-local reads these from deploy/resources.json; the template must say the same.
+        # adpipe reads these from deploy/resources.json; the template must say the same.
         params = template()["Parameters"]
         c = contract()
 

@@ -35,7 +35,7 @@ async fn generated_traffic_lands_in_the_lake_as_the_reference_join_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_records_replayed_clicks_first_give_the_same_lake() {
     let t = traffic(23, "order-");
-    // Through JSONL files, as `adpipe-local replay` reads them.
+    // Through JSONL files, as `adpipe replay` reads them.
     let dir = std::env::temp_dir().join(unique("adpipe-replay"));
     write_jsonl(&dir.join("impressions.jsonl"), &t.impression_records).unwrap();
     write_jsonl(&dir.join("clicks.jsonl"), &t.click_records).unwrap();

@@ -1,4 +1,4 @@
-//! Shared helpers for the benchmark binaries: arguments, statistics over rounds, real-shaped
+//! Shared helpers for the benchmark binaries (each parses its options with clap): statistics over rounds, real-shaped
 //! joined-stream records, the enricher's CPU path, and process memory readings.
 
 pub mod runtime_api;
@@ -10,15 +10,6 @@ use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord, Join
 use arrow_array::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
-
-/// `--name value` from the command line, parsed, or the default.
-pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.windows(2)
-        .find(|w| w[0] == name)
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or(default)
-}
 
 /// Median, minimum and maximum of a few rounds. The machines are shared and noisy, so a
 /// figure is the median with its range, never one round.

@@ -117,7 +117,7 @@ impl LocalEndpoint {
         Err(last)
     }
 
-    /// An endpoint someone else started (for example `adpipe-local up`).
+    /// An endpoint someone else started (for example `adpipe up`).
     pub fn existing(url: &str) -> Self {
         let port = url
             .rsplit(':')

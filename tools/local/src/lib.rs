@@ -3,9 +3,10 @@
 //! event source mapping does, and the lake's queries, Parquet export and CTR chart.
 //!
 //! The pure parts ([`generator`], [`esm`], [`chart`], parts of [`replay`] and [`runner`]) have
-//! unit tests without I/O; the binary `adpipe-local` puts the pieces together.
+//! unit tests without I/O; the binary `adpipe` puts the pieces together, on the command line of [`cli`].
 
 pub mod chart;
+pub mod cli;
 pub mod endpoint;
 pub mod esm;
 pub mod functions;
@@ -18,6 +19,7 @@ pub mod redrive;
 pub mod replay;
 pub mod resources;
 pub mod runner;
+pub mod stack;
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 
@@ -69,6 +71,9 @@ pub enum LocalError {
     /// A shard could not be read or a discarded batch could not be recorded.
     #[error("runner: {0}")]
     Runner(String),
+    /// A deployed stack is missing or lacks an output the commands need.
+    #[error("stack: {0}")]
+    Stack(String),
 }
 
 impl LocalError {

@@ -1,8 +1,9 @@
-//! `adpipe-local`: the whole pipeline on a laptop, without an AWS account or Docker.
+//! `adpipe`: the whole pipeline on a laptop, without an AWS account or Docker.
 //!
 //! Subcommands: `demo` (everything in one go), `up` (keep an endpoint running for
 //! `cargo lambda watch`), `provision`, `generate`, `replay`, `run`, `query`, `chart`,
-//! `export`, `env`. `adpipe-local help` lists their options.
+//! `export`, `redrive`, `env`. The command line is defined (and tested) in
+//! `adpipe_local::cli`; `adpipe help <command>` lists a command's options.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,195 +13,44 @@ use std::time::{Duration, Instant};
 
 use adpipe_core::join::{attributes, JoinRules};
 use adpipe_local::chart::{self, CHART_SQL};
+use adpipe_local::cli::{
+    Cli, Command, DemoArgs, EndpointArgs, GenerateArgs, QueryArgs, ReplayArgs, RunArgs, Stage,
+    UpArgs,
+};
 use adpipe_local::endpoint::{endpoint_server, workspace_root, LocalEndpoint};
-use adpipe_local::generator::{generate, DelayMix, Traffic, TrafficConfig};
+use adpipe_local::generator::{generate, Traffic};
 use adpipe_local::lake::{named_queries, render_table, to_csv, QueryResult};
 use adpipe_local::pipeline::{Functions, Pipeline};
 use adpipe_local::progress::{thousands, Counter, Reporter};
-use adpipe_local::replay::{read_jsonl, write_jsonl, Order};
+use adpipe_local::redrive::redrive;
+use adpipe_local::replay::{read_jsonl, send_rated, write_jsonl, Order};
 use adpipe_local::resources::Resources;
 use adpipe_local::runner::{RunOptions, RunReport, ShardKey};
+use adpipe_local::stack::StackTarget;
 use anyhow::{anyhow, bail, Context, Result};
-
-const HELP: &str = "\
-adpipe-local: adpipe's pipeline on a local AWS-compatible endpoint (moto from .venv)
-
-USAGE: adpipe-local <command> [options]
-
-  demo       start an endpoint, provision, generate traffic, run both functions until the
-             streams are drained, print the named queries, write the CTR chart, export the lake
-             [traffic options] [--sql-dir sql] [--out .local/out]
-  up         start the endpoint on a fixed port, provision, write .local/lambda.env for
-             `cargo lambda watch --env-file .local/lambda.env`, and keep running (Ctrl-C stops)
-             [--port 4566]
-  provision  create the streams, tables and buckets (idempotent)
-  generate   send generated traffic to the input streams, or write it as JSONL with --out DIR
-             [traffic options] [--rate EVENTS_PER_S] [--out DIR]
-  replay     send JSONL files of raw records (one per line, bytes unchanged) to the streams
-             --impressions FILE --clicks FILE [--order interleaved|clicks-first] [--run]
-             (--run drives the functions too; with clicks-first every click is processed
-             before any impression is sent)
-  run        run the event source mappings until the streams are drained [--follow]
-  query      run the named queries (sql/*.sql) against the lake [--sql-dir DIR] [--file F.sql]...
-  chart      write the CTR-over-time chart [--out FILE.html]
-  export     write each lake table as Parquet [--out DIR]
-  redrive    put the records of batches the mappings gave up on (the on-failure queue holds
-             pointers to them) back on their streams, and delete the handled messages
-  env        print the functions' environment for the endpoint (for cargo lambda)
-
-Every command but demo and up talks to --endpoint URL (default: the one `up` started, from
-.local/endpoint).
-
-Traffic options (defaults in brackets):
-  --impressions N [20000]  --seed N [42]  --campaigns N [5]  --ads N [40]  --publishers N [20]
-  --ctr P [0.03]  --second-click P [0.05]  --minutes N [15]  --start RFC3339 [now - minutes]
-  --delay-inside P [0.93]  --delay-before P [0.04]  --delay-beyond P [0.03]
-  --out-of-order P [0.05]  --duplicates P [0.01]  --malformed P [0.002]  --derived-click-ids P [0.2]
-";
-
-/// `--name value` options and `--flag`s after the subcommand.
-struct Args {
-    values: BTreeMap<String, Vec<String>>,
-    flags: Vec<String>,
-}
-
-impl Args {
-    fn parse(raw: &[String], flag_names: &[&str], value_names: &[&str]) -> Result<Args> {
-        let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut flags = Vec::new();
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            let name = a
-                .strip_prefix("--")
-                .ok_or_else(|| anyhow!("unexpected argument {a:?} (see `adpipe-local help`)"))?;
-            let (name, inline) = match name.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_owned())),
-                None => (name, None),
-            };
-            if flag_names.contains(&name) {
-                flags.push(name.to_owned());
-            } else if value_names.contains(&name) {
-                let v = match inline {
-                    Some(v) => v,
-                    None => it
-                        .next()
-                        .cloned()
-                        .ok_or_else(|| anyhow!("--{name} needs a value"))?,
-                };
-                values.entry(name.to_owned()).or_default().push(v);
-            } else {
-                bail!("unknown option --{name} for this command (see `adpipe-local help`)");
-            }
-        }
-        Ok(Args { values, flags })
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.values
-            .get(name)
-            .and_then(|v| v.last())
-            .map(String::as_str)
-    }
-
-    fn all(&self, name: &str) -> Vec<String> {
-        self.values.get(name).cloned().unwrap_or_default()
-    }
-
-    fn flag(&self, name: &str) -> bool {
-        self.flags.iter().any(|f| f == name)
-    }
-
-    fn parsed<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|e| anyhow!("--{name} {v:?}: {e}")),
-        }
-    }
-}
-
-const TRAFFIC_OPTIONS: &[&str] = &[
-    "impressions",
-    "seed",
-    "campaigns",
-    "ads",
-    "publishers",
-    "ctr",
-    "second-click",
-    "minutes",
-    "start",
-    "delay-inside",
-    "delay-before",
-    "delay-beyond",
-    "out-of-order",
-    "duplicates",
-    "malformed",
-    "derived-click-ids",
-];
-
-/// The demo's default size: about 20k events pass the local endpoint in a few minutes (moto
-/// answers some 200-300 requests/s and the joiner makes about one request per event).
-const DEFAULT_IMPRESSIONS: usize = 20_000;
-
-fn traffic_config(a: &Args) -> Result<TrafficConfig> {
-    let d = TrafficConfig::default();
-    let minutes: i64 = a.parsed("minutes", d.duration_ms / 60_000)?;
-    let start_ms = match a.get("start") {
-        Some(s) => adpipe_core::time::parse_event_time(s).map_err(|e| anyhow!("--start: {e}"))?,
-        None => {
-            // The last `minutes` whole minutes before now: recent-looking traffic.
-            let now = adpipe_joiner::now_ms();
-            now - now.rem_euclid(60_000) - minutes * 60_000
-        }
-    };
-    let delays = DelayMix {
-        inside: a.parsed("delay-inside", d.delays.inside)?,
-        before: a.parsed("delay-before", d.delays.before)?,
-        beyond: a.parsed("delay-beyond", d.delays.beyond)?,
-    };
-    Ok(TrafficConfig {
-        seed: a.parsed("seed", d.seed)?,
-        impressions: a.parsed("impressions", DEFAULT_IMPRESSIONS)?,
-        start_ms,
-        duration_ms: minutes * 60_000,
-        campaigns: a.parsed("campaigns", d.campaigns)?,
-        ads: a.parsed("ads", d.ads)?,
-        publishers: a.parsed("publishers", d.publishers)?,
-        ctr: a.parsed("ctr", d.ctr)?,
-        second_click: a.parsed("second-click", d.second_click)?,
-        delays,
-        derived_click_ids: a.parsed("derived-click-ids", d.derived_click_ids)?,
-        out_of_order: a.parsed("out-of-order", d.out_of_order)?,
-        reorder_distance: d.reorder_distance,
-        duplicates: a.parsed("duplicates", d.duplicates)?,
-        malformed: a.parsed("malformed", d.malformed)?,
-        id_prefix: String::new(),
-    })
-}
+use clap::Parser;
 
 fn local_dir(root: &Path) -> PathBuf {
     root.join(".local")
 }
 
 /// The endpoint to talk to: `--endpoint`, `ADPIPE_ENDPOINT`, or the one `up` recorded.
-fn endpoint_of(a: &Args, root: &Path) -> Result<LocalEndpoint> {
+fn endpoint_of(a: &EndpointArgs, root: &Path) -> Result<LocalEndpoint> {
     let url = match a
-        .get("endpoint")
-        .map(str::to_owned)
+        .endpoint
+        .clone()
         .or_else(|| std::env::var("ADPIPE_ENDPOINT").ok())
     {
         Some(u) => u,
         None => std::fs::read_to_string(local_dir(root).join("endpoint"))
             .map(|s| s.trim().to_owned())
             .map_err(|_| {
-                anyhow!("no endpoint: pass --endpoint URL, or start one with `adpipe-local up`")
+                anyhow!("no endpoint: pass --endpoint URL, or start one with `adpipe up`")
             })?,
     };
     let e = LocalEndpoint::existing(&url);
     if !e.is_up() {
-        bail!("the endpoint {url} does not answer (is `adpipe-local up` still running?)");
+        bail!("the endpoint {url} does not answer (is `adpipe up` still running?)");
     }
     Ok(e)
 }
@@ -261,64 +111,38 @@ async fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let raw: Vec<String> = std::env::args().skip(1).collect();
-    if let Err(e) = dispatch(&raw).await {
-        eprintln!("adpipe-local: {e:#}");
+    // Usage errors exit with clap's status 2 and its message; failures of a command with 1.
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli).await {
+        eprintln!("adpipe: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn dispatch(raw: &[String]) -> Result<()> {
-    let Some((cmd, rest)) = raw.split_first() else {
-        print!("{HELP}");
-        return Ok(());
-    };
+async fn dispatch(cli: Cli) -> Result<()> {
     let root = workspace_root();
-    let with = |extra: &[&'static str]| -> Vec<&'static str> {
-        let mut v = vec!["endpoint"];
-        v.extend_from_slice(extra);
-        v
-    };
-    match cmd.as_str() {
-        "help" | "--help" | "-h" => {
-            print!("{HELP}");
-            Ok(())
-        }
-        "demo" => {
-            let mut names = TRAFFIC_OPTIONS.to_vec();
-            names.extend(["sql-dir", "out"]);
-            demo(&Args::parse(rest, &[], &names)?, &root).await
-        }
-        "up" => up(&Args::parse(rest, &[], &["port"])?, &root).await,
-        "provision" => {
-            let a = Args::parse(rest, &[], &with(&[]))?;
+    if let Some(stack) = &cli.stack {
+        return on_stack(stack, cli.region.as_deref(), cli.command).await;
+    }
+    // The local stage is the only stage so far: every command below acts on it.
+    let Stage::Local = cli.stage;
+    match cli.command {
+        Command::Demo(a) => demo(&a, &root).await,
+        Command::Up(a) => up(&a, &root).await,
+        Command::Provision(a) => {
             let p = pipeline(&a, &root).await?;
             let done = p.provision().await?;
             println!("created: {:?}\nexisting: {:?}", done.created, done.existing);
             Ok(())
         }
-        "generate" => {
-            let mut names = with(TRAFFIC_OPTIONS);
-            names.extend(["rate", "out", "order"]);
-            generate_cmd(&Args::parse(rest, &[], &names)?, &root).await
-        }
-        "replay" => {
-            let names = with(&["impressions", "clicks", "order"]);
-            replay_cmd(&Args::parse(rest, &["run"], &names)?, &root).await
-        }
-        "run" => run_cmd(&Args::parse(rest, &["follow"], &with(&[]))?, &root).await,
-        "query" => {
-            let a = Args::parse(rest, &[], &with(&["sql-dir", "file"]))?;
-            let p = pipeline(&a, &root).await?;
-            let files = query_files(&a, &root);
-            print_queries(&p, &files, &local_dir(&root).join("out/queries"), 40).await
-        }
-        "chart" => {
-            let a = Args::parse(rest, &[], &with(&["out"]))?;
-            let p = pipeline(&a, &root).await?;
+        Command::Generate(a) => generate_cmd(&a, &root).await,
+        Command::Replay(a) => replay_cmd(&a, &root).await,
+        Command::Run(a) => run_cmd(&a, &root).await,
+        Command::Query(a) => query_cmd(&a, &root).await,
+        Command::Chart(a) => {
+            let p = pipeline(&a.endpoint, &root).await?;
             let out = a
-                .get("out")
-                .map(PathBuf::from)
+                .out
                 .unwrap_or_else(|| local_dir(&root).join("out/ctr.html"));
             let (imps, clicks) = write_chart(&p, &out, "local lake").await?;
             println!(
@@ -329,21 +153,16 @@ async fn dispatch(raw: &[String]) -> Result<()> {
             );
             Ok(())
         }
-        "export" => {
-            let a = Args::parse(rest, &[], &with(&["out"]))?;
-            let p = pipeline(&a, &root).await?;
-            let out = a
-                .get("out")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| local_dir(&root).join("out/lake"));
+        Command::Export(a) => {
+            let p = pipeline(&a.endpoint, &root).await?;
+            let out = a.out.unwrap_or_else(|| local_dir(&root).join("out/lake"));
             export(&p, &out).await
         }
-        "redrive" => {
-            let a = Args::parse(rest, &[], &with(&[]))?;
+        Command::Redrive(a) => {
             let p = pipeline(&a, &root).await?;
             let done = p.redrive().await?;
             println!(
-                "redrove {} records ({} joined-stream records flagged recovered) of {} discarded batches from {} (run `adpipe-local run` to process them)",
+                "redrove {} records ({} joined-stream records flagged recovered) of {} discarded batches from {} (run `adpipe run` to process them)",
                 thousands(done.records),
                 thousands(done.flagged),
                 thousands(done.batches),
@@ -351,31 +170,152 @@ async fn dispatch(raw: &[String]) -> Result<()> {
             );
             Ok(())
         }
-        "env" => {
-            let a = Args::parse(rest, &[], &with(&[]))?;
+        Command::Env(a) => {
             let e = endpoint_of(&a, &root)?;
             print!("{}", Resources::local().lambda_env_file(&e.url));
             Ok(())
         }
-        other => bail!("unknown command {other:?}; see `adpipe-local help`"),
     }
 }
 
-async fn pipeline(a: &Args, root: &Path) -> Result<Pipeline> {
+/// A command against a deployed stack (`--stack NAME [--region R]`): names from the stack's
+/// outputs, clients from the default credential chain.
+async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result<()> {
+    let refuse_endpoint = |e: &EndpointArgs| {
+        if e.endpoint.is_some() {
+            bail!("--endpoint is for the local stage; --stack {stack} uses the stack's region and the AWS credential chain");
+        }
+        Ok(())
+    };
+    let unsupported = |what: &str| {
+        bail!("`adpipe {what}` against a stack is not supported yet (only generate, replay and redrive are); without --stack it acts on the local stage")
+    };
+    // Check what runs before the credential chain is asked anything.
+    match &command {
+        Command::Generate(a) => refuse_endpoint(&a.endpoint)?,
+        Command::Replay(a) => {
+            refuse_endpoint(&a.endpoint)?;
+            if a.run {
+                bail!("--run drives the local functions; against --stack {stack} the deployed functions read the streams");
+            }
+        }
+        Command::Redrive(a) => refuse_endpoint(a)?,
+        Command::Demo(_) => return unsupported("demo"),
+        Command::Up(_) => return unsupported("up"),
+        Command::Provision(_) => {
+            return unsupported("provision (sam deploy creates the stack's resources)")
+        }
+        Command::Run(_) => {
+            return unsupported("run (the deployed event source mappings run the functions)")
+        }
+        Command::Query(_) => return unsupported("query (Athena)"),
+        Command::Chart(_) => return unsupported("chart (Athena)"),
+        Command::Export(_) => return unsupported("export"),
+        Command::Env(_) => {
+            return unsupported(
+                "env (the deployed functions' settings are not among the stack's outputs)",
+            )
+        }
+    }
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_owned()));
+    }
+    let sdk = loader.load().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&sdk);
+    let target = StackTarget::resolve(&cfn, stack).await?;
+    let kinesis = aws_sdk_kinesis::Client::new(&sdk);
+    let send = |imps: Records, clicks: Records, order: Order, rate: Option<f64>| {
+        let (kinesis, target) = (kinesis.clone(), target.clone());
+        async move {
+            let counters = (
+                Counter::new("impressions", imps.len() as u64),
+                Counter::new("clicks", clicks.len() as u64),
+            );
+            let reporter = Reporter::start("send", vec![counters.0.clone(), counters.1.clone()]);
+            let started = Instant::now();
+            send_rated(
+                &kinesis,
+                &target.impressions_stream,
+                &target.clicks_stream,
+                &imps,
+                &clicks,
+                order,
+                rate,
+                &counters,
+            )
+            .await?;
+            drop(reporter);
+            println!(
+                "sent {} impression and {} click records to {} and {} (stack {}) in {:.1}s",
+                thousands(imps.len() as u64),
+                thousands(clicks.len() as u64),
+                target.impressions_stream,
+                target.clicks_stream,
+                target.stack,
+                started.elapsed().as_secs_f64()
+            );
+            anyhow::Ok(())
+        }
+    };
+    match command {
+        Command::Generate(a) => {
+            let traffic = generate(&a.traffic.config(adpipe_joiner::now_ms()))?;
+            if let Some(dir) = &a.out {
+                return write_traffic(&traffic, dir);
+            }
+            send(
+                traffic.impression_records,
+                traffic.click_records,
+                a.order,
+                a.rate,
+            )
+            .await
+        }
+        Command::Replay(a) => {
+            let (imps, clicks) = read_replay_files(&a)?;
+            send(imps, clicks, a.order, None).await
+        }
+        Command::Redrive(_) => {
+            let sqs = aws_sdk_sqs::Client::new(&sdk);
+            let done = redrive(
+                &kinesis,
+                &sqs,
+                &target.on_failure_queue_url,
+                &target.joined_stream,
+            )
+            .await?;
+            println!(
+                "redrove {} records ({} joined-stream records flagged recovered) of {} discarded batches from {} (stack {})",
+                thousands(done.records),
+                thousands(done.flagged),
+                thousands(done.batches),
+                target.on_failure_queue_url,
+                target.stack
+            );
+            Ok(())
+        }
+        _ => unreachable!("refused above"),
+    }
+}
+
+async fn pipeline(a: &EndpointArgs, root: &Path) -> Result<Pipeline> {
     let e = endpoint_of(a, root)?;
     Ok(Pipeline::connect(e, Resources::local(), root).await)
 }
 
-fn query_files(a: &Args, root: &Path) -> Vec<PathBuf> {
-    let files = a.all("file");
+/// The named queries: the `--file`s, else every `*.sql` of `--sql-dir` (default `sql/`).
+fn query_files(files: &[PathBuf], sql_dir: Option<&Path>, root: &Path) -> Vec<PathBuf> {
     if !files.is_empty() {
-        return files.into_iter().map(PathBuf::from).collect();
+        return files.to_vec();
     }
-    let dir = a
-        .get("sql-dir")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("sql"));
-    named_queries(&dir)
+    named_queries(&sql_dir.map_or_else(|| root.join("sql"), Path::to_path_buf))
+}
+
+async fn query_cmd(a: &QueryArgs, root: &Path) -> Result<()> {
+    let p = pipeline(&a.endpoint, root).await?;
+    let files = query_files(&a.file, a.sql_dir.as_deref(), root);
+    print_queries(&p, &files, &local_dir(root).join("out/queries"), 40).await
 }
 
 /// Prints each query's result (up to `max_rows` rows) and writes the full results as CSV.
@@ -567,13 +507,10 @@ fn expected_pairs(t: &Traffic) -> u64 {
         .count() as u64
 }
 
-async fn demo(a: &Args, root: &Path) -> Result<()> {
+async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
     let total = Instant::now();
-    let out = a
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| local_dir(root).join("out"));
-    let cfg = traffic_config(a)?;
+    let out = a.out.clone().unwrap_or_else(|| local_dir(root).join("out"));
+    let cfg = a.traffic.config(adpipe_joiner::now_ms());
 
     step("local AWS endpoint (moto from .venv, requests applied one at a time)");
     let program = endpoint_server(root)?;
@@ -630,7 +567,7 @@ async fn demo(a: &Args, root: &Path) -> Result<()> {
     println!("function output (EMF metric lines): {}", log.display());
 
     step("named queries (sql/*.sql) on the lake, by DuckDB");
-    let mut files = query_files(a, root);
+    let mut files = query_files(&[], a.sql_dir.as_deref(), root);
     files.sort_by_key(|f| {
         let name = f
             .file_name()
@@ -647,7 +584,7 @@ async fn demo(a: &Args, root: &Path) -> Result<()> {
 
     step("CTR chart");
     let chart_path = out.join("ctr.html");
-    let (lake_imps, lake_clicks) = write_chart(&p, &chart_path, "adpipe-local demo").await?;
+    let (lake_imps, lake_clicks) = write_chart(&p, &chart_path, "adpipe demo").await?;
     println!("chart: {}", chart_path.display());
 
     step("export the lake as Parquet");
@@ -676,8 +613,8 @@ async fn demo(a: &Args, root: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn up(a: &Args, root: &Path) -> Result<()> {
-    let port: u16 = a.parsed("port", 4566)?;
+async fn up(a: &UpArgs, root: &Path) -> Result<()> {
+    let port = a.port;
     let program = endpoint_server(root)?;
     let endpoint = LocalEndpoint::start(&program, Some(port), &local_dir(root).join("logs"))?;
     let p = Pipeline::connect(endpoint.clone(), Resources::local(), root).await;
@@ -710,7 +647,7 @@ async fn up(a: &Args, root: &Path) -> Result<()> {
     println!("  cargo lambda watch --env-file .local/lambda.env");
     println!("  cargo lambda invoke joiner --data-file events/impressions.json");
     println!("  cargo lambda invoke enricher --data-file events/joined.json");
-    println!("Or drive the pipeline here: adpipe-local generate / replay / run / query / chart");
+    println!("Or drive the pipeline here: adpipe generate / replay / run / query / chart");
     println!();
     println!("For other tools, the endpoint's environment:");
     for (k, v) in p.resources.local_aws_env(&endpoint.url) {
@@ -758,15 +695,15 @@ async fn run_saved(p: &Pipeline, root: &Path, producers_done: Arc<AtomicBool>) -
     Ok(())
 }
 
-async fn run_cmd(a: &Args, root: &Path) -> Result<()> {
-    let p = pipeline(a, root).await?;
+async fn run_cmd(a: &RunArgs, root: &Path) -> Result<()> {
+    let p = pipeline(&a.endpoint, root).await?;
     // --follow: never declare the producers done, so the run follows the streams.
-    let done = Arc::new(AtomicBool::new(!a.flag("follow")));
+    let done = Arc::new(AtomicBool::new(!a.follow));
     run_saved(&p, root, done).await
 }
 
-async fn generate_cmd(a: &Args, root: &Path) -> Result<()> {
-    let cfg = traffic_config(a)?;
+async fn generate_cmd(a: &GenerateArgs, root: &Path) -> Result<()> {
+    let cfg = a.traffic.config(adpipe_joiner::now_ms());
     let traffic = generate(&cfg)?;
     eprintln!(
         "generated {} impressions and {} clicks ({} impression and {} click records, {} malformed)",
@@ -776,47 +713,58 @@ async fn generate_cmd(a: &Args, root: &Path) -> Result<()> {
         thousands(traffic.click_records.len() as u64),
         traffic.stats.malformed
     );
-    if let Some(dir) = a.get("out") {
-        let dir = PathBuf::from(dir);
-        write_jsonl(&dir.join("impressions.jsonl"), &traffic.impression_records)?;
-        write_jsonl(&dir.join("clicks.jsonl"), &traffic.click_records)?;
-        println!(
-            "wrote {} and {}",
-            dir.join("impressions.jsonl").display(),
-            dir.join("clicks.jsonl").display()
-        );
-        return Ok(());
+    if let Some(dir) = &a.out {
+        return write_traffic(&traffic, dir);
     }
-    let p = pipeline(a, root).await?;
-    let order: Order = a.parsed("order", Order::Interleaved)?;
-    let rate = a.get("rate").map(str::parse::<f64>).transpose()?;
+    let p = pipeline(&a.endpoint, root).await?;
     let took = send_traffic(
         &p,
         &traffic.impression_records,
         &traffic.click_records,
-        order,
-        rate,
+        a.order,
+        a.rate,
     )
     .await?;
     println!("sent in {:.1}s", took.as_secs_f64());
     Ok(())
 }
 
-async fn replay_cmd(a: &Args, root: &Path) -> Result<()> {
-    let imps = match a.get("impressions") {
-        Some(f) => read_jsonl(Path::new(f))?,
+/// Writes generated traffic as `impressions.jsonl` and `clicks.jsonl` into `dir`.
+fn write_traffic(traffic: &Traffic, dir: &Path) -> Result<()> {
+    write_jsonl(&dir.join("impressions.jsonl"), &traffic.impression_records)?;
+    write_jsonl(&dir.join("clicks.jsonl"), &traffic.click_records)?;
+    println!(
+        "wrote {} and {}",
+        dir.join("impressions.jsonl").display(),
+        dir.join("clicks.jsonl").display()
+    );
+    Ok(())
+}
+
+/// Raw records, one per stream record.
+type Records = Vec<Vec<u8>>;
+
+/// The records of `--impressions` and `--clicks` (at least one of them holds some).
+fn read_replay_files(a: &ReplayArgs) -> Result<(Records, Records)> {
+    let imps = match &a.impressions {
+        Some(f) => read_jsonl(f)?,
         None => Vec::new(),
     };
-    let clicks = match a.get("clicks") {
-        Some(f) => read_jsonl(Path::new(f))?,
+    let clicks = match &a.clicks {
+        Some(f) => read_jsonl(f)?,
         None => Vec::new(),
     };
     if imps.is_empty() && clicks.is_empty() {
-        bail!("nothing to replay: pass --impressions FILE and/or --clicks FILE");
+        bail!("nothing to replay: the files hold no records");
     }
-    let order: Order = a.parsed("order", Order::Interleaved)?;
-    let p = pipeline(a, root).await?;
-    if !a.flag("run") {
+    Ok((imps, clicks))
+}
+
+async fn replay_cmd(a: &ReplayArgs, root: &Path) -> Result<()> {
+    let (imps, clicks) = read_replay_files(a)?;
+    let order = a.order;
+    let p = pipeline(&a.endpoint, root).await?;
+    if !a.run {
         send_traffic(&p, &imps, &clicks, order, None).await?;
         return Ok(());
     }

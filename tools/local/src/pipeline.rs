@@ -1,6 +1,6 @@
 //! The pieces put together against one endpoint: provision, send traffic, run both functions
 //! through their event source mappings until the streams are drained, and read the lake and
-//! the dead letters back. Used by the `adpipe-local` binary and by the end-to-end tests.
+//! the dead letters back. Used by the `adpipe` binary and by the end-to-end tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use crate::functions::{EnricherFunction, JoinerFunction};
 use crate::lake::LakeCheck;
 use crate::progress::Counter;
 use crate::provision::{provision, Provisioned};
-use crate::replay::{send_both, Order, StreamWriter};
+use crate::replay::{send_rated, Order};
 use crate::resources::{Resources, LOCAL_ACCESS_KEY_ID, LOCAL_SECRET_ACCESS_KEY};
 use crate::runner::{run, Mapping, RunOptions, RunReport, SqsDestination};
 use crate::LocalError;
@@ -63,18 +63,17 @@ impl Pipeline {
         rate: Option<f64>,
         counters: &(Arc<Counter>, Arc<Counter>),
     ) -> Result<(), LocalError> {
-        let total = (impressions.len() + clicks.len()).max(1) as f64;
-        let mut w_imps = StreamWriter::new(
-            self.clients.kinesis.clone(),
+        send_rated(
+            &self.clients.kinesis,
             &self.resources.impressions_stream.name,
-        );
-        let mut w_clicks = StreamWriter::new(
-            self.clients.kinesis.clone(),
             &self.resources.clicks_stream.name,
-        );
-        w_imps.rate = rate.map(|r| r * impressions.len() as f64 / total);
-        w_clicks.rate = rate.map(|r| r * clicks.len() as f64 / total);
-        send_both(&w_imps, &w_clicks, impressions, clicks, order, counters).await
+            impressions,
+            clicks,
+            order,
+            rate,
+            counters,
+        )
+        .await
     }
 
     /// The functions, configured from their environments in [`Resources`]. The enricher gets

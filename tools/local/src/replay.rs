@@ -20,25 +20,12 @@ pub const MAX_BYTES_PER_PUT: usize = 5 * 1024 * 1024;
 pub const PUT_ATTEMPTS: u32 = 10;
 
 /// In which order the two streams receive their records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
     /// Both streams at once, each in its file's order (as two producers would).
     Interleaved,
     /// Every click is sent (and, when the pipeline runs, processed) before any impression.
     ClicksFirst,
-}
-
-impl std::str::FromStr for Order {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "interleaved" => Ok(Order::Interleaved),
-            "clicks-first" => Ok(Order::ClicksFirst),
-            other => Err(format!(
-                "unknown order {other:?} (interleaved | clicks-first)"
-            )),
-        }
-    }
 }
 
 /// Splits JSONL bytes into records: one per line, bytes unchanged (a `\r` before the newline
@@ -265,6 +252,27 @@ pub async fn send_both(
     }
 }
 
+/// Sends raw records to two streams. `rate` (records/s) is for both streams together,
+/// shared in proportion to their records. `counters` count accepted records.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_rated(
+    client: &Client,
+    impressions_stream: &str,
+    clicks_stream: &str,
+    impressions: &[Vec<u8>],
+    clicks: &[Vec<u8>],
+    order: Order,
+    rate: Option<f64>,
+    counters: &(Arc<Counter>, Arc<Counter>),
+) -> Result<(), LocalError> {
+    let total = (impressions.len() + clicks.len()).max(1) as f64;
+    let mut w_imps = StreamWriter::new(client.clone(), impressions_stream);
+    let mut w_clicks = StreamWriter::new(client.clone(), clicks_stream);
+    w_imps.rate = rate.map(|r| r * impressions.len() as f64 / total);
+    w_clicks.rate = rate.map(|r| r * clicks.len() as f64 / total);
+    send_both(&w_imps, &w_clicks, impressions, clicks, order, counters).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,11 +323,5 @@ mod tests {
         assert!(c.iter().all(|r| r.len() <= 4), "{c:?}");
         assert_eq!(c.iter().map(|r| r.len()).sum::<usize>(), 12);
         assert_eq!(chunks(&[], 500), Vec::<std::ops::Range<usize>>::new());
-    }
-
-    #[test]
-    fn orders_parse() {
-        assert_eq!("clicks-first".parse::<Order>(), Ok(Order::ClicksFirst));
-        assert!("random".parse::<Order>().is_err());
     }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::esm::{EsmSettings, StartingPosition, MAX_PAYLOAD_BYTES};
 
-/// `deploy/resources.json`, built into the binary so `adpipe-local` runs from anywhere.
+/// `deploy/resources.json`, built into the binary so `adpipe` runs from anywhere.
 pub const CONTRACT: &str = include_str!("../../../deploy/resources.json");
 
 /// The stage the local tooling uses (names `adpipe-local-…`).
@@ -359,7 +359,7 @@ impl Resources {
         all.extend(self.joiner_env());
         all.extend(self.enricher_env());
         let mut out = String::from(
-            "# Written by `adpipe-local up`: the functions' environment against the local endpoint.\n",
+            "# Written by `adpipe up`: the functions' environment against the local endpoint.\n",
         );
         for (k, v) in all {
             out.push_str(&format!("{k}={v}\n"));

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use adpipe_bench::{arg, encode_parquet, mib, Spread};
+use adpipe_bench::{encode_parquet, mib, Spread};
 use adpipe_core::batch::BatchJoiner;
 use adpipe_core::config::{EnricherConfig, JoinerConfig};
 use adpipe_core::enricher::{BatchEnricher, EnricherSettings};
@@ -24,10 +24,39 @@ use adpipe_core::ports::{AppendReport, LakeAppend, PortError, TableWriter};
 use adpipe_core::testkit::ShardPoller;
 use adpipe_enricher::ROW_GROUP_ROWS;
 use adpipe_lake::writer_properties;
+use adpipe_local::cli::share;
 use adpipe_local::functions::add_counts;
 use adpipe_local::generator::{generate, TrafficConfig};
 use adpipe_local::resources::Resources;
+use clap::Parser;
 use parquet::file::properties::WriterProperties;
+
+/// Input events per second on one core through the joiner and the enricher (in-memory ports).
+#[derive(Debug, Parser)]
+#[command(name = "core-throughput")]
+struct Args {
+    /// Distinct impressions generated
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    impressions: usize,
+    /// Mean click-through rate
+    #[arg(long, value_name = "P", default_value_t = 0.02, value_parser = share)]
+    ctr: f64,
+    /// Share of deliveries sent twice
+    #[arg(long, value_name = "P", default_value_t = TrafficConfig::default().duplicates,
+          value_parser = share)]
+    duplicates: f64,
+    /// Share of deliveries that arrive out of order
+    #[arg(long, value_name = "P", default_value_t = TrafficConfig::default().out_of_order,
+          value_parser = share)]
+    out_of_order: f64,
+    /// Rounds (the figure is their median)
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Seed of the traffic generator
+    #[arg(long, value_name = "N", default_value_t = 42)]
+    seed: u64,
+}
 
 /// A lake table that only encodes: each append becomes one Parquet file in memory, with the
 /// lake's writer settings. It counts the time spent encoding, apart from the rest.
@@ -208,15 +237,16 @@ async fn round(
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     let cfg = TrafficConfig {
-        seed: arg("--seed", 42),
-        impressions: arg("--impressions", 1_000_000),
-        ctr: arg("--ctr", 0.02),
-        duplicates: arg("--duplicates", TrafficConfig::default().duplicates),
-        out_of_order: arg("--out-of-order", TrafficConfig::default().out_of_order),
+        seed: args.seed,
+        impressions: args.impressions,
+        ctr: args.ctr,
+        duplicates: args.duplicates,
+        out_of_order: args.out_of_order,
         ..TrafficConfig::default()
     };
-    let rounds: usize = arg("--rounds", 3);
+    let rounds = args.rounds as usize;
     let r = Resources::local();
     let joiner_env = r.joiner_env();
     let joiner_config = JoinerConfig::from_lookup(|k| joiner_env.get(k).cloned())?;
@@ -303,4 +333,42 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("({rounds} rounds; events are input deliveries of both streams)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from(["core-throughput"]).expect("defaults");
+        assert!(
+            a.impressions == 1_000_000 && a.rounds == 3 && a.seed == 42 && a.ctr == 0.02,
+            "{a:?}"
+        );
+        let a = Args::try_parse_from([
+            "core-throughput",
+            "--impressions",
+            "5",
+            "--rounds",
+            "2",
+            "--out-of-order",
+            "0.5",
+        ])
+        .expect("options");
+        assert!(
+            a.impressions == 5 && a.rounds == 2 && a.out_of_order == 0.5,
+            "{a:?}"
+        );
+        for args in [
+            &["core-throughput", "--impresions", "5"][..],
+            &["core-throughput", "--rounds", "many"][..],
+            &["core-throughput", "--rounds", "0"][..],
+            &["core-throughput", "--ctr", "2"][..],
+        ] {
+            assert!(Args::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
 }

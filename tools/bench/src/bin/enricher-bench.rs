@@ -9,10 +9,29 @@
 
 use std::time::Instant;
 
-use adpipe_bench::{arg, encode_parquet, enriched_batches, joined_records, peak_rss_mib};
+use adpipe_bench::{encode_parquet, enriched_batches, joined_records, peak_rss_mib};
 use adpipe_enricher::ROW_GROUP_ROWS;
 use adpipe_lake::writer_properties;
+use adpipe_local::cli::share;
 use aws_lambda_events::event::kinesis::KinesisEvent;
+use clap::Parser;
+
+/// Enricher throughput (CPU path) and memory (end to end on the local endpoint) for one batch.
+#[derive(Debug, Parser)]
+#[command(name = "enricher-bench")]
+struct Args {
+    /// Records in the batch
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    records: u32,
+    /// Share of the records that are attributed clicks
+    #[arg(long, value_name = "P", default_value_t = 0.02, value_parser = share)]
+    click_share: f64,
+    /// Rounds of the CPU path (the figure is their median)
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
 
 /// The CPU path of one batch; returns Parquet bytes produced.
 fn cpu_path(data: &[Vec<u8>]) -> anyhow::Result<usize> {
@@ -23,9 +42,10 @@ fn cpu_path(data: &[Vec<u8>]) -> anyhow::Result<usize> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = arg("--records", 10_000);
-    let click_share: f64 = arg("--click-share", 0.02);
-    let rounds: usize = arg("--rounds", 5);
+    let args = Args::parse();
+    let n = args.records as usize;
+    let click_share = args.click_share;
+    let rounds = args.rounds as usize;
     let data = joined_records(n, click_share);
     let payload: usize = data.iter().map(Vec::len).sum();
     println!(
@@ -114,4 +134,31 @@ fn kinesis_event(data: &[Vec<u8>]) -> KinesisEvent {
         })
         .collect();
     serde_json::from_value(serde_json::json!({ "Records": records })).expect("a Kinesis event")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from(["enricher-bench"]).expect("defaults");
+        assert!(
+            a.records == 10_000 && a.click_share == 0.02 && a.rounds == 5,
+            "{a:?}"
+        );
+        let a =
+            Args::try_parse_from(["enricher-bench", "--records", "100", "--click-share", "0.5"])
+                .expect("options");
+        assert!(a.records == 100 && a.click_share == 0.5, "{a:?}");
+        for args in [
+            &["enricher-bench", "--record", "100"][..],
+            &["enricher-bench", "--records", "1e4"][..],
+            &["enricher-bench", "--click-share", "1.5"][..],
+        ] {
+            assert!(Args::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
 }

@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use adpipe_bench::runtime_api::{Call, RuntimeApi};
-use adpipe_bench::{arg, joined_records, mib, proc_status_kib, Spread};
+use adpipe_bench::{joined_records, mib, proc_status_kib, Spread};
 use adpipe_local::endpoint::{endpoint_server, workspace_root, LocalEndpoint};
 use adpipe_local::esm::{MAX_BATCH_SIZE, MAX_PAYLOAD_BYTES};
 use adpipe_local::generator::{generate, TrafficConfig};
@@ -32,7 +32,25 @@ use adpipe_local::pipeline::Pipeline;
 use adpipe_local::resources::{FunctionSpec, Resources};
 use adpipe_local::runner::{event_record, EventSource};
 use base64::Engine;
+use clap::Parser;
 use serde_json::Value;
+
+/// Start-up time, binary size and peak memory of the release function binaries.
+#[derive(Debug, Parser)]
+#[command(name = "function-bench")]
+struct Args {
+    /// Start-up runs per function (fresh processes, sample event)
+    #[arg(long, value_name = "N", default_value_t = 7,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Memory runs per function (fresh processes, the largest event)
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rss_runs: u32,
+    /// Directory of the function binaries, relative to the workspace
+    #[arg(long, value_name = "DIR", default_value = "target/release")]
+    bin_dir: PathBuf,
+}
 
 /// What one run measured.
 struct Run {
@@ -52,10 +70,10 @@ struct Function<'a> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let runs: usize = arg("--runs", 7);
-    let rss_runs: usize = arg("--rss-runs", 3);
+    let args = Args::parse();
+    let (runs, rss_runs) = (args.runs as usize, args.rss_runs as usize);
     let root = workspace_root();
-    let bin_dir = root.join(arg("--bin-dir", "target/release".to_owned()));
+    let bin_dir = root.join(&args.bin_dir);
     let logs = root.join("target/bench-logs");
     std::fs::create_dir_all(&logs)?;
 
@@ -312,4 +330,41 @@ fn run(
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from(["function-bench"]).expect("defaults");
+        assert!(
+            a.runs == 7 && a.rss_runs == 3 && a.bin_dir == Path::new("target/release"),
+            "{a:?}"
+        );
+        let a = Args::try_parse_from([
+            "function-bench",
+            "--runs",
+            "2",
+            "--rss-runs",
+            "1",
+            "--bin-dir",
+            "target/debug",
+        ])
+        .expect("options");
+        assert!(
+            a.runs == 2 && a.rss_runs == 1 && a.bin_dir == Path::new("target/debug"),
+            "{a:?}"
+        );
+        for args in [
+            &["function-bench", "--run", "2"][..],
+            &["function-bench", "--rss-runs", "-1"][..],
+            &["function-bench", "--runs", "0"][..],
+        ] {
+            assert!(Args::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
 }

@@ -8,20 +8,46 @@
 //! computed by the adapter from the real items, because local endpoints do not report them.
 
 use adpipe_aws::{Clients, RequestCounter};
-use adpipe_bench::arg;
 use adpipe_core::config::JoinerConfig;
 use adpipe_core::metrics::Counts;
 use adpipe_core::testkit::{Scenario, ScenarioSize, ShardPoller};
 use adpipe_it::{create_bucket, create_state_table, create_stream, unique, LocalAws};
+use adpipe_local::cli::share;
+use clap::Parser;
 use std::sync::atomic::Ordering;
+
+/// Joiner cost per input event, from the requests the AWS SDK sends to the local endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "joiner-cost")]
+struct Args {
+    /// Impressions in the scenario
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    impressions: usize,
+    /// Click-through rate
+    #[arg(long, value_name = "P", default_value_t = 0.02, value_parser = share)]
+    ctr: f64,
+    /// Records per batch (the mapping's batch size)
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Share of deliveries sent twice
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = share)]
+    duplicates: f64,
+    /// Seed of the scenario
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    seed: u64,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let impressions: usize = arg("--impressions", 20_000);
-    let ctr: f64 = arg("--ctr", 0.02);
-    let batch: usize = arg("--batch", 100);
-    let duplicates: f64 = arg("--duplicates", 0.0);
-    let seed: u64 = arg("--seed", 7);
+    let Args {
+        impressions,
+        ctr,
+        batch,
+        duplicates,
+        seed,
+    } = Args::parse();
+    let batch = batch as usize;
 
     let local = LocalAws::shared();
     let sdk = local.sdk_config().await;
@@ -134,4 +160,34 @@ fn add(t: &mut Counts, c: &Counts) {
     t.buffered += c.buffered;
     t.duplicates += c.duplicates;
     t.unmatched += c.unmatched;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from(["joiner-cost"]).expect("defaults");
+        assert!(
+            a.impressions == 20_000
+                && a.ctr == 0.02
+                && a.batch == 100
+                && a.duplicates == 0.0
+                && a.seed == 7,
+            "{a:?}"
+        );
+        let a = Args::try_parse_from(["joiner-cost", "--batch", "10", "--duplicates", "0.1"])
+            .expect("options");
+        assert!(a.batch == 10 && a.duplicates == 0.1, "{a:?}");
+        for args in [
+            &["joiner-cost", "--batch-size", "10"][..],
+            &["joiner-cost", "--batch", "ten"][..],
+            &["joiner-cost", "--duplicates", "-0.1"][..],
+        ] {
+            assert!(Args::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
 }

@@ -13,15 +13,30 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use adpipe_bench::{arg, encode_parquet, enriched_batches, joined_records, Spread};
+use adpipe_bench::{encode_parquet, enriched_batches, joined_records, Spread};
 use adpipe_enricher::ROW_GROUP_ROWS;
 use adpipe_lake::writer_properties;
+use clap::Parser;
 use parquet::basic::Compression;
 use parquet::schema::types::ColumnPath;
 
+/// The enricher's Parquet encoding against pyarrow's, on the same rows.
+#[derive(Debug, Parser)]
+#[command(name = "parquet-vs-pyarrow")]
+struct Args {
+    /// Rows of each lake table
+    #[arg(long, value_name = "N", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rows: u32,
+    /// Rounds of each encoder (the figure is their median)
+    #[arg(long, value_name = "N", default_value_t = 7,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
+
 fn main() -> anyhow::Result<()> {
-    let rows: usize = arg("--rows", 100_000);
-    let rounds: usize = arg("--rounds", 7);
+    let args = Args::parse();
+    let (rows, rounds) = (args.rows as usize, args.rounds as usize);
     let root = adpipe_local::endpoint::workspace_root();
     let python = root.join(".venv/bin/python");
     anyhow::ensure!(
@@ -116,4 +131,26 @@ fn pyarrow(
             .unwrap_or_default(),
         version: field("pyarrow")?.as_str().unwrap_or_default().to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from(["parquet-vs-pyarrow"]).expect("defaults");
+        assert!(a.rows == 100_000 && a.rounds == 7, "{a:?}");
+        let a = Args::try_parse_from(["parquet-vs-pyarrow", "--rows", "10", "--rounds", "1"])
+            .expect("options");
+        assert!(a.rows == 10 && a.rounds == 1, "{a:?}");
+        for args in [
+            &["parquet-vs-pyarrow", "--row", "10"][..],
+            &["parquet-vs-pyarrow", "--rounds", "x"][..],
+        ] {
+            assert!(Args::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
 }
