@@ -276,8 +276,10 @@ key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped";
 }
 
 /// The last line of `lake-soak`'s output; its format is stable (later runs are compared with it).
-/// `metadata_bytes_last` and `manifests_last` are the larger of the two tables in the last window.
-pub fn summary_line(commits: u64, windows: &[Window]) -> String {
+/// `metadata_bytes_last` and `manifests_last` are the larger of the two tables in the last window;
+/// `key_check_bytes_max` is over the whole run: the windows and `later_key_check_bytes_max`, the
+/// key checks that ended after the last reported window (a key-check append can outlast many).
+pub fn summary_line(commits: u64, windows: &[Window], later_key_check_bytes_max: u64) -> String {
     let first = windows.first();
     let last = windows.last();
     let p99 = |w: Option<&Window>| w.map(|w| w.p99_ms().round() as u64).unwrap_or(0);
@@ -290,7 +292,8 @@ pub fn summary_line(commits: u64, windows: &[Window]) -> String {
         .iter()
         .map(|w| w.key_check_bytes_max)
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max(later_key_check_bytes_max);
     format!(
         "lake-soak: commits={commits} p99_ms_first={} p99_ms_last={} metadata_bytes_last={} manifests_last={} files_per_batch_max={files} key_check_bytes_max={key}",
         p99(first),
@@ -501,12 +504,14 @@ mod tests {
         assert_eq!(first.p99_ms(), 400.0);
         assert_eq!(first.files_per_batch_max(), 9);
         assert_eq!(
-            summary_line(8, &[first.clone(), last.clone()]),
+            summary_line(8, &[first.clone(), last.clone()], 0),
             "lake-soak: commits=8 p99_ms_first=400 p99_ms_last=80 metadata_bytes_last=310 \
              manifests_last=4 files_per_batch_max=9 key_check_bytes_max=1234"
         );
+        assert!(summary_line(8, &[first.clone(), last.clone()], 5000)
+            .ends_with(" key_check_bytes_max=5000"));
         assert_eq!(
-            summary_line(0, &[]),
+            summary_line(0, &[], 0),
             "lake-soak: commits=0 p99_ms_first=0 p99_ms_last=0 metadata_bytes_last=0 \
              manifests_last=0 files_per_batch_max=0 key_check_bytes_max=0"
         );

@@ -549,9 +549,11 @@ async fn main() -> anyhow::Result<()> {
     let mut commits = 0u64;
     let mut before = proxy.snapshot();
     let (mut dropped, mut expected_dropped, mut failed) = (0u64, 0u64, 0u64);
+    let mut key_check_ms: Vec<f64> = Vec::new();
     loop {
         let Some(e) = rx.recv().await else {
-            if current.commits() == 0 || (current.commits() as usize) < p.window / 2 {
+            if (current.commits() as usize) < p.window / 2 {
+                // Too few commits for a window of its own: reported below, not as a row.
                 break;
             }
             // The last, shorter window (at least half a window) is reported too.
@@ -568,6 +570,7 @@ async fn main() -> anyhow::Result<()> {
         failed += e.failed_attempts;
         current.rows_dropped += e.dropped;
         if let Some(b) = e.key_check_bytes {
+            key_check_ms.push(e.ms);
             current.key_checks += 1;
             current.key_check_bytes_max = current.key_check_bytes_max.max(b);
         }
@@ -602,6 +605,23 @@ async fn main() -> anyhow::Result<()> {
     let chart_path = p.out.join("lake-soak.svg");
     std::fs::write(&chart_path, chart_svg(&title, &windows))?;
     let m = proxy.snapshot();
+    if current.commits() > 0 || current.key_checks > 0 {
+        println!(
+            "after the last window: {} commits, {} key checks (largest snapshot scanned {} bytes), {} rows dropped, {} bytes of data files read",
+            current.commits(),
+            current.key_checks,
+            current.key_check_bytes_max,
+            current.rows_dropped,
+            m.data_file_get_bytes - before.data_file_get_bytes
+        );
+    }
+    println!(
+        "appends that ran the duplicate-key check: {}, latency p50 {:.0} ms, max {:.0} ms; data files read by the checks in the whole run: {} bytes",
+        key_check_ms.len(),
+        adpipe_bench::soak::percentile(&key_check_ms, 0.5).unwrap_or(0.0),
+        adpipe_bench::soak::percentile(&key_check_ms, 1.0).unwrap_or(0.0),
+        m.data_file_get_bytes
+    );
     println!(
         "wall {:.0} s; wrote {} and {}",
         start.elapsed().as_secs_f64(),
@@ -626,7 +646,10 @@ async fn main() -> anyhow::Result<()> {
             .map(|(_, n)| n)
             .sum::<u64>(),
     );
-    println!("{}", summary_line(commits, &windows));
+    println!(
+        "{}",
+        summary_line(commits, &windows, current.key_check_bytes_max)
+    );
     Ok(())
 }
 
