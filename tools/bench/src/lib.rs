@@ -1,7 +1,9 @@
 //! Shared helpers for the benchmark binaries (each parses its options with clap): statistics over rounds, real-shaped
 //! joined-stream records, the enricher's CPU path, and process memory readings.
 
+pub mod proxy;
 pub mod runtime_api;
+pub mod soak;
 
 use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
 use adpipe_core::enricher::decode_joined;

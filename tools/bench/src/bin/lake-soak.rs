@@ -1,0 +1,681 @@
+//! `lake-soak`: the lake's commit cost as the tables age, through the real `IcebergLake` write
+//! path (`TableWriter::append`) on the local endpoint. Method and figures: BENCHMARKS.md, "Lake
+//! soak: commit cost as the table ages".
+//!
+//! Usage: cargo build --workspace --all-targets && ./target/debug/lake-soak [--shards 8]
+//!          [--campaigns 200] [--batches 40] [--rows 200] [--window 50] … (`--help` lists all)
+//!
+//! A simulated production history: `--shards` concurrent shards (one `IcebergLake` each, as
+//! each shard's enricher invocation has its own), each appending `--batches` batches of
+//! `--rows` joined records with its own increasing Kinesis-like sequence numbers, clicks and
+//! impressions of one batch appended concurrently as the enricher does. Campaigns follow a
+//! Zipf-like popularity. At stated rates a batch carries flagged (`in_doubt`) repeats of rows
+//! of the shard's previous batch, and a landed batch is re-appended as the two halves of its
+//! range (Lambda's BisectBatchOnFunctionError). Maintenance: none, as the stack runs today
+//! (`EnableTableOptimizers` defaults to false; nothing expires snapshots or compacts).
+//!
+//! Every request of the lake goes through a metering proxy (`adpipe_bench::proxy`): S3, Glue
+//! and DynamoDB requests and bytes per commit are counted from the real traffic.
+//!
+//! The last line on stdout is the summary (`adpipe_bench::soak::summary_line`); keep it stable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use adpipe_aws::{Clients, RequestCounter};
+use adpipe_bench::proxy::{Metered, MeteringProxy};
+use adpipe_bench::soak::{chart_svg, summary_line, Options, Rng, Traffic, Window, Zipf};
+use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
+use adpipe_core::lake::{clicks_batch, impressions_batch};
+use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord};
+use adpipe_core::ports::{InputRange, LakeAppend, LakeTable, TableWriter};
+use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
+use adpipe_lake::{DynamoDbCommitLease, IcebergLake};
+use anyhow::Context;
+use iceberg::spec::ManifestContentType;
+use iceberg::Catalog;
+use tokio::sync::mpsc;
+
+const OPTIONS: &[(&str, &str, &str)] = &[
+    ("--shards", "8", "concurrent shards (writers)"),
+    ("--campaigns", "200", "live campaigns"),
+    (
+        "--zipf",
+        "1.0",
+        "Zipf exponent of campaign popularity (0: uniform)",
+    ),
+    ("--batches", "40", "batches per shard"),
+    ("--rows", "200", "joined records per batch"),
+    ("--click-share", "0.02", "clicks per impression"),
+    (
+        "--repeat-rate",
+        "0.01",
+        "share of batches carrying flagged repeats of earlier rows",
+    ),
+    (
+        "--repeat-rows",
+        "5",
+        "impressions repeated in such a batch (plus one click if any)",
+    ),
+    (
+        "--bisect-rate",
+        "0.005",
+        "share of landed batches re-appended as two halves",
+    ),
+    ("--window", "50", "commits per reported window"),
+    (
+        "--time-budget-s",
+        "0",
+        "stop starting batches after this many seconds (0: none)",
+    ),
+    ("--seed", "7", "generator seed"),
+    (
+        "--out",
+        ".local/bench/lake-soak",
+        "directory for the CSV and the chart",
+    ),
+];
+
+#[derive(Debug, Clone)]
+struct Params {
+    shards: usize,
+    campaigns: usize,
+    zipf: f64,
+    batches: usize,
+    rows: usize,
+    click_share: f64,
+    repeat_rate: f64,
+    repeat_rows: usize,
+    bisect_rate: f64,
+    window: usize,
+    budget: Option<Duration>,
+    seed: u64,
+    out: std::path::PathBuf,
+}
+
+fn params() -> anyhow::Result<Params> {
+    let o = Options::parse(std::env::args().skip(1), OPTIONS).map_err(anyhow::Error::msg)?;
+    let g = |e: String| anyhow::anyhow!(e);
+    let budget: u64 = o.get("--time-budget-s").map_err(g)?;
+    let p = Params {
+        shards: o.get("--shards").map_err(g)?,
+        campaigns: o.get("--campaigns").map_err(g)?,
+        zipf: o.get("--zipf").map_err(g)?,
+        batches: o.get("--batches").map_err(g)?,
+        rows: o.get("--rows").map_err(g)?,
+        click_share: o.get("--click-share").map_err(g)?,
+        repeat_rate: o.get("--repeat-rate").map_err(g)?,
+        repeat_rows: o.get("--repeat-rows").map_err(g)?,
+        bisect_rate: o.get("--bisect-rate").map_err(g)?,
+        window: o.get("--window").map_err(g)?,
+        budget: (budget > 0).then(|| Duration::from_secs(budget)),
+        seed: o.get("--seed").map_err(g)?,
+        out: o.get::<String>("--out").map_err(g)?.into(),
+    };
+    anyhow::ensure!(
+        p.shards > 0 && p.campaigns > 0 && p.rows > 1 && p.window > 0,
+        "--shards, --campaigns, --window must be positive and --rows at least 2"
+    );
+    Ok(p)
+}
+
+/// One joined record of a batch.
+#[derive(Debug, Clone)]
+enum Rec {
+    Imp(Impression),
+    /// The click and the impression it follows.
+    Click(Box<(Impression, Click)>),
+}
+
+/// What one append did, for the collector.
+#[derive(Debug)]
+struct Event {
+    table: LakeTable,
+    ms: f64,
+    committed: bool,
+    files: u64,
+    /// Bytes of data files in the snapshot the key check scanned (appends that ran it).
+    key_check_bytes: Option<u64>,
+    dropped: u64,
+    expected_dropped: u64,
+    failed_attempts: u64,
+}
+
+const BASE_MS: i64 = 1_795_169_730_000;
+
+fn shard_name(shard: usize) -> String {
+    format!("shardId-{shard:012}")
+}
+
+/// A Kinesis-like sequence number: 56 digits, increasing within a shard.
+fn sequence(shard: usize, n: u64) -> String {
+    format!("4965685346523545711{shard:05}{n:032}")
+}
+
+struct Shard {
+    id: usize,
+    lake: IcebergLake,
+    rng: Rng,
+    next_seq: u64,
+    previous: Vec<Rec>,
+}
+
+impl Shard {
+    fn generate(&mut self, p: &Params, zipf: &Zipf, batch: usize) -> (Vec<Rec>, usize) {
+        let minute = BASE_MS + batch as i64 * 60_000 + self.id as i64 * 997;
+        let mut recs: Vec<Rec> = Vec::with_capacity(p.rows + p.repeat_rows + 1);
+        let mut recent: Vec<Impression> = self
+            .previous
+            .iter()
+            .filter_map(|r| match r {
+                Rec::Imp(i) => Some(i.clone()),
+                Rec::Click(_) => None,
+            })
+            .collect();
+        for i in 0..p.rows {
+            let click = self.rng.chance(p.click_share / (1.0 + p.click_share));
+            if click && !recent.is_empty() {
+                let imp = recent[self.rng.below(recent.len())].clone();
+                let c = Click {
+                    ad_id: imp.ad_id.clone(),
+                    impression_id: imp.impression_id.clone(),
+                    campaign_id: imp.campaign_id.clone(),
+                    publisher_id: imp.publisher_id.clone(),
+                    event_time_ms: imp.event_time_ms + 4_321,
+                    device_type: imp.device_type.clone(),
+                    geo_location: imp.geo_location.clone(),
+                    platform: imp.platform.clone(),
+                    click_price: 0.35,
+                    click_id: self.rng.uuid(),
+                    click_id_derived: false,
+                };
+                recs.push(Rec::Click(Box::new((imp, c))));
+                continue;
+            }
+            let campaign = zipf.sample(&mut self.rng);
+            let imp = Impression {
+                ad_id: format!("ad-{campaign}-{}", self.rng.below(20)),
+                impression_id: self.rng.uuid(),
+                campaign_id: format!("camp-{campaign:05}"),
+                publisher_id: format!("pub-{}", self.rng.below(500)),
+                event_time_ms: minute + i as i64 * 50,
+                device_type: ["mobile", "tablet", "desktop", "ios", "tv"][self.rng.below(5)].into(),
+                geo_location: "US-CA".into(),
+                platform: "android".into(),
+                ad_type: "banner".into(),
+                bid_price: self.rng.below(10_000) as f64 / 100.0,
+            };
+            recent.push(imp.clone());
+            recs.push(Rec::Imp(imp));
+        }
+        // Flagged repeats of rows the previous batch landed.
+        let mut repeats = 0;
+        if !self.previous.is_empty() && self.rng.chance(p.repeat_rate) {
+            let imps: Vec<&Rec> = self
+                .previous
+                .iter()
+                .filter(|r| matches!(r, Rec::Imp(_)))
+                .collect();
+            let mut chosen: Vec<Rec> = Vec::new();
+            for _ in 0..p.repeat_rows.min(imps.len()) {
+                let r = imps[self.rng.below(imps.len())].clone();
+                let id = |r: &Rec| match r {
+                    Rec::Imp(i) => i.impression_id.clone(),
+                    Rec::Click(pair) => pair.1.click_id.clone(),
+                };
+                if !chosen.iter().any(|c| id(c) == id(&r)) {
+                    chosen.push(r);
+                }
+            }
+            if let Some(c) = self.previous.iter().find(|r| matches!(r, Rec::Click(_))) {
+                chosen.push(c.clone());
+            }
+            repeats = chosen.len();
+            recs.extend(chosen);
+        }
+        (recs, repeats)
+    }
+}
+
+/// The appends of one batch (or one half of it): `(table, append)`, clicks first.
+fn appends(
+    shard: usize,
+    first_seq: u64,
+    recs: &[Rec],
+    in_doubt_from: usize,
+) -> anyhow::Result<Vec<LakeAppend>> {
+    let rules = EnrichRules::default();
+    let input = InputRange {
+        stream: "adpipe-joined".into(),
+        shard: shard_name(shard),
+        first_sequence: sequence(shard, first_seq),
+        last_sequence: sequence(shard, first_seq + recs.len() as u64 - 1),
+    };
+    let (mut clicks, mut click_flags, mut imps, mut imp_flags) = (vec![], vec![], vec![], vec![]);
+    for (i, r) in recs.iter().enumerate() {
+        let doubt = i >= in_doubt_from;
+        match r {
+            Rec::Imp(imp) => {
+                let processed = imp.event_time_ms + 2_000;
+                let e = enrich_impression(&rules, ImpressionRecord::new(imp, doubt), processed)
+                    .map_err(|r| anyhow::anyhow!("{r:?}"))?;
+                imps.push(e);
+                imp_flags.push(doubt);
+            }
+            Rec::Click(click) => {
+                let (imp, c) = &**click;
+                let mut pair = JoinedRecord::new(imp, c);
+                pair.recovered = doubt;
+                let e = enrich_click(&rules, pair, c.event_time_ms + 2_000)
+                    .map_err(|r| anyhow::anyhow!("{r:?}"))?;
+                clicks.push(e);
+                click_flags.push(doubt);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if !clicks.is_empty() {
+        out.push(LakeAppend {
+            table: LakeTable::Clicks,
+            input: input.clone(),
+            rows: clicks_batch(&clicks)?,
+            keys: clicks
+                .iter()
+                .map(|c| (c.pair.impression_id.clone(), c.pair.click_id.clone()))
+                .collect(),
+            in_doubt: click_flags,
+        });
+    }
+    if !imps.is_empty() {
+        out.push(LakeAppend {
+            table: LakeTable::Impressions,
+            input,
+            rows: impressions_batch(&imps)?,
+            keys: imps
+                .iter()
+                .map(|i| (i.impression.impression_id.clone(), String::new()))
+                .collect(),
+            in_doubt: imp_flags,
+        });
+    }
+    Ok(out)
+}
+
+/// Bytes of the live data files in the table's current snapshot: what `existing_keys` plans
+/// to scan (it has no partition predicate, so every data file is a candidate).
+async fn snapshot_data_bytes(inspect: &IcebergLake, table: LakeTable) -> anyhow::Result<u64> {
+    let t = inspect.catalog().load_table(&inspect.ident(table)).await?;
+    let Some(snapshot) = t.metadata().current_snapshot() else {
+        return Ok(0);
+    };
+    let list = t.manifest_list_reader(snapshot).load().await?;
+    let mut bytes = 0;
+    for m in list.entries() {
+        if m.content != ManifestContentType::Data {
+            continue;
+        }
+        for e in m.load_manifest(t.file_io()).await?.entries() {
+            if e.is_alive() {
+                bytes += e.data_file().file_size_in_bytes();
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Manifests in the current snapshot, snapshots in the metadata, and `metadata.json` bytes.
+async fn table_state(inspect: &IcebergLake, table: LakeTable) -> anyhow::Result<(u64, u64, u64)> {
+    let t = inspect.catalog().load_table(&inspect.ident(table)).await?;
+    let snapshots = t.metadata().snapshots().len() as u64;
+    let manifests = match t.metadata().current_snapshot() {
+        Some(s) => t.manifest_list_reader(s).load().await?.entries().len() as u64,
+        None => 0,
+    };
+    let location = t
+        .metadata_location()
+        .context("table has no metadata file")?;
+    let bytes = t.file_io().new_input(location)?.metadata().await?.size;
+    Ok((manifests, snapshots, bytes))
+}
+
+/// Appends one table's rows as the enricher does (Lambda would retry a failed batch with the
+/// same range: up to 3 tries here), timing the call.
+async fn timed_append(
+    lake: &IcebergLake,
+    inspect: &IcebergLake,
+    append: LakeAppend,
+    overlap: bool,
+    expected_dropped: u64,
+) -> anyhow::Result<Event> {
+    let table = append.table;
+    let checks = overlap || append.in_doubt.iter().any(|d| *d);
+    let key_check_bytes = if checks {
+        Some(snapshot_data_bytes(inspect, table).await?)
+    } else {
+        None
+    };
+    let mut failed_attempts = 0;
+    loop {
+        let t = Instant::now();
+        match lake.append(append.clone()).await {
+            Ok(r) => {
+                return Ok(Event {
+                    table,
+                    ms: t.elapsed().as_secs_f64() * 1000.0,
+                    committed: r.rows_written > 0 && !r.already_committed,
+                    files: r.files_written,
+                    key_check_bytes,
+                    dropped: r.duplicates_dropped,
+                    expected_dropped,
+                    failed_attempts,
+                })
+            }
+            Err(e) if failed_attempts < 2 => {
+                eprintln!("lake-soak: append failed (retrying the same range): {e}");
+                failed_attempts += 1;
+            }
+            Err(e) => return Err(anyhow::anyhow!("append failed 3 times: {e}")),
+        }
+    }
+}
+
+async fn run_shard(
+    mut shard: Shard,
+    p: Arc<Params>,
+    zipf: Arc<Zipf>,
+    inspect: Arc<IcebergLake>,
+    start: Instant,
+    events: mpsc::UnboundedSender<Event>,
+) -> anyhow::Result<()> {
+    for b in 0..p.batches {
+        if p.budget.is_some_and(|budget| start.elapsed() > budget) {
+            break;
+        }
+        let (recs, repeats) = shard.generate(&p, &zipf, b);
+        let first = shard.next_seq;
+        shard.next_seq += recs.len() as u64;
+        let repeat_from = recs.len() - repeats;
+        let batch = appends(shard.id, first, &recs, repeat_from)?;
+        let expected = |t: LakeTable| {
+            recs[repeat_from..]
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        (r, t),
+                        (Rec::Imp(_), LakeTable::Impressions) | (Rec::Click(_), LakeTable::Clicks)
+                    )
+                })
+                .count() as u64
+        };
+        let mut running = Vec::new();
+        for a in batch {
+            let e = expected(a.table);
+            running.push(timed_append(&shard.lake, &inspect, a, false, e));
+        }
+        for e in futures::future::join_all(running).await {
+            events.send(e?).ok();
+        }
+        // A bisected retry of the landed batch: both halves of its range, every row already in.
+        if shard.rng.chance(p.bisect_rate) {
+            let mid = recs.len() / 2;
+            for (offset, half) in [(0, &recs[..mid]), (mid, &recs[mid..])] {
+                let mut running = Vec::new();
+                for a in appends(shard.id, first + offset as u64, half, usize::MAX)? {
+                    let e = a.keys.len() as u64;
+                    running.push(timed_append(&shard.lake, &inspect, a, true, e));
+                }
+                for e in futures::future::join_all(running).await {
+                    events.send(e?).ok();
+                }
+            }
+        }
+        shard.previous = recs;
+    }
+    Ok(())
+}
+
+fn traffic_delta(now: &Metered, before: &Metered, service: &str) -> Traffic {
+    let (a, b) = (now.service(service), before.service(service));
+    Traffic {
+        requests: a.requests - b.requests,
+        bytes: a.bytes - b.bytes,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let p = match params() {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("lake-soak: {e}");
+            std::process::exit(2);
+        }
+    };
+    let local = LocalAws::shared();
+    let proxy = MeteringProxy::start(&local.endpoint)?;
+    let direct = Clients::new(&local.sdk_config().await);
+    let counter = RequestCounter::default();
+    let via_proxy = LocalAws {
+        endpoint: proxy.url(),
+    };
+    let metered = Clients::metered(&via_proxy.sdk_config().await, &counter);
+    let (bucket, lease_table, db) = (
+        unique("soak-lake"),
+        unique("soak-lease"),
+        unique("soak").replace('-', "_"),
+    );
+    create_bucket(&direct, &bucket).await?;
+    create_state_table(&direct, &lease_table).await?;
+    let vars = [
+        ("JOINED_STREAM_NAME", "adpipe-joined".to_owned()),
+        ("LAKE_BUCKET", bucket.clone()),
+        ("GLUE_DATABASE", db),
+        ("COMMIT_LEASE_TABLE", lease_table.clone()),
+        ("DEAD_LETTER_BUCKET", bucket),
+    ];
+    let config = adpipe_core::config::EnricherConfig::from_lookup(|k| {
+        vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })?;
+    let lake_config = |endpoint: &str| {
+        let mut c = adpipe_enricher::lake_config(
+            &config,
+            Some(endpoint.to_owned()),
+            Some("us-east-1".into()),
+        );
+        c.credentials = Some(("test".into(), "test".into()));
+        c
+    };
+    // The bench's own reads (table state, key-check sizes) go straight to the endpoint, so the
+    // proxy counts only the lake's traffic.
+    let inspect = Arc::new(
+        IcebergLake::connect(
+            lake_config(&local.endpoint),
+            DynamoDbCommitLease::new(direct.dynamodb.clone(), &lease_table),
+            "soak-inspect".into(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    inspect
+        .ensure_tables(&direct.s3)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    println!(
+        "## lake-soak: {} shards, {} campaigns (Zipf s={}), {} batches/shard of {} records, click share {}, \
+         repeats {} of batches ({} rows + 1 click), bisected retries {} of batches, window {} commits, seed {}",
+        p.shards, p.campaigns, p.zipf, p.batches, p.rows, p.click_share, p.repeat_rate,
+        p.repeat_rows, p.bisect_rate, p.window, p.seed
+    );
+    println!("maintenance: none (the stack's EnableTableOptimizers defaults to false; nothing expires snapshots or compacts)");
+    println!("{}", Window::CSV_HEADER);
+
+    let zipf = Arc::new(Zipf::new(p.campaigns, p.zipf));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let mut seeder = Rng::new(p.seed);
+    for id in 0..p.shards {
+        let lake = IcebergLake::connect(
+            lake_config(&proxy.url()),
+            DynamoDbCommitLease::new(metered.dynamodb.clone(), &lease_table),
+            format!("soak-shard-{id}"),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let shard = Shard {
+            id,
+            lake,
+            rng: Rng::new(seeder.next_u64()),
+            next_seq: 1_000,
+            previous: Vec::new(),
+        };
+        tasks.push(tokio::spawn(run_shard(
+            shard,
+            Arc::clone(&p),
+            Arc::clone(&zipf),
+            Arc::clone(&inspect),
+            start,
+            tx.clone(),
+        )));
+    }
+    drop(tx);
+
+    std::fs::create_dir_all(&p.out)?;
+    let csv_path = p.out.join("lake-soak.csv");
+    let mut csv = format!("{}\n", Window::CSV_HEADER);
+    let mut windows: Vec<Window> = Vec::new();
+    let mut current = Window::default();
+    let mut commits = 0u64;
+    let mut before = proxy.snapshot();
+    let (mut dropped, mut expected_dropped, mut failed) = (0u64, 0u64, 0u64);
+    let mut key_check_ms: Vec<f64> = Vec::new();
+    loop {
+        let Some(e) = rx.recv().await else {
+            if (current.commits() as usize) < p.window / 2 {
+                // Too few commits for a window of its own: reported below, not as a row.
+                break;
+            }
+            // The last, shorter window (at least half a window) is reported too.
+            current.index = windows.len();
+            finish_window(&mut current, &inspect, &proxy, &mut before, commits).await?;
+            println!("{}", current.csv_row());
+            csv.push_str(&current.csv_row());
+            csv.push('\n');
+            windows.push(std::mem::take(&mut current));
+            break;
+        };
+        dropped += e.dropped;
+        expected_dropped += e.expected_dropped;
+        failed += e.failed_attempts;
+        current.rows_dropped += e.dropped;
+        if let Some(b) = e.key_check_bytes {
+            key_check_ms.push(e.ms);
+            current.key_checks += 1;
+            current.key_check_bytes_max = current.key_check_bytes_max.max(b);
+        }
+        if !e.committed {
+            continue;
+        }
+        commits += 1;
+        current.latencies_ms.push(e.ms);
+        match e.table {
+            LakeTable::Impressions => current.files_impressions.push(e.files),
+            LakeTable::Clicks => current.files_clicks.push(e.files),
+        }
+        if current.commits() as usize == p.window {
+            current.index = windows.len();
+            finish_window(&mut current, &inspect, &proxy, &mut before, commits).await?;
+            println!("{}", current.csv_row());
+            csv.push_str(&current.csv_row());
+            csv.push('\n');
+            std::fs::write(&csv_path, &csv)?;
+            windows.push(std::mem::take(&mut current));
+            current.index = windows.len();
+        }
+    }
+    for t in tasks {
+        t.await??;
+    }
+    std::fs::write(&csv_path, &csv)?;
+    let title = format!(
+        "lake-soak: {} shards, {} campaigns, {} records/batch, today's lake",
+        p.shards, p.campaigns, p.rows
+    );
+    let chart_path = p.out.join("lake-soak.svg");
+    std::fs::write(&chart_path, chart_svg(&title, &windows))?;
+    let m = proxy.snapshot();
+    if current.commits() > 0 || current.key_checks > 0 {
+        println!(
+            "after the last window: {} commits, {} key checks (largest snapshot scanned {} bytes), {} rows dropped, {} bytes of data files read",
+            current.commits(),
+            current.key_checks,
+            current.key_check_bytes_max,
+            current.rows_dropped,
+            m.data_file_get_bytes - before.data_file_get_bytes
+        );
+    }
+    println!(
+        "appends that ran the duplicate-key check: {}, latency p50 {:.0} ms, max {:.0} ms; data files read by the checks in the whole run: {} bytes",
+        key_check_ms.len(),
+        adpipe_bench::soak::percentile(&key_check_ms, 0.5).unwrap_or(0.0),
+        adpipe_bench::soak::percentile(&key_check_ms, 1.0).unwrap_or(0.0),
+        m.data_file_get_bytes
+    );
+    println!(
+        "wall {:.0} s; wrote {} and {}",
+        start.elapsed().as_secs_f64(),
+        csv_path.display(),
+        chart_path.display()
+    );
+    println!(
+        "duplicate check: {dropped} rows dropped, {expected_dropped} expected (repeats and bisected halves){}; {failed} failed append attempts retried",
+        if dropped == expected_dropped { "" } else { " — MISMATCH" }
+    );
+    println!(
+        "totals through the proxy: s3 {} requests {} bytes, glue {} requests {} bytes, dynamodb {} requests (the SDK's RequestCounter saw {} DynamoDB requests)",
+        m.service("s3").requests,
+        m.service("s3").bytes,
+        m.service("glue").requests,
+        m.service("glue").bytes,
+        m.service("dynamodb").requests,
+        counter
+            .snapshot()
+            .iter()
+            .filter(|((s, _), _)| s.eq_ignore_ascii_case("dynamodb"))
+            .map(|(_, n)| n)
+            .sum::<u64>(),
+    );
+    println!(
+        "{}",
+        summary_line(commits, &windows, current.key_check_bytes_max)
+    );
+    Ok(())
+}
+
+/// Closes a window: the traffic since the last one, and the tables' state now.
+async fn finish_window(
+    w: &mut Window,
+    inspect: &IcebergLake,
+    proxy: &MeteringProxy,
+    before: &mut Metered,
+    commits: u64,
+) -> anyhow::Result<()> {
+    let now = proxy.snapshot();
+    w.commits_end = commits;
+    w.s3 = traffic_delta(&now, before, "s3");
+    w.glue = traffic_delta(&now, before, "glue");
+    w.dynamodb = traffic_delta(&now, before, "dynamodb");
+    w.data_file_get_bytes = now.data_file_get_bytes - before.data_file_get_bytes;
+    *before = now;
+    for (i, t) in [LakeTable::Impressions, LakeTable::Clicks]
+        .into_iter()
+        .enumerate()
+    {
+        let (manifests, snapshots, bytes) = table_state(inspect, t).await?;
+        w.manifests[i] = manifests;
+        w.snapshots[i] = snapshots;
+        w.metadata_bytes[i] = bytes;
+    }
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! The pure parts of `lake-soak` (see BENCHMARKS.md, "Lake soak: commit cost as the table
+//! ages"): a seeded generator, the Zipf-like campaign sampler, strict option parsing, per-window
+//! statistics, the CSV table, the chart and the summary line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// SplitMix64: a small seeded generator, so a run is reproducible from `--seed`.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.unit() * n as f64) as usize % n.max(1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
+
+    /// A random UUID-shaped id (version 4 layout), as production impression ids are.
+    pub fn uuid(&mut self) -> String {
+        let (a, b) = (self.next_u64(), self.next_u64());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            0x8000 | ((b >> 48) & 0x3fff),
+            b & 0xffff_ffff_ffff
+        )
+    }
+}
+
+/// Zipf-like popularity over `n` items: item `k` (0-based) has weight `1 / (k + 1)^s`.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    /// `n` ≥ 1 items, exponent `s` ≥ 0 (0 is uniform).
+    pub fn new(n: usize, s: f64) -> Zipf {
+        let weights: Vec<f64> = (1..=n.max(1)).map(|k| (k as f64).powf(-s)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        Zipf { cdf }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cdf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cdf.is_empty()
+    }
+
+    /// The probability of item `k`.
+    pub fn probability(&self, k: usize) -> f64 {
+        self.cdf[k] - if k == 0 { 0.0 } else { self.cdf[k - 1] }
+    }
+
+    /// The item for a uniform draw `u` in `[0, 1)`.
+    pub fn item(&self, u: f64) -> usize {
+        self.cdf
+            .partition_point(|c| *c <= u)
+            .min(self.cdf.len() - 1)
+    }
+
+    pub fn sample(&self, rng: &mut Rng) -> usize {
+        self.item(rng.unit())
+    }
+}
+
+/// Parses `--name value` options against a list of known names with their defaults. An unknown
+/// option, a missing value or a stray argument is an error; `--help` returns the usage as the
+/// error. Values are checked by [`Options::get`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    values: BTreeMap<String, String>,
+}
+
+impl Options {
+    /// `known`: `(name, default, help)`.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        known: &[(&str, &str, &str)],
+    ) -> Result<Options, String> {
+        let usage = || {
+            let mut u = String::from("options:\n");
+            for (name, default, help) in known {
+                let _ = writeln!(u, "  {name} <value>  {help} (default {default})");
+            }
+            u
+        };
+        let mut values: BTreeMap<String, String> = known
+            .iter()
+            .map(|(n, d, _)| (n.to_string(), d.to_string()))
+            .collect();
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            if a == "--help" || a == "-h" {
+                return Err(usage());
+            }
+            if !known.iter().any(|(n, _, _)| *n == a) {
+                return Err(format!("unknown argument {a:?}\n{}", usage()));
+            }
+            let v = args
+                .next()
+                .ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
+            values.insert(a, v);
+        }
+        Ok(Options { values })
+    }
+
+    /// The option's value, parsed.
+    pub fn get<T: std::str::FromStr>(&self, name: &str) -> Result<T, String> {
+        let v = self
+            .values
+            .get(name)
+            .ok_or_else(|| format!("no option {name}"))?;
+        v.parse().map_err(|_| {
+            format!(
+                "{name}: cannot parse {v:?} as {}",
+                std::any::type_name::<T>()
+            )
+        })
+    }
+}
+
+/// The `q`-quantile (0 < q ≤ 1) by the nearest-rank method: the smallest sample with at least
+/// `q` of the samples at or below it. `None` for no samples.
+pub fn percentile(samples: &[f64], q: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = (q * s.len() as f64).ceil().max(1.0) as usize;
+    Some(s[rank.min(s.len()) - 1])
+}
+
+/// Requests and bytes (sent plus received) of one service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+/// One window of `W` commits (the last one may be shorter).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub index: usize,
+    /// Commits in the run up to the end of this window.
+    pub commits_end: u64,
+    /// Append latencies (ms) of this window's commits.
+    pub latencies_ms: Vec<f64>,
+    /// Data files of each committed impressions / clicks append.
+    pub files_impressions: Vec<u64>,
+    pub files_clicks: Vec<u64>,
+    /// Appends of this window that ran the duplicate-key check, and the bytes of data files in
+    /// the snapshot each scanned (largest kept).
+    pub key_checks: u64,
+    pub key_check_bytes_max: u64,
+    /// Bytes of data files read from S3 in the window (only the key check reads data files).
+    pub data_file_get_bytes: u64,
+    pub rows_dropped: u64,
+    pub s3: Traffic,
+    pub glue: Traffic,
+    pub dynamodb: Traffic,
+    /// In the tables' current metadata at the end of the window: `[impressions, clicks]`.
+    pub manifests: [u64; 2],
+    pub snapshots: [u64; 2],
+    pub metadata_bytes: [u64; 2],
+}
+
+fn max_mean(v: &[u64]) -> (u64, f64) {
+    let max = v.iter().copied().max().unwrap_or(0);
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<u64>() as f64 / v.len() as f64
+    };
+    (max, mean)
+}
+
+impl Window {
+    pub fn commits(&self) -> u64 {
+        self.latencies_ms.len() as u64
+    }
+
+    pub fn p50_ms(&self) -> f64 {
+        percentile(&self.latencies_ms, 0.5).unwrap_or(0.0)
+    }
+
+    pub fn p99_ms(&self) -> f64 {
+        percentile(&self.latencies_ms, 0.99).unwrap_or(0.0)
+    }
+
+    fn per_commit(&self, n: u64) -> f64 {
+        n as f64 / self.commits().max(1) as f64
+    }
+
+    pub fn files_per_batch_max(&self) -> u64 {
+        max_mean(&self.files_impressions)
+            .0
+            .max(max_mean(&self.files_clicks).0)
+    }
+
+    pub const CSV_HEADER: &'static str = "window,commits_end,commits,p50_ms,p99_ms,max_ms,\
+s3_requests_per_commit,s3_bytes_per_commit,glue_requests_per_commit,glue_bytes_per_commit,\
+dynamodb_requests_per_commit,manifests_impressions,manifests_clicks,snapshots_impressions,\
+snapshots_clicks,metadata_bytes_impressions,metadata_bytes_clicks,files_per_batch_max_impressions,\
+files_per_batch_mean_impressions,files_per_batch_max_clicks,files_per_batch_mean_clicks,\
+key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped";
+
+    pub fn csv_row(&self) -> String {
+        let (fi_max, fi_mean) = max_mean(&self.files_impressions);
+        let (fc_max, fc_mean) = max_mean(&self.files_clicks);
+        let max = percentile(&self.latencies_ms, 1.0).unwrap_or(0.0);
+        format!(
+            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.0},{:.1},{:.0},{:.1},{},{},{},{},{},{},{},{:.1},{},{:.1},{},{},{},{}",
+            self.index,
+            self.commits_end,
+            self.commits(),
+            self.p50_ms(),
+            self.p99_ms(),
+            max,
+            self.per_commit(self.s3.requests),
+            self.per_commit(self.s3.bytes),
+            self.per_commit(self.glue.requests),
+            self.per_commit(self.glue.bytes),
+            self.per_commit(self.dynamodb.requests),
+            self.manifests[0],
+            self.manifests[1],
+            self.snapshots[0],
+            self.snapshots[1],
+            self.metadata_bytes[0],
+            self.metadata_bytes[1],
+            fi_max,
+            fi_mean,
+            fc_max,
+            fc_mean,
+            self.key_checks,
+            self.key_check_bytes_max,
+            self.data_file_get_bytes,
+            self.rows_dropped,
+        )
+    }
+}
+
+/// The last line of `lake-soak`'s output; its format is stable (later runs are compared with it).
+/// `metadata_bytes_last` and `manifests_last` are the larger of the two tables in the last window;
+/// `key_check_bytes_max` is over the whole run: the windows and `later_key_check_bytes_max`, the
+/// key checks that ended after the last reported window (a key-check append can outlast many).
+pub fn summary_line(commits: u64, windows: &[Window], later_key_check_bytes_max: u64) -> String {
+    let first = windows.first();
+    let last = windows.last();
+    let p99 = |w: Option<&Window>| w.map(|w| w.p99_ms().round() as u64).unwrap_or(0);
+    let files = windows
+        .iter()
+        .map(Window::files_per_batch_max)
+        .max()
+        .unwrap_or(0);
+    let key = windows
+        .iter()
+        .map(|w| w.key_check_bytes_max)
+        .max()
+        .unwrap_or(0)
+        .max(later_key_check_bytes_max);
+    format!(
+        "lake-soak: commits={commits} p99_ms_first={} p99_ms_last={} metadata_bytes_last={} manifests_last={} files_per_batch_max={files} key_check_bytes_max={key}",
+        p99(first),
+        p99(last),
+        last.map(|w| w.metadata_bytes[0].max(w.metadata_bytes[1])).unwrap_or(0),
+        last.map(|w| w.manifests[0].max(w.manifests[1])).unwrap_or(0),
+    )
+}
+
+/// The chart: two panels sharing the x axis (commits so far), commit latency p50/p99 above and
+/// `metadata.json` size of both tables below, as a self-contained SVG.
+pub fn chart_svg(title: &str, windows: &[Window]) -> String {
+    let (w, h, left, right, top, gap, panel) = (900.0, 640.0, 80.0, 30.0, 50.0, 70.0, 230.0);
+    let x_max = windows
+        .iter()
+        .map(|w| w.commits_end)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let x = |c: u64| left + (c as f64 / x_max) * (w - left - right);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<rect width="{w}" height="{h}" fill="white"/><text x="{left}" y="24" font-size="15">{}</text>"#,
+        escape(title)
+    );
+    type Series<'a> = (&'a str, &'a str, Box<dyn Fn(&Window) -> f64 + 'a>);
+    let panels: [(&str, f64, Vec<Series>); 2] = [
+        (
+            "append (commit) latency, ms",
+            top,
+            vec![
+                ("p99", "#d62728", Box::new(|w: &Window| w.p99_ms())),
+                ("p50", "#1f77b4", Box::new(|w: &Window| w.p50_ms())),
+            ],
+        ),
+        (
+            "metadata.json, KB",
+            top + panel + gap,
+            vec![
+                (
+                    "impressions",
+                    "#2ca02c",
+                    Box::new(|w: &Window| w.metadata_bytes[0] as f64 / 1000.0),
+                ),
+                (
+                    "clicks",
+                    "#9467bd",
+                    Box::new(|w: &Window| w.metadata_bytes[1] as f64 / 1000.0),
+                ),
+            ],
+        ),
+    ];
+    for (label, y0, series) in &panels {
+        let y_max = series
+            .iter()
+            .flat_map(|(_, _, f)| windows.iter().map(f))
+            .fold(0.0f64, f64::max)
+            .max(1.0)
+            * 1.05;
+        let y = |v: f64| y0 + panel - (v / y_max) * panel;
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{left}" y="{y0}" width="{}" height="{panel}" fill="none" stroke="#888"/>"##,
+            w - left - right
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{left}" y="{}" font-weight="bold">{label}</text>"#,
+            y0 - 6.0
+        );
+        for i in 0..=4 {
+            let v = y_max * i as f64 / 4.0;
+            let _ = writeln!(
+                svg,
+                r##"<text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text><line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#eee"/>"##,
+                left - 6.0,
+                y(v) + 4.0,
+                w - right,
+                y(v),
+                y(v)
+            );
+        }
+        for (n, (name, colour, f)) in series.iter().enumerate() {
+            let points: Vec<String> = windows
+                .iter()
+                .map(|win| format!("{:.1},{:.1}", x(win.commits_end), y(f(win))))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+                points.join(" ")
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" fill="{colour}">{name}</text>"#,
+                w - right - 90.0,
+                y0 + 16.0 + 14.0 * n as f64
+            );
+        }
+        for i in 0..=5 {
+            let c = (x_max * i as f64 / 5.0).round() as u64;
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{c}</text>"#,
+                x(c),
+                y0 + panel + 16.0
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">commits so far (both tables)</text></svg>"#,
+        left + (w - left - right) / 2.0,
+        h - 8.0
+    );
+    svg
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_weights_fall_as_a_power_of_rank_and_sampling_follows_them() {
+        let z = Zipf::new(100, 1.0);
+        let total: f64 = (0..100).map(|k| z.probability(k)).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert!((z.probability(0) / z.probability(1) - 2.0).abs() < 1e-9);
+        assert!((z.probability(0) / z.probability(9) - 10.0).abs() < 1e-9);
+        assert_eq!(z.item(0.0), 0);
+        assert_eq!(z.item(0.999_999_999), 99);
+        let mut rng = Rng::new(7);
+        let mut counts = vec![0u32; 100];
+        for _ in 0..100_000 {
+            counts[z.sample(&mut rng)] += 1;
+        }
+        let share = counts[0] as f64 / 100_000.0;
+        assert!((share - z.probability(0)).abs() < 0.01, "{share}");
+        assert!(counts[0] > counts[1] && counts[1] > counts[50]);
+        // s = 0: uniform.
+        let u = Zipf::new(4, 0.0);
+        assert!((u.probability(3) - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_generator_is_reproducible_and_ids_are_uuid_shaped() {
+        let (mut a, mut b) = (Rng::new(1), Rng::new(1));
+        assert_eq!(a.next_u64(), b.next_u64());
+        let id = a.uuid();
+        assert_eq!(id.len(), 36);
+        assert_eq!(id.matches('-').count(), 4);
+        assert_eq!(&id[14..15], "4");
+        assert!((0..1000).all(|_| a.below(7) < 7));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50.0));
+        assert_eq!(percentile(&v, 0.99), Some(99.0));
+        assert_eq!(percentile(&v, 1.0), Some(100.0));
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), Some(2.0));
+        assert_eq!(percentile(&[5.0], 0.99), Some(5.0));
+        assert_eq!(percentile(&[], 0.5), None);
+        // Ten samples: p99 is the largest.
+        let ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&ten, 0.99), Some(10.0));
+    }
+
+    fn window(index: usize, commits_end: u64, latencies: &[f64]) -> Window {
+        Window {
+            index,
+            commits_end,
+            latencies_ms: latencies.to_vec(),
+            ..Window::default()
+        }
+    }
+
+    #[test]
+    fn window_statistics_and_the_summary_line() {
+        let mut first = window(0, 4, &[10.0, 20.0, 30.0, 400.0]);
+        first.files_impressions = vec![3, 5];
+        first.files_clicks = vec![1, 9];
+        first.key_check_bytes_max = 1234;
+        first.metadata_bytes = [100, 90];
+        first.manifests = [2, 2];
+        first.s3 = Traffic {
+            requests: 40,
+            bytes: 4000,
+        };
+        let mut last = window(1, 8, &[50.0, 60.0, 70.0, 80.4]);
+        last.files_impressions = vec![4];
+        last.metadata_bytes = [300, 310];
+        last.manifests = [4, 3];
+        last.key_check_bytes_max = 99;
+        assert_eq!(first.p50_ms(), 20.0);
+        assert_eq!(first.p99_ms(), 400.0);
+        assert_eq!(first.files_per_batch_max(), 9);
+        assert_eq!(
+            summary_line(8, &[first.clone(), last.clone()], 0),
+            "lake-soak: commits=8 p99_ms_first=400 p99_ms_last=80 metadata_bytes_last=310 \
+             manifests_last=4 files_per_batch_max=9 key_check_bytes_max=1234"
+        );
+        assert!(summary_line(8, &[first.clone(), last.clone()], 5000)
+            .ends_with(" key_check_bytes_max=5000"));
+        assert_eq!(
+            summary_line(0, &[], 0),
+            "lake-soak: commits=0 p99_ms_first=0 p99_ms_last=0 metadata_bytes_last=0 \
+             manifests_last=0 files_per_batch_max=0 key_check_bytes_max=0"
+        );
+        let row = first.csv_row();
+        assert_eq!(
+            row.split(',').count(),
+            Window::CSV_HEADER.split(',').count()
+        );
+        assert!(row.starts_with("0,4,4,20,400,400,10.0,1000,"), "{row}");
+        let svg = chart_svg("t <1>", &[first, last]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("t &lt;1&gt;"));
+    }
+
+    #[test]
+    fn options_are_strict() {
+        let known = [("--shards", "8", "shards"), ("--rate", "0.5", "a rate")];
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = Options::parse(args(&["--shards", "3"]), &known).unwrap();
+        assert_eq!(o.get::<usize>("--shards"), Ok(3));
+        assert_eq!(o.get::<f64>("--rate"), Ok(0.5));
+        assert!(Options::parse(args(&["--shard", "3"]), &known)
+            .unwrap_err()
+            .contains("unknown argument \"--shard\""));
+        assert!(Options::parse(args(&["--shards"]), &known).is_err());
+        assert!(Options::parse(args(&["stray"]), &known).is_err());
+        let bad = Options::parse(args(&["--shards", "x"]), &known).unwrap();
+        assert!(bad.get::<usize>("--shards").is_err());
+    }
+}
