@@ -2,7 +2,6 @@
 //! ages"): a seeded generator, the Zipf-like campaign sampler, strict option parsing, per-window
 //! statistics, the CSV table, the chart and the summary line.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 /// SplitMix64: a small seeded generator, so a run is reproducible from `--seed`.
@@ -95,62 +94,6 @@ impl Zipf {
 
     pub fn sample(&self, rng: &mut Rng) -> usize {
         self.item(rng.unit())
-    }
-}
-
-/// Parses `--name value` options against a list of known names with their defaults. An unknown
-/// option, a missing value or a stray argument is an error; `--help` returns the usage as the
-/// error. Values are checked by [`Options::get`].
-#[derive(Debug, Clone)]
-pub struct Options {
-    values: BTreeMap<String, String>,
-}
-
-impl Options {
-    /// `known`: `(name, default, help)`.
-    pub fn parse(
-        args: impl IntoIterator<Item = String>,
-        known: &[(&str, &str, &str)],
-    ) -> Result<Options, String> {
-        let usage = || {
-            let mut u = String::from("options:\n");
-            for (name, default, help) in known {
-                let _ = writeln!(u, "  {name} <value>  {help} (default {default})");
-            }
-            u
-        };
-        let mut values: BTreeMap<String, String> = known
-            .iter()
-            .map(|(n, d, _)| (n.to_string(), d.to_string()))
-            .collect();
-        let mut args = args.into_iter();
-        while let Some(a) = args.next() {
-            if a == "--help" || a == "-h" {
-                return Err(usage());
-            }
-            if !known.iter().any(|(n, _, _)| *n == a) {
-                return Err(format!("unknown argument {a:?}\n{}", usage()));
-            }
-            let v = args
-                .next()
-                .ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
-            values.insert(a, v);
-        }
-        Ok(Options { values })
-    }
-
-    /// The option's value, parsed.
-    pub fn get<T: std::str::FromStr>(&self, name: &str) -> Result<T, String> {
-        let v = self
-            .values
-            .get(name)
-            .ok_or_else(|| format!("no option {name}"))?;
-        v.parse().map_err(|_| {
-            format!(
-                "{name}: cannot parse {v:?} as {}",
-                std::any::type_name::<T>()
-            )
-        })
     }
 }
 
@@ -524,21 +467,5 @@ mod tests {
         let svg = chart_svg("t <1>", &[first, last]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("t &lt;1&gt;"));
-    }
-
-    #[test]
-    fn options_are_strict() {
-        let known = [("--shards", "8", "shards"), ("--rate", "0.5", "a rate")];
-        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let o = Options::parse(args(&["--shards", "3"]), &known).unwrap();
-        assert_eq!(o.get::<usize>("--shards"), Ok(3));
-        assert_eq!(o.get::<f64>("--rate"), Ok(0.5));
-        assert!(Options::parse(args(&["--shard", "3"]), &known)
-            .unwrap_err()
-            .contains("unknown argument \"--shard\""));
-        assert!(Options::parse(args(&["--shards"]), &known).is_err());
-        assert!(Options::parse(args(&["stray"]), &known).is_err());
-        let bad = Options::parse(args(&["--shards", "x"]), &known).unwrap();
-        assert!(bad.get::<usize>("--shards").is_err());
     }
 }

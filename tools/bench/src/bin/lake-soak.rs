@@ -24,99 +24,90 @@ use std::time::{Duration, Instant};
 
 use adpipe_aws::{Clients, RequestCounter};
 use adpipe_bench::proxy::{Metered, MeteringProxy};
-use adpipe_bench::soak::{chart_svg, summary_line, Options, Rng, Traffic, Window, Zipf};
+use adpipe_bench::soak::{chart_svg, summary_line, Rng, Traffic, Window, Zipf};
 use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
 use adpipe_core::lake::{clicks_batch, impressions_batch};
 use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord};
 use adpipe_core::ports::{InputRange, LakeAppend, LakeTable, TableWriter};
 use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
 use adpipe_lake::{DynamoDbCommitLease, IcebergLake};
+use adpipe_local::cli::share;
 use anyhow::Context;
+use clap::Parser;
 use iceberg::spec::ManifestContentType;
 use iceberg::Catalog;
 use tokio::sync::mpsc;
 
-const OPTIONS: &[(&str, &str, &str)] = &[
-    ("--shards", "8", "concurrent shards (writers)"),
-    ("--campaigns", "200", "live campaigns"),
-    (
-        "--zipf",
-        "1.0",
-        "Zipf exponent of campaign popularity (0: uniform)",
-    ),
-    ("--batches", "40", "batches per shard"),
-    ("--rows", "200", "joined records per batch"),
-    ("--click-share", "0.02", "clicks per impression"),
-    (
-        "--repeat-rate",
-        "0.01",
-        "share of batches carrying flagged repeats of earlier rows",
-    ),
-    (
-        "--repeat-rows",
-        "5",
-        "impressions repeated in such a batch (plus one click if any)",
-    ),
-    (
-        "--bisect-rate",
-        "0.005",
-        "share of landed batches re-appended as two halves",
-    ),
-    ("--window", "50", "commits per reported window"),
-    (
-        "--time-budget-s",
-        "0",
-        "stop starting batches after this many seconds (0: none)",
-    ),
-    ("--seed", "7", "generator seed"),
-    (
-        "--out",
-        ".local/bench/lake-soak",
-        "directory for the CSV and the chart",
-    ),
-];
-
-#[derive(Debug, Clone)]
+/// The lake's write path through a simulated production history, on the local endpoint.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "lake-soak")]
 struct Params {
+    /// Concurrent shards (writers)
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = positive)]
     shards: usize,
+    /// Live campaigns
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = positive)]
     campaigns: usize,
+    /// Zipf exponent of campaign popularity (0: uniform)
+    #[arg(long, value_name = "S", default_value_t = 1.0, value_parser = non_negative)]
     zipf: f64,
+    /// Batches per shard
+    #[arg(long, value_name = "N", default_value_t = 40)]
     batches: usize,
+    /// Joined records per batch (at least 2)
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = at_least_two)]
     rows: usize,
+    /// Clicks per impression
+    #[arg(long, value_name = "P", default_value_t = 0.02, value_parser = share)]
     click_share: f64,
+    /// Share of batches carrying flagged repeats of earlier rows
+    #[arg(long, value_name = "P", default_value_t = 0.01, value_parser = share)]
     repeat_rate: f64,
+    /// Impressions repeated in such a batch (plus one click if any)
+    #[arg(long, value_name = "N", default_value_t = 5)]
     repeat_rows: usize,
+    /// Share of landed batches re-appended as two halves
+    #[arg(long, value_name = "P", default_value_t = 0.005, value_parser = share)]
     bisect_rate: f64,
+    /// Commits per reported window
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = positive)]
     window: usize,
-    budget: Option<Duration>,
+    /// Stop starting batches after this many seconds (0: none)
+    #[arg(long = "time-budget-s", value_name = "S", default_value_t = 0)]
+    time_budget_s: u64,
+    /// Generator seed
+    #[arg(long, value_name = "N", default_value_t = 7)]
     seed: u64,
+    /// Directory for the CSV and the chart
+    #[arg(long, value_name = "DIR", default_value = ".local/bench/lake-soak")]
     out: std::path::PathBuf,
 }
 
-fn params() -> anyhow::Result<Params> {
-    let o = Options::parse(std::env::args().skip(1), OPTIONS).map_err(anyhow::Error::msg)?;
-    let g = |e: String| anyhow::anyhow!(e);
-    let budget: u64 = o.get("--time-budget-s").map_err(g)?;
-    let p = Params {
-        shards: o.get("--shards").map_err(g)?,
-        campaigns: o.get("--campaigns").map_err(g)?,
-        zipf: o.get("--zipf").map_err(g)?,
-        batches: o.get("--batches").map_err(g)?,
-        rows: o.get("--rows").map_err(g)?,
-        click_share: o.get("--click-share").map_err(g)?,
-        repeat_rate: o.get("--repeat-rate").map_err(g)?,
-        repeat_rows: o.get("--repeat-rows").map_err(g)?,
-        bisect_rate: o.get("--bisect-rate").map_err(g)?,
-        window: o.get("--window").map_err(g)?,
-        budget: (budget > 0).then(|| Duration::from_secs(budget)),
-        seed: o.get("--seed").map_err(g)?,
-        out: o.get::<String>("--out").map_err(g)?.into(),
-    };
-    anyhow::ensure!(
-        p.shards > 0 && p.campaigns > 0 && p.rows > 1 && p.window > 0,
-        "--shards, --campaigns, --window must be positive and --rows at least 2"
-    );
-    Ok(p)
+impl Params {
+    fn budget(&self) -> Option<Duration> {
+        (self.time_budget_s > 0).then(|| Duration::from_secs(self.time_budget_s))
+    }
+}
+
+fn positive(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{v:?} is not a positive whole number")),
+    }
+}
+
+fn at_least_two(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(format!("{v:?} is not a whole number of at least 2")),
+    }
+}
+
+fn non_negative(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{v:?} is not a finite number of at least 0")),
+    }
 }
 
 /// One joined record of a batch.
@@ -388,7 +379,7 @@ async fn run_shard(
     events: mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
     for b in 0..p.batches {
-        if p.budget.is_some_and(|budget| start.elapsed() > budget) {
+        if p.budget().is_some_and(|budget| start.elapsed() > budget) {
             break;
         }
         let (recs, repeats) = shard.generate(&p, &zipf, b);
@@ -444,13 +435,7 @@ fn traffic_delta(now: &Metered, before: &Metered, service: &str) -> Traffic {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let p = match params() {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            eprintln!("lake-soak: {e}");
-            std::process::exit(2);
-        }
-    };
+    let p = Arc::new(Params::parse());
     let local = LocalAws::shared();
     let proxy = MeteringProxy::start(&local.endpoint)?;
     let direct = Clients::new(&local.sdk_config().await);
@@ -678,4 +663,34 @@ async fn finish_window(
         w.metadata_bytes[i] = bytes;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
+        Params::command().debug_assert();
+        let p = Params::try_parse_from(["lake-soak"]).expect("defaults");
+        assert!(
+            p.shards == 8 && p.campaigns == 200 && p.rows == 200 && p.window == 50,
+            "{p:?}"
+        );
+        assert!(p.budget().is_none());
+        let p = Params::try_parse_from(["lake-soak", "--time-budget-s", "60", "--zipf", "0"])
+            .expect("options");
+        assert_eq!(p.budget(), Some(Duration::from_secs(60)));
+        for args in [
+            &["lake-soak", "--shard", "8"][..],
+            &["lake-soak", "--shards", "0"],
+            &["lake-soak", "--rows", "1"],
+            &["lake-soak", "--repeat-rate", "1.5"],
+            &["lake-soak", "--zipf", "-1"],
+            &["lake-soak", "--window", "x"],
+        ] {
+            assert!(Params::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
 }
