@@ -863,3 +863,258 @@ async fn a_retyped_column_stops_start_up_and_changes_nothing() {
         "string"
     );
 }
+
+/// The stack's `Custom::IcebergTables` resource, driven as CloudFormation drives it: a request
+/// whose `ResponseURL` is a pre-signed S3 PUT (here on the local endpoint), one reply there.
+mod custom_resource {
+    use super::*;
+    use adpipe_core::config::TablesConfig;
+    use adpipe_tables::{handle, send_response, Request, SCHEMA_VERSION};
+    use aws_sdk_s3::presigning::PresigningConfig;
+    use serde_json::{json, Value};
+    use std::time::Duration;
+
+    fn tables_config(env: &Env) -> TablesConfig {
+        let c = &env.config;
+        let vars: BTreeMap<&str, String> = [
+            ("LAKE_BUCKET", c.lake_bucket.clone()),
+            ("GLUE_DATABASE", c.database.clone()),
+            ("COMMIT_LEASE_TABLE", c.commit_lease_table.clone()),
+        ]
+        .into();
+        TablesConfig::from_lookup(|k| vars.get(k).cloned()).unwrap()
+    }
+
+    /// Sends one request through the function's code path and returns the reply CloudFormation
+    /// would read from the pre-signed URL.
+    async fn request(env: &Env, kind: &str, properties: Value) -> Value {
+        let key = format!("cfn-replies/{}", unique(kind));
+        let url = env
+            .clients
+            .s3
+            .put_object()
+            .bucket(&env.config.lake_bucket)
+            .key(&key)
+            .presigned(PresigningConfig::expires_in(Duration::from_secs(600)).unwrap())
+            .await
+            .unwrap()
+            .uri()
+            .to_owned();
+        let mut body = json!({
+            "RequestType": kind,
+            "ServiceToken": "arn:aws:lambda:us-east-1:123456789012:function:adpipe-dev-tables",
+            "RequestId": unique("req"),
+            "ResponseURL": url,
+            "StackId": "arn:aws:cloudformation:us-east-1:123456789012:stack/adpipe-dev/1",
+            "ResourceType": "Custom::IcebergTables",
+            "LogicalResourceId": "IcebergTables",
+            "ResourceProperties": properties,
+        });
+        if kind != "Create" {
+            body["PhysicalResourceId"] = json!(format!(
+                "{}/enriched_clicks,impressions",
+                env.config.database
+            ));
+        }
+        if kind == "Update" {
+            body["OldResourceProperties"] = json!({"SchemaVersion": "0"});
+        }
+        let request: Request = serde_json::from_value(body).unwrap();
+        let endpoint = env.endpoint.clone();
+        let reply = handle(
+            &request,
+            Ok(tables_config(env)),
+            &env.clients,
+            |c| {
+                let mut lake =
+                    adpipe_tables::lake_config(c, Some(endpoint), Some("us-east-1".into()));
+                lake.credentials = Some(("test".into(), "test".into()));
+                lake
+            },
+            Duration::from_secs(120),
+        )
+        .await;
+        send_response(&reqwest::Client::new(), &url, &reply)
+            .await
+            .unwrap();
+        let stored = read_objects(&env.clients, &env.config.lake_bucket, &key)
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 1, "exactly one reply");
+        serde_json::from_slice(&stored[0].1).unwrap()
+    }
+
+    fn properties(env: &Env) -> Value {
+        json!({
+            "Database": env.config.database,
+            "Warehouse": env.config.warehouse(),
+            "SchemaVersion": SCHEMA_VERSION,
+        })
+    }
+
+    async fn lake(env: &Env) -> IcebergLake {
+        let mut config = lake_config(
+            &env.config,
+            Some(env.endpoint.clone()),
+            Some("us-east-1".into()),
+        );
+        config.credentials = Some(("test".into(), "test".into()));
+        let lease =
+            DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
+        IcebergLake::connect(config, lease, "test".into())
+            .await
+            .unwrap()
+    }
+
+    async fn assert_current(lake: &IcebergLake, table: LakeTable) -> iceberg::table::Table {
+        let t = lake.catalog().load_table(&lake.ident(table)).await.unwrap();
+        let have: Vec<_> = t
+            .metadata()
+            .current_schema()
+            .as_struct()
+            .fields()
+            .iter()
+            .map(|f| (f.name.clone(), f.field_type.clone()))
+            .collect();
+        let want: Vec<_> = iceberg_schema(table)
+            .unwrap()
+            .as_struct()
+            .fields()
+            .iter()
+            .map(|f| (f.name.clone(), f.field_type.clone()))
+            .collect();
+        assert_eq!(have, want, "{table:?} has this version's columns");
+        t
+    }
+
+    /// Create makes both tables with their partition spec and properties, so queries work
+    /// before any traffic; Delete leaves them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_makes_both_tables_before_any_traffic_and_delete_keeps_them() {
+        let env = env().await;
+        let reply = request(&env, "Create", properties(&env)).await;
+        assert_eq!(reply["Status"], "SUCCESS", "{reply}");
+        assert_eq!(
+            reply["PhysicalResourceId"],
+            format!("{}/enriched_clicks,impressions", env.config.database)
+        );
+        assert_eq!(reply["Data"]["ClicksTableSetup"], "created");
+        assert_eq!(reply["Data"]["ImpressionsTableSetup"], "created");
+        assert_eq!(reply["Data"]["SchemaVersion"], SCHEMA_VERSION);
+        let lake = lake(&env).await;
+        for table in [LakeTable::Clicks, LakeTable::Impressions] {
+            let t = assert_current(&lake, table).await;
+            let spec: Vec<String> = t
+                .metadata()
+                .default_partition_spec()
+                .fields()
+                .iter()
+                .map(|f| format!("{}:{}", f.name, f.transform))
+                .collect();
+            assert_eq!(spec, ["campaign_id:identity", "impression_day:day"]);
+            assert_eq!(
+                t.metadata()
+                    .properties()
+                    .get("write.parquet.compression-codec")
+                    .map(String::as_str),
+                Some("zstd")
+            );
+            assert!(t.metadata().current_snapshot().is_none(), "no rows yet");
+        }
+
+        // A repeated create (CloudFormation retries) changes nothing.
+        let again = request(&env, "Create", properties(&env)).await;
+        assert_eq!(again["Status"], "SUCCESS");
+        assert_eq!(
+            again["Data"]["ClicksTableSetup"],
+            "exists, schema up to date"
+        );
+
+        let deleted = request(&env, "Delete", properties(&env)).await;
+        assert_eq!(deleted["Status"], "SUCCESS");
+        for table in [LakeTable::Clicks, LakeTable::Impressions] {
+            assert!(lake
+                .catalog()
+                .table_exists(&lake.ident(table))
+                .await
+                .unwrap());
+        }
+
+        // A template naming another database than the function's is refused.
+        let mut wrong = properties(&env);
+        wrong["Database"] = json!("someone_else");
+        let refused = request(&env, "Update", wrong).await;
+        assert_eq!(refused["Status"], "FAILED");
+        assert!(
+            refused["Reason"].as_str().unwrap().contains("someone_else"),
+            "{refused}"
+        );
+    }
+
+    /// Update brings tables of the previous version to this one (the enricher's migration);
+    /// a retyped column fails the update, with the column named, and changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn update_migrates_the_previous_schema_and_refuses_a_retyped_column() {
+        let env = env().await;
+        let old = lake(&env).await;
+        old.ensure_tables_with(
+            &env.clients.s3,
+            &[
+                (LakeTable::Clicks, previous_schema(LakeTable::Clicks, 2)),
+                (
+                    LakeTable::Impressions,
+                    previous_schema(LakeTable::Impressions, 1),
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+        let reply = request(&env, "Update", properties(&env)).await;
+        assert_eq!(reply["Status"], "SUCCESS", "{reply}");
+        let clicks = iceberg_schema(LakeTable::Clicks).unwrap();
+        let last_two: Vec<&str> = clicks.as_struct().fields()
+            [clicks.as_struct().fields().len() - 2..]
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(
+            reply["Data"]["ClicksTableSetup"],
+            format!("exists, columns added: {}", last_two.join(", "))
+        );
+        for table in [LakeTable::Clicks, LakeTable::Impressions] {
+            let t = assert_current(&old, table).await;
+            assert_eq!(t.metadata().schemas_iter().count(), 2, "one schema update");
+        }
+
+        // A table whose column has another type: the update fails and the table is as it was.
+        let env = super::env().await;
+        let other = lake(&env).await;
+        let retyped = Arc::new(
+            iceberg::spec::Schema::builder()
+                .with_fields(clicks.as_struct().fields().iter().map(|f| {
+                    let mut f = f.as_ref().clone();
+                    if f.name == "engagement_duration" {
+                        *f.field_type =
+                            iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::String);
+                    }
+                    Arc::new(f)
+                }))
+                .build()
+                .unwrap(),
+        );
+        other
+            .ensure_tables_with(&env.clients.s3, &[(LakeTable::Clicks, retyped)])
+            .await
+            .unwrap();
+        let refused = request(&env, "Update", properties(&env)).await;
+        assert_eq!(refused["Status"], "FAILED", "{refused}");
+        let reason = refused["Reason"].as_str().unwrap();
+        assert!(reason.contains("engagement_duration"), "{reason}");
+        let t = other
+            .catalog()
+            .load_table(&other.ident(LakeTable::Clicks))
+            .await
+            .unwrap();
+        assert_eq!(t.metadata().schemas_iter().count(), 1, "nothing changed");
+    }
+}

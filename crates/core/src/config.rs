@@ -374,3 +374,56 @@ impl EnricherConfig {
         )
     }
 }
+
+/// Every variable the tables function (the stack's `Custom::IcebergTables` resource) reads: the
+/// enricher's names for the same things, so both open the same tables.
+pub const TABLES_ENV: &[&str] = &[
+    LAKE_BUCKET,
+    LAKE_PREFIX,
+    GLUE_DATABASE,
+    CLICKS_TABLE,
+    IMPRESSIONS_TABLE,
+    COMMIT_LEASE_TABLE,
+];
+
+/// What the tables function needs: where the lake is, its tables, and the commit lease a
+/// schema migration takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablesConfig {
+    pub lake_bucket: String,
+    pub lake_prefix: String,
+    pub database: String,
+    pub clicks_table: String,
+    pub impressions_table: String,
+    pub commit_lease_table: String,
+}
+
+impl TablesConfig {
+    /// Reads [`TABLES_ENV`] through `lookup`, with the enricher's defaults.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let required = |name: &'static str| {
+            lookup(name)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(ConfigError::Missing(name))
+        };
+        let text =
+            |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
+        Ok(TablesConfig {
+            lake_bucket: required(LAKE_BUCKET)?,
+            lake_prefix: text(LAKE_PREFIX, "lake/"),
+            database: required(GLUE_DATABASE)?,
+            clicks_table: text(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
+            impressions_table: text(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
+            commit_lease_table: required(COMMIT_LEASE_TABLE)?,
+        })
+    }
+
+    /// `s3://bucket/prefix` of the Iceberg warehouse, as [`EnricherConfig::warehouse`].
+    pub fn warehouse(&self) -> String {
+        format!(
+            "s3://{}/{}",
+            self.lake_bucket,
+            self.lake_prefix.trim_matches('/')
+        )
+    }
+}

@@ -85,6 +85,33 @@ fn lake_error(context: &str, e: iceberg::Error) -> PortError {
     }
 }
 
+/// What [`IcebergLake::ensure_tables`] did to one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableSetup {
+    /// It did not exist: created with this version's schema, partition spec and properties.
+    Created,
+    /// Missing from the catalog, but its location held metadata: registered from it, then
+    /// brought to this version's schema (`added` columns).
+    Registered { added: Vec<String> },
+    /// It existed; `added` are the columns this version added to it (none when it matched).
+    Existing { added: Vec<String> },
+}
+
+impl std::fmt::Display for TableSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, added) = match self {
+            TableSetup::Created => return f.write_str("created"),
+            TableSetup::Registered { added } => ("registered from its retained metadata", added),
+            TableSetup::Existing { added } => ("exists", added),
+        };
+        if added.is_empty() {
+            write!(f, "{what}, schema up to date")
+        } else {
+            write!(f, "{what}, columns added: {}", added.join(", "))
+        }
+    }
+}
+
 /// The lake's tables in a Glue catalog.
 pub struct IcebergLake {
     catalog: GlueCatalog,
@@ -236,7 +263,10 @@ impl IcebergLake {
     /// Glue database was deleted while the bucket was kept) is registered from its current
     /// metadata, never created anew: an empty table over the old location would hide every
     /// landed row, and its orphan-file cleanup could later delete them.
-    pub async fn ensure_tables(&self, s3: &aws_sdk_s3::Client) -> Result<(), PortError> {
+    pub async fn ensure_tables(
+        &self,
+        s3: &aws_sdk_s3::Client,
+    ) -> Result<Vec<(LakeTable, TableSetup)>, PortError> {
         self.ensure_tables_with(
             s3,
             &[
@@ -256,7 +286,8 @@ impl IcebergLake {
         &self,
         s3: &aws_sdk_s3::Client,
         schemas: &[(LakeTable, Arc<iceberg::spec::Schema>)],
-    ) -> Result<(), PortError> {
+    ) -> Result<Vec<(LakeTable, TableSetup)>, PortError> {
+        let mut done = Vec::new();
         let exists = self
             .catalog
             .namespace_exists(&self.namespace)
@@ -277,7 +308,8 @@ impl IcebergLake {
                 .await
                 .map_err(|e| lake_error("checking a table", e))?
             {
-                self.migrate_table(table, &schema).await?;
+                let added = self.migrate_table(table, &schema).await?;
+                done.push((table, TableSetup::Existing { added }));
                 continue;
             }
             if let Some(metadata) = self.retained_metadata(s3, table).await? {
@@ -290,7 +322,8 @@ impl IcebergLake {
                     .register_table(&ident, metadata)
                     .await
                     .map_err(|e| lake_error("registering a retained table", e))?;
-                self.migrate_table(table, &schema).await?;
+                let added = self.migrate_table(table, &schema).await?;
+                done.push((table, TableSetup::Registered { added }));
                 continue;
             }
             let field_id = |name: &str| {
@@ -324,8 +357,9 @@ impl IcebergLake {
                 .create_table(&self.namespace, creation)
                 .await
                 .map_err(|e| lake_error("creating a table", e))?;
+            done.push((table, TableSetup::Created));
         }
-        Ok(())
+        Ok(done)
     }
 
     /// Adds to an existing table the columns of `code` it lacks ([`schema_additions`]), as
