@@ -46,8 +46,47 @@ impl Counts {
     }
 }
 
+/// The invocation a metrics line belongs to: its Lambda request id (a property of the line, so
+/// CloudWatch Logs Insights finds the invocation's other logs from a metric's data point) and
+/// whether it was the execution environment's first (`ColdStart`, a metric).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Invocation {
+    pub request_id: String,
+    pub cold_start: bool,
+}
+
+impl Invocation {
+    pub fn new(request_id: impl Into<String>, cold_start: bool) -> Self {
+        Invocation {
+            request_id: request_id.into(),
+            cold_start,
+        }
+    }
+}
+
+/// Whether an execution environment has been invoked yet: the first [`ColdStart::take`]
+/// answers true, every later one false.
+#[derive(Debug, Default)]
+pub struct ColdStart(std::sync::atomic::AtomicBool);
+
+impl ColdStart {
+    pub const fn new() -> Self {
+        ColdStart(std::sync::atomic::AtomicBool::new(false))
+    }
+
+    pub fn take(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The EMF JSON line for a batch: namespace `namespace`, dimension `Function`.
-pub fn emf_line(namespace: &str, function: &str, counts: &Counts, timestamp_ms: i64) -> String {
+pub fn emf_line(
+    namespace: &str,
+    function: &str,
+    counts: &Counts,
+    timestamp_ms: i64,
+    invocation: &Invocation,
+) -> String {
     let mut values: Vec<(String, u64)> = vec![
         ("RecordsIn".into(), counts.records_in),
         ("Impressions".into(), counts.impressions),
@@ -67,17 +106,21 @@ pub fn emf_line(namespace: &str, function: &str, counts: &Counts, timestamp_ms: 
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));
     }
-    emf_values(namespace, function, &values, timestamp_ms)
+    emf_values(namespace, function, &values, timestamp_ms, invocation)
 }
 
-/// An EMF JSON line with the given named counts.
+/// An EMF JSON line with the given named counts, plus `ColdStart` (1 on the first invocation
+/// of an execution environment) and the `RequestId` property.
 pub fn emf_values(
     namespace: &str,
     function: &str,
     values: &[(String, u64)],
     timestamp_ms: i64,
+    invocation: &Invocation,
 ) -> String {
     let mut root = Map::new();
+    let cold = [("ColdStart".to_owned(), u64::from(invocation.cold_start))];
+    let values: Vec<&(String, u64)> = values.iter().chain(cold.iter()).collect();
     let metrics: Vec<Value> = values
         .iter()
         .map(|(name, _)| json!({"Name": name, "Unit": "Count"}))
@@ -94,6 +137,7 @@ pub fn emf_values(
         }),
     );
     root.insert("Function".into(), json!(function));
+    root.insert("RequestId".into(), json!(invocation.request_id));
     for (name, n) in values {
         root.insert(name.clone(), json!(n));
     }
@@ -113,12 +157,15 @@ mod tests {
         };
         c.reject(RejectReason::InvalidJson);
         c.reject(RejectReason::InvalidJson);
-        let v: Value = serde_json::from_str(&emf_line("adpipe", "joiner", &c, 7)).unwrap();
+        let inv = Invocation::new("req-1", true);
+        let v: Value = serde_json::from_str(&emf_line("adpipe", "joiner", &c, 7, &inv)).unwrap();
         assert_eq!(v["_aws"]["Timestamp"], 7);
         assert_eq!(v["Function"], "joiner");
         assert_eq!(v["RecordsIn"], 5);
         assert_eq!(v["Rejected"], 2);
         assert_eq!(v["Rejected.invalid_json"], 2);
+        assert_eq!(v["ColdStart"], 1);
+        assert_eq!(v["RequestId"], "req-1");
         let declared = v["_aws"]["CloudWatchMetrics"][0]["Metrics"]
             .as_array()
             .unwrap();
@@ -126,5 +173,33 @@ mod tests {
             let name = m["Name"].as_str().unwrap();
             assert!(v[name].is_u64(), "{name} declared but not set");
         }
+    }
+
+    #[test]
+    fn only_the_first_invocation_is_cold_and_every_line_names_its_request() {
+        let cold = ColdStart::new();
+        assert!(cold.take());
+        assert!(!cold.take());
+        assert!(!cold.take());
+        let warm = Invocation::new("req-2", false);
+        let v: Value =
+            serde_json::from_str(&emf_line("adpipe", "joiner", &Counts::default(), 7, &warm))
+                .unwrap();
+        assert_eq!(v["ColdStart"], 0);
+        assert_eq!(v["RequestId"], "req-2");
+        let names: Vec<&str> = v["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["Name"].as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"ColdStart"));
+        assert!(!names.contains(&"RequestId"), "a property, not a metric");
+        let dims = &v["_aws"]["CloudWatchMetrics"][0]["Dimensions"];
+        assert_eq!(
+            dims,
+            &serde_json::json!([["Function"]]),
+            "no per-request dimension"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use adpipe_aws::{Clients, S3DeadLetterSink};
 use adpipe_core::config::EnricherConfig;
 use adpipe_core::enricher::{BatchEnricher, EnrichReport, EnricherSettings, FUNCTION};
-use adpipe_core::metrics::emf_values;
+use adpipe_core::metrics::{emf_values, Invocation};
 use adpipe_core::ports::{DeadLetterSink, PortError, TableWriter};
 use adpipe_joiner::{batch_response, input_records, KinesisInput};
 use adpipe_lake::{DynamoDbCommitLease, IcebergLake, LakeConfig};
@@ -59,7 +59,12 @@ pub async fn aws_enricher(
 }
 
 /// The per-batch EMF line of the enricher.
-pub fn metrics_line(namespace: &str, report: &EnrichReport, now_ms: i64) -> String {
+pub fn metrics_line(
+    namespace: &str,
+    report: &EnrichReport,
+    now_ms: i64,
+    invocation: &Invocation,
+) -> String {
     let c = &report.counts;
     let mut values: Vec<(String, u64)> = vec![
         ("RecordsIn".into(), c.records_in),
@@ -88,7 +93,7 @@ pub fn metrics_line(namespace: &str, report: &EnrichReport, now_ms: i64) -> Stri
     for (reason, n) in &c.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));
     }
-    emf_values(namespace, FUNCTION, &values, now_ms)
+    emf_values(namespace, FUNCTION, &values, now_ms, invocation)
 }
 
 /// Handles one invocation. On failure the whole batch is reported (its first record): each
@@ -99,9 +104,20 @@ pub async fn handle<T: TableWriter, D: DeadLetterSink>(
     event: &impl KinesisInput,
     now_ms: i64,
 ) -> (KinesisEventResponse, EnrichReport) {
+    handle_invocation(enricher, namespace, event, now_ms, &Invocation::default()).await
+}
+
+/// [`handle`] for a known invocation (request id, cold start), which its EMF line carries.
+pub async fn handle_invocation<T: TableWriter, D: DeadLetterSink>(
+    enricher: &BatchEnricher<T, D>,
+    namespace: &str,
+    event: &impl KinesisInput,
+    now_ms: i64,
+    invocation: &Invocation,
+) -> (KinesisEventResponse, EnrichReport) {
     let records = input_records(event);
     let report = enricher.process(&records, now_ms).await;
-    println!("{}", metrics_line(namespace, &report, now_ms));
+    println!("{}", metrics_line(namespace, &report, now_ms, invocation));
     tracing::info!(
         records = report.counts.records_in,
         rows = report.clicks.rows_written + report.impressions.rows_written,

@@ -6,7 +6,8 @@
 
 use adpipe_aws::Clients;
 use adpipe_core::config::EnricherConfig;
-use adpipe_enricher::{aws_enricher, handle, lake_config};
+use adpipe_core::metrics::{ColdStart, Invocation};
+use adpipe_enricher::{aws_enricher, handle_invocation, lake_config};
 use adpipe_joiner::{now_ms, KinesisBatch};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
@@ -25,10 +26,12 @@ async fn main() -> Result<(), Error> {
     let owner = std::env::var("AWS_LAMBDA_LOG_STREAM_NAME")
         .unwrap_or_else(|_| format!("pid-{}", std::process::id()));
     let enricher = aws_enricher(&clients, config, lake, owner).await?;
-    let (enricher, namespace) = (&enricher, namespace.as_str());
+    let (enricher, namespace, cold) = (&enricher, namespace.as_str(), &ColdStart::new());
     run(service_fn(
         move |event: LambdaEvent<KinesisBatch>| async move {
-            let (response, _) = handle(enricher, namespace, &event.payload, now_ms()).await;
+            let invocation = Invocation::new(event.context.request_id, cold.take());
+            let (response, _) =
+                handle_invocation(enricher, namespace, &event.payload, now_ms(), &invocation).await;
             Ok::<_, Error>(response)
         },
     ))

@@ -3,7 +3,7 @@
 use adpipe_aws::{Clients, DynamoDbJoinState, KinesisRecordSink, S3DeadLetterSink};
 use adpipe_core::batch::{BatchJoiner, BatchReport, FUNCTION};
 use adpipe_core::config::{stream_name, JoinerConfig};
-use adpipe_core::metrics::emf_line;
+use adpipe_core::metrics::{emf_line, Invocation};
 use adpipe_core::model::{InputRecord, SourcePosition};
 use adpipe_core::ports::{DeadLetterSink, JoinState, RecordSink};
 use aws_lambda_events::event::kinesis::KinesisEvent;
@@ -184,6 +184,16 @@ pub async fn handle<S: JoinState, K: RecordSink, D: DeadLetterSink>(
     event: &impl KinesisInput,
     now_ms: i64,
 ) -> (KinesisEventResponse, BatchReport) {
+    handle_invocation(joiner, event, now_ms, &Invocation::default()).await
+}
+
+/// [`handle`] for a known invocation (request id, cold start), which its EMF line carries.
+pub async fn handle_invocation<S: JoinState, K: RecordSink, D: DeadLetterSink>(
+    joiner: &BatchJoiner<S, K, D>,
+    event: &impl KinesisInput,
+    now_ms: i64,
+    invocation: &Invocation,
+) -> (KinesisEventResponse, BatchReport) {
     let records = input_records(event);
     let report = joiner.process(&records, now_ms).await;
     // EMF must reach CloudWatch Logs as a bare JSON line, so it bypasses the log formatter.
@@ -193,7 +203,8 @@ pub async fn handle<S: JoinState, K: RecordSink, D: DeadLetterSink>(
             &joiner.config.metrics_namespace,
             FUNCTION,
             &report.counts,
-            now_ms
+            now_ms,
+            invocation
         )
     );
     tracing::info!(

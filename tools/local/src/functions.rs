@@ -104,6 +104,17 @@ impl JoinerFunction {
     }
 }
 
+/// A request id for a local invocation (Lambda's are UUIDs; these only need to be unique in
+/// the process) and whether it started a new execution environment.
+fn invocation(cold_start: bool) -> adpipe_core::metrics::Invocation {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    adpipe_core::metrics::Invocation::new(
+        format!("local-{}-{n:08}", std::process::id()),
+        cold_start,
+    )
+}
+
 impl KinesisFunction for JoinerFunction {
     fn arn(&self) -> String {
         self.arn.clone()
@@ -111,17 +122,23 @@ impl KinesisFunction for JoinerFunction {
 
     fn invoke(self: Arc<Self>, event: KinesisEvent) -> Invocation {
         Box::pin(async move {
-            let env = match self.pool.take() {
-                Some(env) => env,
+            let (env, cold) = match self.pool.take() {
+                Some(env) => (env, false),
                 None => {
                     self.pool.next_id();
-                    adpipe_joiner::aws_joiner(&self.clients, self.config.clone())
+                    let env = adpipe_joiner::aws_joiner(&self.clients, self.config.clone());
+                    (env, true)
                 }
             };
             // As on Lambda, the function reads the event's JSON with its own (lenient) type.
             let event = as_delivered(&event)?;
-            let (response, report) =
-                adpipe_joiner::handle(&env, &event, adpipe_joiner::now_ms()).await;
+            let (response, report) = adpipe_joiner::handle_invocation(
+                &env,
+                &event,
+                adpipe_joiner::now_ms(),
+                &invocation(cold),
+            )
+            .await;
             add_counts(
                 &mut self.totals.lock().unwrap_or_else(|p| p.into_inner()),
                 &report.counts,
@@ -225,16 +242,17 @@ impl KinesisFunction for EnricherFunction {
 
     fn invoke(self: Arc<Self>, event: KinesisEvent) -> Invocation {
         Box::pin(async move {
-            let env = match self.pool.take() {
-                Some(env) => env,
-                None => self.init_environment().await?,
+            let (env, cold) = match self.pool.take() {
+                Some(env) => (env, false),
+                None => (self.init_environment().await?, true),
             };
             let event = as_delivered(&event)?;
-            let (response, report) = adpipe_enricher::handle(
+            let (response, report) = adpipe_enricher::handle_invocation(
                 &env,
                 &self.config.metrics_namespace,
                 &event,
                 adpipe_joiner::now_ms(),
+                &invocation(cold),
             )
             .await;
             {
