@@ -5,15 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use adpipe_core::config::{EnricherConfig, JoinerConfig};
 use adpipe_it::{read_stream, unique, workspace_root, LocalAws};
+use adpipe_local::events::StageNames;
 use adpipe_local::generator::{generate, TrafficConfig};
 use adpipe_local::progress::Counter;
 use adpipe_local::redrive::redrive;
 use adpipe_local::replay::{send_rated, Order};
-use adpipe_local::stack::{
-    StackTarget, CLICKS_STREAM_OUTPUT, IMPRESSIONS_STREAM_OUTPUT, JOINED_STREAM_OUTPUT,
-    ON_FAILURE_QUEUE_OUTPUT,
-};
+use adpipe_local::stack::*;
 use aws_sdk_kinesis::types::ShardIteratorType;
 
 /// A stack with the streams and queue the commands use, and `template.yaml`'s output keys.
@@ -30,12 +29,37 @@ fn template(prefix: &str) -> String {
             "JoinedStream": stream("joined"),
             "OnFailureQueue": {"Type": "AWS::SQS::Queue",
                 "Properties": {"QueueName": format!("{prefix}-on-failure")}},
+            "LakeBucket": {"Type": "AWS::S3::Bucket",
+                "Properties": {"BucketName": format!("{prefix}-lake")}},
+            "CommitLeaseTable": {"Type": "AWS::DynamoDB::Table", "Properties": {
+                "TableName": format!("{prefix}-commit-lease"),
+                "BillingMode": "PAY_PER_REQUEST",
+                "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}],
+                "AttributeDefinitions": [{"AttributeName": "pk", "AttributeType": "S"}]}},
         },
+        // The keys of template.yaml's outputs; what this stack does not create (the Glue
+        // database, which the enricher creates, the functions, the workgroup) as plain names.
         "Outputs": {
             IMPRESSIONS_STREAM_OUTPUT: {"Value": {"Ref": "ImpressionsStream"}},
             CLICKS_STREAM_OUTPUT: {"Value": {"Ref": "ClicksStream"}},
             JOINED_STREAM_OUTPUT: {"Value": {"Ref": "JoinedStream"}},
+            IMPRESSIONS_STREAM_ARN_OUTPUT: {"Value": {"Fn::GetAtt": ["ImpressionsStream", "Arn"]}},
+            CLICKS_STREAM_ARN_OUTPUT: {"Value": {"Fn::GetAtt": ["ClicksStream", "Arn"]}},
+            JOINED_STREAM_ARN_OUTPUT: {"Value": {"Fn::GetAtt": ["JoinedStream", "Arn"]}},
             ON_FAILURE_QUEUE_OUTPUT: {"Value": {"Ref": "OnFailureQueue"}},
+            LAKE_BUCKET_OUTPUT: {"Value": {"Ref": "LakeBucket"}},
+            COMMIT_LEASE_TABLE_OUTPUT: {"Value": {"Ref": "CommitLeaseTable"}},
+            GLUE_DATABASE_OUTPUT: {"Value": format!("{}_db", prefix.replace('-', "_"))},
+            CLICKS_TABLE_OUTPUT: {"Value": "enriched_clicks"},
+            IMPRESSIONS_TABLE_OUTPUT: {"Value": "impressions"},
+            STATE_TABLE_OUTPUT: {"Value": format!("{prefix}-join-state")},
+            WORKGROUP_OUTPUT: {"Value": format!("{prefix}-wg")},
+            JOINER_FUNCTION_OUTPUT: {"Value": format!("{prefix}-joiner")},
+            ENRICHER_FUNCTION_OUTPUT: {"Value": format!("{prefix}-enricher")},
+            METRICS_NAMESPACE_OUTPUT: {"Value": "adpipe"},
+            "Region": {"Value": {"Ref": "AWS::Region"}},
+            "JoinerRoleArn": {"Value": format!("arn:aws:iam::123456789012:role/{prefix}-joiner")},
+            "EnricherRoleArn": {"Value": format!("arn:aws:iam::123456789012:role/{prefix}-enricher")},
         },
     })
     .to_string()
@@ -243,4 +267,280 @@ async fn redrive_reads_the_stacks_on_failure_queue() {
         .await
         .unwrap();
     assert_eq!((again.batches, again.records), (0, 0));
+}
+
+async fn resolved() -> (Stack, StackTarget) {
+    let s = create_stack().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&s.sdk);
+    let t = StackTarget::resolve(&cfn, &s.name).await.unwrap();
+    (s, t)
+}
+
+fn env_of(target: &StackTarget) -> std::collections::BTreeMap<String, String> {
+    target
+        .lambda_env_file()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn stage_names(t: &StackTarget) -> StageNames {
+    StageNames::from_stream_arns(
+        t.output(IMPRESSIONS_STREAM_ARN_OUTPUT).unwrap(),
+        t.output(CLICKS_STREAM_ARN_OUTPUT).unwrap(),
+        t.output(JOINED_STREAM_ARN_OUTPUT).unwrap(),
+        t.outputs.get("JoinerRoleArn").map(String::as_str),
+        t.outputs.get("EnricherRoleArn").map(String::as_str),
+    )
+    .unwrap()
+}
+
+/// `adpipe --stack S env`: a complete configuration of both functions, with the stack's names.
+#[tokio::test]
+async fn the_env_file_configures_both_functions_with_the_stacks_names() {
+    let (s, t) = resolved().await;
+    let env = env_of(&t);
+    let joiner = JoinerConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+    assert_eq!(joiner.impressions_stream, t.impressions_stream);
+    assert_eq!(joiner.clicks_stream, t.clicks_stream);
+    assert_eq!(joiner.state_table, format!("{}-join-state", s.prefix));
+    let enricher = EnricherConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+    assert_eq!(enricher.lake_bucket, format!("{}-lake", s.prefix));
+    assert_eq!(
+        enricher.commit_lease_table,
+        format!("{}-commit-lease", s.prefix)
+    );
+    assert_eq!(env.get("AWS_REGION").map(String::as_str), Some("us-east-1"));
+}
+
+/// `adpipe --stack S events`: every record of the rendered fixtures names one of the stack's
+/// streams, so the joiner configured for the stack reads them as impressions and clicks (not
+/// `unknown_source`), and the enricher takes the joined fixture from the stack's joined stream.
+#[tokio::test]
+async fn rendered_events_name_the_stacks_streams() {
+    let (_s, t) = resolved().await;
+    let names = stage_names(&t);
+    let dir = std::env::temp_dir().join(unique("events"));
+    let written = adpipe_local::events::write_all(&dir, &names).unwrap();
+    assert_eq!(written.len(), adpipe_local::events::FIXTURES.len());
+    let env = env_of(&t);
+    let joiner = JoinerConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+    let expected = |file: &str| match file {
+        "clicks.json" | "hostile-clicks.json" => joiner.clicks_stream.clone(),
+        "joined.json" => t.joined_stream.clone(),
+        _ => joiner.impressions_stream.clone(),
+    };
+    for path in &written {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let event: adpipe_joiner::KinesisBatch =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let records = adpipe_joiner::input_records(&event);
+        assert!(!records.is_empty(), "{file}");
+        for r in &records {
+            assert_eq!(r.position.stream, expected(&file), "{file}");
+        }
+        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        for r in raw["Records"].as_array().unwrap() {
+            let arn = r["eventSourceARN"].as_str().unwrap();
+            assert!(
+                [
+                    t.output(IMPRESSIONS_STREAM_ARN_OUTPUT).unwrap(),
+                    t.output(CLICKS_STREAM_ARN_OUTPUT).unwrap(),
+                    t.output(JOINED_STREAM_ARN_OUTPUT).unwrap()
+                ]
+                .contains(&arn),
+                "{file}: {arn}"
+            );
+            assert_eq!(r["awsRegion"], "us-east-1");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `adpipe --stack S status` on a stack with a skipped batch, dead letters and a landed batch:
+/// the queue depth, the dead letters and the tables' commits (no CloudWatch data here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_queue_dead_letters_and_last_commits() {
+    let (s, t) = resolved().await;
+    let sqs = aws_sdk_sqs::Client::new(&s.sdk);
+    sqs.send_message()
+        .queue_url(&t.on_failure_queue_url)
+        .message_body(r#"{"KinesisBatchInfo":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    // The enricher, configured for the stack, lands the joined fixture rendered for it; its
+    // malformed record is dead-lettered.
+    let env = env_of(&t);
+    let config = EnricherConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+    let local = LocalAws::shared();
+    let mut lake = adpipe_enricher::lake_config(
+        &config,
+        Some(local.endpoint.clone()),
+        Some("us-east-1".into()),
+    );
+    lake.credentials = Some(("test".into(), "test".into()));
+    let clients = local.clients().await;
+    let enricher =
+        adpipe_enricher::aws_enricher(&clients, config.clone(), lake, "stack-test".into())
+            .await
+            .unwrap();
+    let joined = adpipe_local::events::FIXTURES
+        .iter()
+        .find(|(n, _)| *n == "joined.json")
+        .unwrap();
+    let rendered = adpipe_local::events::render(joined.0, joined.1, &stage_names(&t)).unwrap();
+    let event: adpipe_joiner::KinesisBatch = serde_json::from_str(&rendered).unwrap();
+    let (response, report) =
+        adpipe_enricher::handle(&enricher, "adpipe", &event, adpipe_joiner::now_ms()).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+    assert!(report.counts.rejected_total() >= 1);
+
+    let status = adpipe_local::status::stack(&s.sdk, &t, Some(("test".into(), "test".into())))
+        .await
+        .unwrap();
+    assert_eq!(status.on_failure_messages, 1);
+    assert_eq!(
+        status.dead_letters_listed as u64,
+        report.counts.rejected_total()
+    );
+    assert_eq!(status.dead_letters_last_hour, status.dead_letters_listed);
+    assert!(!status.dead_letters_capped);
+    assert_eq!(status.commits.len(), 2);
+    for (table, commits) in &status.commits {
+        let commits = commits.as_ref().unwrap();
+        assert_eq!(commits.len(), 1, "{table}: one batch, one commit");
+        let rows = if table.ends_with("enriched_clicks") {
+            report.clicks.rows_written
+        } else {
+            report.impressions.rows_written
+        };
+        assert_eq!(commits[0].added_records, Some(rows), "{table}");
+        assert_eq!(commits[0].operation, "append");
+        assert!(commits[0].input_shard.is_some());
+    }
+    let text = adpipe_local::status::render(&status);
+    assert!(text.contains("1 waiting"), "{text}");
+    assert!(text.contains("iterator age, joiner: no data"), "{text}");
+}
+
+/// `adpipe --stack S query`: the named queries go to Athena in the stack's workgroup and
+/// database, and the results come back as the same tables as DuckDB's. The local endpoint runs
+/// no SQL; it answers with the results queued for it, which checks the adapter's paging,
+/// header and typing, and which queries it sent.
+#[tokio::test]
+async fn named_queries_run_through_athena_in_the_stacks_workgroup() {
+    use adpipe_local::athena::{AthenaQueries, QueryEngine};
+    let (s, t) = resolved().await;
+    let files = adpipe_local::lake::named_queries(&workspace_root().join("sql"));
+    assert!(files.len() >= 2);
+    // One queued result per query: a header row and two rows.
+    let results: Vec<serde_json::Value> = files
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let cell = |v: &str| serde_json::json!({"VarCharValue": v});
+            serde_json::json!({
+                "rows": [
+                    {"Data": [cell("campaign_id"), cell("clicks"), cell("ctr")]},
+                    {"Data": [cell(&format!("camp-{i}")), cell("12"), cell("0.25")]},
+                    {"Data": [cell("camp-x"), cell("0"), {}]},
+                ],
+                "column_info": [
+                    {"Name": "campaign_id", "Type": "varchar"},
+                    {"Name": "clicks", "Type": "bigint"},
+                    {"Name": "ctr", "Type": "double"},
+                ],
+            })
+        })
+        .collect();
+    let local = LocalAws::shared();
+    let queued = reqwest::Client::new()
+        .post(format!(
+            "{}/moto-api/static/athena/query-results",
+            local.endpoint
+        ))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"region": "us-east-1", "results": results}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status().as_u16(), 201);
+    let athena = aws_sdk_athena::Client::new(&s.sdk);
+    // The template's AthenaWorkGroup; Athena refuses a query in a workgroup that does not exist.
+    athena
+        .create_work_group()
+        .name(t.output(WORKGROUP_OUTPUT).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let engine = AthenaQueries {
+        client: athena.clone(),
+        workgroup: t.output(WORKGROUP_OUTPUT).unwrap().to_owned(),
+        database: t.output(GLUE_DATABASE_OUTPUT).unwrap().to_owned(),
+        timeout: Duration::from_secs(30),
+    };
+    let got = engine.query(&files).await.unwrap();
+    assert_eq!(got.len(), files.len());
+    for (i, (r, f)) in got.iter().zip(&files).enumerate() {
+        assert_eq!(r.name, f.file_name().unwrap().to_string_lossy());
+        assert_eq!(r.columns, ["campaign_id", "clicks", "ctr"]);
+        assert_eq!(
+            r.rows,
+            vec![
+                vec![
+                    serde_json::json!(format!("camp-{i}")),
+                    serde_json::json!(12),
+                    serde_json::json!(0.25)
+                ],
+                vec![
+                    serde_json::json!("camp-x"),
+                    serde_json::json!(0),
+                    serde_json::Value::Null
+                ],
+            ],
+            "{}",
+            r.name
+        );
+    }
+    // What Athena was asked: each file's SQL, in the stack's workgroup and database.
+    let ids = athena
+        .list_query_executions()
+        .work_group(t.output(WORKGROUP_OUTPUT).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .query_execution_ids()
+        .to_vec();
+    let mut sent = Vec::new();
+    for id in ids {
+        let e = athena
+            .get_query_execution()
+            .query_execution_id(id)
+            .send()
+            .await
+            .unwrap();
+        let q = e.query_execution().unwrap();
+        if q.work_group() == Some(t.output(WORKGROUP_OUTPUT).unwrap()) {
+            assert_eq!(
+                q.query_execution_context().and_then(|c| c.database()),
+                Some(t.output(GLUE_DATABASE_OUTPUT).unwrap())
+            );
+            sent.push(q.query().unwrap_or_default().to_owned());
+        }
+    }
+    let mut want: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    sent.sort();
+    want.sort();
+    assert_eq!(sent, want);
 }

@@ -32,7 +32,8 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = Stage::Local)]
     pub stage: Stage,
     /// Act on this deployed stack instead, with names from its CloudFormation outputs and the
-    /// default AWS credential chain (generate, replay and redrive so far) [default: none]
+    /// default AWS credential chain (generate, replay, query, redrive, status, events, env)
+    /// [default: none]
     #[arg(long, global = true, value_name = "NAME", conflicts_with = "stage")]
     pub stack: Option<String>,
     /// Region of --stack [default: the credential chain's (AWS_REGION, the profile)]
@@ -75,8 +76,22 @@ pub enum Command {
     /// Put the records of batches the mappings gave up on (the on-failure queue holds pointers
     /// to them) back on their streams, and delete the handled messages.
     Redrive(EndpointArgs),
-    /// Print the functions' environment for the endpoint (for cargo lambda).
+    /// Print the functions' environment (for `cargo lambda watch --env-file`): the local
+    /// endpoint's, or with --stack the stack's resource names.
     Env(EndpointArgs),
+    /// Write the sample Lambda events (events/*.json) with this stage's or stack's stream
+    /// names and ARNs, for `cargo lambda invoke --data-file` and `sam remote invoke`.
+    Events(EventsArgs),
+    /// Show iterator age, the on-failure queue, dead letters and the tables' last commits.
+    Status(EndpointArgs),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct EventsArgs {
+    /// Directory to write the events to [default: events/ of the workspace for the local
+    /// stage, .local/events/<stack> with --stack]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// The endpoint of a running `adpipe up`.
@@ -164,6 +179,9 @@ pub struct QueryArgs {
     /// Run only this query file (repeatable) [default: every *.sql of --sql-dir]
     #[arg(long, value_name = "F.sql", conflicts_with = "sql_dir")]
     pub file: Vec<PathBuf>,
+    /// With --stack: seconds one Athena query may run before it is stopped
+    #[arg(long, value_name = "S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
@@ -493,6 +511,7 @@ mod tests {
             ),
             ("redrive", Command::Redrive),
             ("env", Command::Env),
+            ("status", Command::Status),
         ] {
             assert_eq!(command(&[cmd]), wrap(EndpointArgs::default()), "{cmd}");
             assert_eq!(command(&[cmd, "--endpoint", url]), wrap(with.clone()));
@@ -680,6 +699,25 @@ mod tests {
     }
 
     #[test]
+    fn events_take_an_output_directory_and_nothing_else() {
+        assert_eq!(
+            command(&["events"]),
+            Command::Events(EventsArgs { out: None })
+        );
+        assert_eq!(
+            command(&["--stack", "adpipe-dev", "events", "--out", "ev"]),
+            Command::Events(EventsArgs {
+                out: Some(PathBuf::from("ev"))
+            })
+        );
+        assert_eq!(
+            error(&["events", "--endpoint", "http://x"]).kind(),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(error(&["events", "--out"]).kind(), ErrorKind::InvalidValue);
+    }
+
+    #[test]
     fn query_takes_a_directory_or_files() {
         assert_eq!(
             command(&["query"]),
@@ -687,8 +725,16 @@ mod tests {
                 endpoint: EndpointArgs::default(),
                 sql_dir: None,
                 file: vec![],
+                timeout_s: 300,
             })
         );
+        let Command::Query(q) = command(&["query", "--timeout-s", "30"]) else {
+            panic!()
+        };
+        assert_eq!(q.timeout_s, 30);
+        for bad in ["0", "-1", "soon"] {
+            assert!(parse(&["query", "--timeout-s", bad]).is_err(), "{bad}");
+        }
         let Command::Query(q) = command(&["query", "--file", "a.sql", "--file", "b.sql"]) else {
             panic!()
         };

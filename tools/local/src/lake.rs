@@ -106,7 +106,15 @@ impl LakeCheck {
                 });
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        // In the order asked for (the demo puts CTR and engagement first), not the JSON
+        // object's key order.
+        let position = |name: &str| {
+            files
+                .iter()
+                .position(|f| f.file_name().is_some_and(|n| n.to_string_lossy() == name))
+                .unwrap_or(usize::MAX)
+        };
+        out.sort_by_key(|r| (position(&r.name), r.name.clone()));
         Ok(out)
     }
 

@@ -5,10 +5,12 @@
 //! The pure parts ([`generator`], [`esm`], [`chart`], parts of [`replay`] and [`runner`]) have
 //! unit tests without I/O; the binary `adpipe` puts the pieces together, on the command line of [`cli`].
 
+pub mod athena;
 pub mod chart;
 pub mod cli;
 pub mod endpoint;
 pub mod esm;
+pub mod events;
 pub mod functions;
 pub mod generator;
 pub mod lake;
@@ -20,6 +22,7 @@ pub mod replay;
 pub mod resources;
 pub mod runner;
 pub mod stack;
+pub mod status;
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use adpipe_core::join::{attributes, JoinRules};
+use adpipe_local::athena::{AthenaQueries, QueryEngine};
 use adpipe_local::chart::{self, CHART_SQL};
 use adpipe_local::cli::{
     Cli, Command, DemoArgs, EndpointArgs, GenerateArgs, QueryArgs, ReplayArgs, RunArgs, Stage,
@@ -26,7 +27,8 @@ use adpipe_local::redrive::redrive;
 use adpipe_local::replay::{read_jsonl, send_rated, write_jsonl, Order};
 use adpipe_local::resources::Resources;
 use adpipe_local::runner::{RunOptions, RunReport, ShardKey};
-use adpipe_local::stack::StackTarget;
+use adpipe_local::stack::{self, StackTarget};
+use adpipe_local::{events, status};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
@@ -175,6 +177,21 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", Resources::local().lambda_env_file(&e.url));
             Ok(())
         }
+        Command::Events(a) => {
+            let out = a.out.unwrap_or_else(|| root.join("events"));
+            let written = events::write_all(&out, &events::StageNames::local())?;
+            println!(
+                "wrote {} events for the local stage to {}",
+                written.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Status(a) => {
+            let p = pipeline(&a, &root).await?;
+            print!("{}", status::render(&status::local(&p).await?));
+            Ok(())
+        }
     }
 }
 
@@ -188,7 +205,7 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         Ok(())
     };
     let unsupported = |what: &str| {
-        bail!("`adpipe {what}` against a stack is not supported yet (only generate, replay and redrive are); without --stack it acts on the local stage")
+        bail!("`adpipe {what}` acts on the local stage only; against --stack NAME there are generate, replay, query, redrive, status, events and env")
     };
     // Check what runs before the credential chain is asked anything.
     match &command {
@@ -208,14 +225,13 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         Command::Run(_) => {
             return unsupported("run (the deployed event source mappings run the functions)")
         }
-        Command::Query(_) => return unsupported("query (Athena)"),
-        Command::Chart(_) => return unsupported("chart (Athena)"),
-        Command::Export(_) => return unsupported("export"),
-        Command::Env(_) => {
-            return unsupported(
-                "env (the deployed functions' settings are not among the stack's outputs)",
-            )
+        Command::Query(a) => refuse_endpoint(&a.endpoint)?,
+        Command::Status(a) | Command::Env(a) => refuse_endpoint(a)?,
+        Command::Events(_) => {}
+        Command::Chart(_) => {
+            return unsupported("chart (the dashboard charts CTR per minute in the cloud)")
         }
+        Command::Export(_) => return unsupported("export (Athena reads the tables in place)"),
     }
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(r) = region {
@@ -295,6 +311,49 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
             );
             Ok(())
         }
+        Command::Query(a) => {
+            let engine = AthenaQueries {
+                client: aws_sdk_athena::Client::new(&sdk),
+                workgroup: target.output(stack::WORKGROUP_OUTPUT)?.to_owned(),
+                database: target.output(stack::GLUE_DATABASE_OUTPUT)?.to_owned(),
+                timeout: Duration::from_secs(a.timeout_s),
+            };
+            let root = workspace_root();
+            let files = query_files(&a.file, a.sql_dir.as_deref(), &root);
+            let csv = local_dir(&root).join("out").join(stack).join("queries");
+            print_queries(&engine, &files, &csv, 40).await
+        }
+        Command::Status(_) => {
+            print!(
+                "{}",
+                status::render(&status::stack(&sdk, &target, None).await?)
+            );
+            Ok(())
+        }
+        Command::Env(_) => {
+            print!("{}", target.lambda_env_file()?);
+            Ok(())
+        }
+        Command::Events(a) => {
+            let names = events::StageNames::from_stream_arns(
+                target.output(stack::IMPRESSIONS_STREAM_ARN_OUTPUT)?,
+                target.output(stack::CLICKS_STREAM_ARN_OUTPUT)?,
+                target.output(stack::JOINED_STREAM_ARN_OUTPUT)?,
+                target.outputs.get("JoinerRoleArn").map(String::as_str),
+                target.outputs.get("EnricherRoleArn").map(String::as_str),
+            )?;
+            let out = a
+                .out
+                .unwrap_or_else(|| local_dir(&workspace_root()).join("events").join(stack));
+            let written = events::write_all(&out, &names)?;
+            println!(
+                "wrote {} events for stack {stack} to {} (e.g. sam remote invoke JoinerFunction --stack-name {stack} --event-file {})",
+                written.len(),
+                out.display(),
+                out.join("impressions.json").display()
+            );
+            Ok(())
+        }
         _ => unreachable!("refused above"),
     }
 }
@@ -315,12 +374,12 @@ fn query_files(files: &[PathBuf], sql_dir: Option<&Path>, root: &Path) -> Vec<Pa
 async fn query_cmd(a: &QueryArgs, root: &Path) -> Result<()> {
     let p = pipeline(&a.endpoint, root).await?;
     let files = query_files(&a.file, a.sql_dir.as_deref(), root);
-    print_queries(&p, &files, &local_dir(root).join("out/queries"), 40).await
+    print_queries(&p.lake(), &files, &local_dir(root).join("out/queries"), 40).await
 }
 
 /// Prints each query's result (up to `max_rows` rows) and writes the full results as CSV.
 async fn print_queries(
-    p: &Pipeline,
+    engine: &impl QueryEngine,
     files: &[PathBuf],
     csv_dir: &Path,
     max_rows: usize,
@@ -331,7 +390,7 @@ async fn print_queries(
         );
         return Ok(());
     }
-    let results = p.lake().query(files).await?;
+    let results = engine.query(files).await?;
     std::fs::create_dir_all(csv_dir)?;
     for r in &results {
         println!("\n-- {} ({} rows)", r.name, r.rows.len());
@@ -580,7 +639,7 @@ async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
             name,
         )
     });
-    print_queries(&p, &files, &out.join("queries"), 25).await?;
+    print_queries(&p.lake(), &files, &out.join("queries"), 25).await?;
 
     step("CTR chart");
     let chart_path = out.join("ctr.html");

@@ -100,7 +100,7 @@ impl Pipeline {
         }))
     }
 
-    async fn on_failure_queue_url(&self) -> Result<String, LocalError> {
+    pub async fn on_failure_queue_url(&self) -> Result<String, LocalError> {
         self.sqs
             .get_queue_url()
             .queue_name(&self.resources.on_failure_queue)

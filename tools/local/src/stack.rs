@@ -11,6 +11,19 @@ pub const IMPRESSIONS_STREAM_OUTPUT: &str = "ImpressionsStreamName";
 pub const CLICKS_STREAM_OUTPUT: &str = "ClicksStreamName";
 pub const JOINED_STREAM_OUTPUT: &str = "JoinedStreamName";
 pub const ON_FAILURE_QUEUE_OUTPUT: &str = "OnFailureQueueUrl";
+pub const IMPRESSIONS_STREAM_ARN_OUTPUT: &str = "ImpressionsStreamArn";
+pub const CLICKS_STREAM_ARN_OUTPUT: &str = "ClicksStreamArn";
+pub const JOINED_STREAM_ARN_OUTPUT: &str = "JoinedStreamArn";
+pub const JOINER_FUNCTION_OUTPUT: &str = "JoinerFunctionName";
+pub const ENRICHER_FUNCTION_OUTPUT: &str = "EnricherFunctionName";
+pub const LAKE_BUCKET_OUTPUT: &str = "LakeBucketName";
+pub const GLUE_DATABASE_OUTPUT: &str = "GlueDatabaseName";
+pub const CLICKS_TABLE_OUTPUT: &str = "EnrichedClicksTableName";
+pub const IMPRESSIONS_TABLE_OUTPUT: &str = "ImpressionsTableName";
+pub const WORKGROUP_OUTPUT: &str = "AthenaWorkGroupName";
+pub const STATE_TABLE_OUTPUT: &str = "StateTableName";
+pub const COMMIT_LEASE_TABLE_OUTPUT: &str = "CommitLeaseTableName";
+pub const METRICS_NAMESPACE_OUTPUT: &str = "MetricsNamespace";
 
 /// What `generate`, `replay` and `redrive` act on in a deployed stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +34,8 @@ pub struct StackTarget {
     pub joined_stream: String,
     /// The mappings' on-failure destination (pointers to the batches Lambda gave up on).
     pub on_failure_queue_url: String,
+    /// Every output of the stack, for the commands that need more ([`StackTarget::output`]).
+    pub outputs: BTreeMap<String, String>,
 }
 
 impl StackTarget {
@@ -47,7 +62,23 @@ impl StackTarget {
             clicks_stream: get(CLICKS_STREAM_OUTPUT)?,
             joined_stream: get(JOINED_STREAM_OUTPUT)?,
             on_failure_queue_url: get(ON_FAILURE_QUEUE_OUTPUT)?,
+            outputs: outputs.clone(),
         })
+    }
+
+    /// One more output; a missing one is an error that names it.
+    pub fn output(&self, key: &str) -> Result<&str, LocalError> {
+        self.outputs
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                LocalError::Stack(format!(
+                    "stack {} has no output {key} (deployed from an older template.yaml? \
+                     `sam deploy` it again)",
+                    self.stack
+                ))
+            })
     }
 
     /// Reads the stack's outputs with `DescribeStacks`.
@@ -56,6 +87,61 @@ impl StackTarget {
         stack: &str,
     ) -> Result<StackTarget, LocalError> {
         StackTarget::from_outputs(stack, &stack_outputs(cfn, stack).await?)
+    }
+}
+
+impl StackTarget {
+    /// The functions' environment against this stack's resources, for
+    /// `cargo lambda watch --env-file` (the functions then run on this machine and read and
+    /// write the deployed streams, tables and bucket with the default credential chain).
+    /// Settings the template leaves at their defaults are left out: the code has the same
+    /// defaults (checked by the deploy contract tests).
+    pub fn lambda_env_file(&self) -> Result<String, LocalError> {
+        use adpipe_core::config as c;
+        let bucket = self.output(LAKE_BUCKET_OUTPUT)?;
+        let vars: Vec<(&str, String)> = vec![
+            (c::IMPRESSIONS_STREAM_NAME, self.impressions_stream.clone()),
+            (c::CLICKS_STREAM_NAME, self.clicks_stream.clone()),
+            (c::JOINED_STREAM_NAME, self.joined_stream.clone()),
+            (
+                c::STATE_TABLE_NAME,
+                self.output(STATE_TABLE_OUTPUT)?.to_owned(),
+            ),
+            (c::DEAD_LETTER_BUCKET, bucket.to_owned()),
+            (c::LAKE_BUCKET, bucket.to_owned()),
+            (
+                c::GLUE_DATABASE,
+                self.output(GLUE_DATABASE_OUTPUT)?.to_owned(),
+            ),
+            (
+                c::CLICKS_TABLE,
+                self.output(CLICKS_TABLE_OUTPUT)?.to_owned(),
+            ),
+            (
+                c::IMPRESSIONS_TABLE,
+                self.output(IMPRESSIONS_TABLE_OUTPUT)?.to_owned(),
+            ),
+            (
+                c::COMMIT_LEASE_TABLE,
+                self.output(COMMIT_LEASE_TABLE_OUTPUT)?.to_owned(),
+            ),
+            (
+                c::METRICS_NAMESPACE,
+                self.output(METRICS_NAMESPACE_OUTPUT)?.to_owned(),
+            ),
+        ];
+        let mut out = format!(
+            "# Written by `adpipe --stack {} env`: the functions' environment against the \
+             deployed stack's resources.\n",
+            self.stack
+        );
+        if let Some(region) = self.outputs.get("Region") {
+            out.push_str(&format!("AWS_REGION={region}\n"));
+        }
+        for (k, v) in vars {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+        Ok(out)
     }
 }
 
@@ -109,8 +195,12 @@ mod tests {
                 clicks_stream: "dev-clicks".into(),
                 joined_stream: "dev-joined".into(),
                 on_failure_queue_url: "https://sqs/q".into(),
+                outputs: outputs(),
             }
         );
+        assert_eq!(t.output("DashboardName").unwrap(), "d");
+        let e = t.output(WORKGROUP_OUTPUT).unwrap_err().to_string();
+        assert!(e.contains("AthenaWorkGroupName"), "{e}");
     }
 
     #[test]
