@@ -4,8 +4,9 @@
 #   2. cfn-lint on template.yaml as written;
 #   3. the SAM transform CloudFormation runs at deploy time, then cfn-lint on its output
 #      (catches misspelt AWS::Serverless::* properties and values that step 2 lets through);
-#   4. tests over the template: env vars and names against deploy/resources.json, least
-#      privilege, event source mappings, alarms, dashboard (tools/test_template.py).
+#   4. tests over the template: env vars and names against deploy/resources.json (Globals
+#      merged in), least privilege, event source mappings, the tables' custom resource,
+#      parameter groups and labels, outputs, alarms, dashboard (tools/test_template.py).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/venv.sh

@@ -1,8 +1,10 @@
-"""Tests over template.yaml: it agrees with deploy/resources.json, grants least privilege (the
-grants against the calls in the Rust code, the key policy, the optimizer role's trust), keeps
-what holds data when the stack goes, never lets a lifecycle rule expire the lake, wires the
-event source mappings and alarms as docs/DEPLOY.md says, embeds the sql/ files, and passes the
-SAM-level lint (which must catch misspelt properties that plain cfn-lint lets through).
+"""Tests over template.yaml: it agrees with deploy/resources.json (each function's settings
+as SAM sees them, Globals merged in), grants least privilege (the grants against the calls in
+the Rust code, the key policy, the optimizer role's trust), keeps what holds data when the
+stack goes, never lets a lifecycle rule expire the lake, creates the lake tables through its
+custom resource, groups and labels every parameter, wires the event source mappings, alarms,
+dashboard and outputs as docs/DEPLOY.md says, embeds the sql/ files, and passes the SAM-level
+lint (which must catch misspelt properties that plain cfn-lint lets through).
 
 Run by scripts/check-template.sh:  .venv/bin/python -m unittest tools/test_template.py
 The joiner's side of the contract (JOINER_ENV, its defaults and its EMF metric names against
@@ -39,7 +41,13 @@ NAME_PROPERTY = {
     "AWS::SQS::Queue": ("QueueName",),
     "AWS::Serverless::Function": ("FunctionName",),
 }
-FUNCTIONS = {"joiner": "JoinerFunction", "enricher": "EnricherFunction"}
+# The stream-triggered functions, and every function (the tables function backs the
+# IcebergTables custom resource).
+STREAM_FUNCTIONS = {"joiner": "JoinerFunction", "enricher": "EnricherFunction"}
+FUNCTIONS = {**STREAM_FUNCTIONS, "tables": "TablesFunction"}
+# The only actions an Allow statement may grant on "*": Tracing: Active needs them, and X-Ray
+# has no resource-level permissions for them.
+XRAY_WRITE = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
 
 
 @cache
@@ -63,6 +71,33 @@ def resource(logical_id: str) -> dict[str, Any]:
 
 def props(logical_id: str) -> dict[str, Any]:
     return resource(logical_id)["Properties"]
+
+
+def sam_merge(global_value: Any, local_value: Any) -> Any:
+    """One property as SAM merges Globals into a resource: maps key by key (the resource's own
+    keys win), lists concatenated (globals first), anything else the resource's own value."""
+    if isinstance(global_value, dict) and isinstance(local_value, dict):
+        merged = dict(global_value)
+        for key, value in local_value.items():
+            merged[key] = sam_merge(global_value[key], value) if key in global_value else value
+        return merged
+    if isinstance(global_value, list) and isinstance(local_value, list):
+        return global_value + local_value
+    return local_value
+
+
+def function_props(logical_id: str) -> dict[str, Any]:
+    """A function's properties with `Globals: Function` merged in, as the SAM transform does
+    (checked against the transform itself by Functions.test_globals_merge_as_the_transform_merges_them)."""
+    assert resource(logical_id)["Type"] == "AWS::Serverless::Function", logical_id
+    merged = dict(template().get("Globals", {}).get("Function", {}))
+    for key, value in props(logical_id).items():
+        merged[key] = sam_merge(merged[key], value) if key in merged else value
+    return merged
+
+
+def function_env(logical_id: str) -> dict[str, Any]:
+    return function_props(logical_id).get("Environment", {}).get("Variables", {})
 
 
 def sub_pattern(name: str) -> str:
@@ -223,8 +258,9 @@ def lifecycle_threats(tmpl: dict[str, Any], bucket: str, protected: str) -> list
 
 class EnvironmentAndNames(unittest.TestCase):
     def test_every_function_sets_exactly_its_contract_environment(self) -> None:
+        self.assertEqual(set(contract()["env"]), set(FUNCTIONS))
         for function, logical_id in FUNCTIONS.items():
-            env = props(logical_id)["Environment"]["Variables"]
+            env = function_env(logical_id)
             wanted = contract()["env"][function]
             self.assertEqual(set(env), set(wanted), f"{function}: template vs deploy/resources.json")
             for var, source in wanted.items():
@@ -273,14 +309,17 @@ class EnvironmentAndNames(unittest.TestCase):
             logical_id = c["resources"][key]["logical_id"]
             shards = props(logical_id)["ShardCount"]["Fn::If"][1]
             check(f"{logical_id}.ShardCount", shards, spec["shards"])
+        self.assertEqual(set(c["functions"]), set(FUNCTIONS))
         for function, spec in c["functions"].items():
             logical_id = FUNCTIONS[function]
-            p = props(logical_id)
+            p = function_props(logical_id)
             self.assertEqual(int(p["Timeout"]), spec["timeout_seconds"], f"{logical_id}.Timeout")
             self.assertEqual(p["CodeUri"], f"functions/{spec['binary']}")
+            self.assertEqual(p["FunctionName"], {"Fn::Sub": sub_pattern(c["resources"][f"{function}_function"]["name"])})
             streams = {c["resources"][s]["logical_id"] for s in spec["sources"]}
-            self.assertEqual({referenced(e["Properties"]["Stream"]).pop() for e in p["Events"].values()}, streams)
-            for name, event in p["Events"].items():
+            events = p.get("Events", {})
+            self.assertEqual({referenced(e["Properties"]["Stream"]).pop() for e in events.values()}, streams)
+            for name, event in events.items():
                 e = event["Properties"]
                 for prop, source in c["mappings"][function].items():
                     actual = e["DestinationConfig"]["OnFailure"]["Destination"] if prop == "OnFailure" else e.get(prop)
@@ -290,13 +329,18 @@ class EnvironmentAndNames(unittest.TestCase):
                 self.assertIn(param, params, f"stage {stage} overrides an unknown parameter")
 
     def test_lake_tables_are_the_enricher_s_not_the_template_s(self) -> None:
-        # The enricher creates them (partition spec, field ids, commit.retry.num-retries = 0);
-        # an AWS::Glue::Table here could set none of that, and a stack update would break it.
+        # The tables come from the custom resource, whose function runs the enricher's own table
+        # set-up (partition spec, field ids, commit.retry.num-retries = 0); an AWS::Glue::Table
+        # here could set none of that, and a stack update would break it.
         types = {r["Type"] for r in template()["Resources"].values()}
         self.assertNotIn("AWS::Glue::Table", types)
+        custom = [lid for lid, r in template()["Resources"].items() if r["Type"].startswith("Custom::")]
+        self.assertEqual(custom, ["IcebergTables"])
+        self.assertEqual(props("IcebergTables")["ServiceToken"], {"Fn::GetAtt": ["TablesFunction", "Arn"]})
         tables = set(contract()["tables"])
-        env = props("EnricherFunction")["Environment"]["Variables"]
-        self.assertEqual({env["CLICKS_TABLE"], env["IMPRESSIONS_TABLE"]}, tables)
+        for logical_id in ("EnricherFunction", "TablesFunction"):
+            env = function_env(logical_id)
+            self.assertEqual({env["CLICKS_TABLE"], env["IMPRESSIONS_TABLE"]}, tables, logical_id)
         outputs = {o["Value"] for o in template()["Outputs"].values() if isinstance(o["Value"], str)}
         self.assertLessEqual(tables, outputs)
         optimized = {r["Properties"]["TableName"] for r in template()["Resources"].values() if r["Type"] == "AWS::Glue::TableOptimizer"}
@@ -307,8 +351,12 @@ class EnvironmentAndNames(unittest.TestCase):
 
     def test_table_optimizers_wait_for_the_tables_and_keep_enough_snapshots(self) -> None:
         params = template()["Parameters"]
-        # An optimizer needs its table, which exists only after the enricher's first start.
+        # An optimizer needs its table: it is created after the custom resource made them.
+        # Off by default all the same, for cost (billed per DPU-hour).
         self.assertEqual(params["EnableTableOptimizers"]["Default"], "false")
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] == "AWS::Glue::TableOptimizer":
+                self.assertEqual(res.get("DependsOn"), "IcebergTables", logical_id)
         # The enricher finds committed batches in the snapshot ancestry; a replay can be as old
         # as the stream retention plus the mappings' maximum record age.
         kept = int(params["SnapshotRetentionDays"]["Default"]) * 86400
@@ -331,7 +379,7 @@ class EnvironmentAndNames(unittest.TestCase):
         self.assertIs(props("AthenaWorkGroup")["WorkGroupConfiguration"]["EnforceWorkGroupConfiguration"], True)
         rules = props(results)["LifecycleConfiguration"]["Rules"]
         self.assertIn(7, [r.get("ExpirationInDays") for r in rules if "Prefix" not in r])
-        for role in ("JoinerRole", "EnricherRole"):
+        for role in ("JoinerRole", "EnricherRole", "TablesRole"):
             self.assertNotIn(results, set().union(*resources_of(role, "s3").values()), role)
 
     def test_every_bucket_is_encrypted_private_and_tls_only(self) -> None:
@@ -366,6 +414,120 @@ class EnvironmentAndNames(unittest.TestCase):
             "AthenaWorkGroup",
         ):
             self.assertIn({"Ref": logical_id}, [o["Value"] for o in outputs.values()], logical_id)
+
+    def test_outputs_give_every_name_and_arn_the_cli_needs(self) -> None:
+        outputs = template()["Outputs"]
+        wanted = {
+            "ImpressionsStreamName": {"Ref": "ImpressionsStream"},
+            "ClicksStreamName": {"Ref": "ClicksStream"},
+            "JoinedStreamName": {"Ref": "JoinedStream"},
+            "ImpressionsStreamArn": {"Fn::GetAtt": ["ImpressionsStream", "Arn"]},
+            "ClicksStreamArn": {"Fn::GetAtt": ["ClicksStream", "Arn"]},
+            "JoinedStreamArn": {"Fn::GetAtt": ["JoinedStream", "Arn"]},
+            "Region": {"Ref": "AWS::Region"},
+            "MetricsNamespace": {"Ref": "MetricsNamespace"},
+            "JoinerRoleArn": {"Fn::GetAtt": ["JoinerRole", "Arn"]},
+            "EnricherRoleArn": {"Fn::GetAtt": ["EnricherRole", "Arn"]},
+            "StreamKeyArn": {"Fn::GetAtt": ["StreamKey", "Arn"]},
+            "LakeBucketName": {"Ref": "LakeBucket"},
+            "AthenaResultsBucketName": {"Ref": "AthenaResultsBucket"},
+            "GlueDatabaseName": {"Ref": "GlueDatabase"},
+            "EnrichedClicksTableName": "enriched_clicks",
+            "ImpressionsTableName": "impressions",
+            "AthenaWorkGroupName": {"Ref": "AthenaWorkGroup"},
+            "StateTableName": {"Ref": "StateTable"},
+            "CommitLeaseTableName": {"Ref": "CommitLeaseTable"},
+            "OnFailureQueueUrl": {"Ref": "OnFailureQueue"},
+            "JoinerFunctionName": {"Ref": "JoinerFunction"},
+            "EnricherFunctionName": {"Ref": "EnricherFunction"},
+            "TablesFunctionName": {"Ref": "TablesFunction"},
+            "DashboardName": {"Ref": "Dashboard"},
+        }
+        for key, value in wanted.items():
+            with self.subTest(output=key):
+                self.assertIn(key, outputs)
+                self.assertEqual(outputs[key]["Value"], value)
+        # The conditional audit bucket is the only output not listed above.
+        self.assertEqual(set(outputs) - set(wanted), {"LakeDataEventsBucketName"})
+
+    def test_every_output_the_cli_reads_exists(self) -> None:
+        # `adpipe --stack` reads the outputs named by the *_OUTPUT constants of
+        # tools/local/src/stack.rs (and the role ARNs by name in main.rs).
+        source = (ROOT / "tools/local/src/stack.rs").read_text()
+        keys = re.findall(r'pub const [A-Z_]+_OUTPUT: &str = "([A-Za-z]+)";', source)
+        self.assertGreaterEqual(len(keys), 15)
+        outputs = template()["Outputs"]
+        for key in keys + ["JoinerRoleArn", "EnricherRoleArn", "Region"]:
+            with self.subTest(output=key):
+                self.assertIn(key, outputs)
+                self.assertNotIn("Condition", outputs[key])
+        for key, output in outputs.items():
+            self.assertTrue(output.get("Description"), f"{key} has no Description")
+        # The table outputs name the contract's tables and say where the tables come from.
+        self.assertEqual(
+            {outputs["EnrichedClicksTableName"]["Value"], outputs["ImpressionsTableName"]["Value"]}, set(contract()["tables"])
+        )
+        for key in ("EnrichedClicksTableName", "ImpressionsTableName"):
+            self.assertIn("IcebergTables", outputs[key]["Description"], key)
+            self.assertNotIn("first start", outputs[key]["Description"], key)
+
+
+class TablesCustomResource(unittest.TestCase):
+    """The Iceberg tables exist when the deploy ends: custom resource IcebergTables, backed by
+    the tables function, as deploy/resources.json (custom_resources) describes it."""
+
+    def spec(self) -> dict[str, Any]:
+        return contract()["custom_resources"]["iceberg_tables"]
+
+    def test_properties_follow_the_contract(self) -> None:
+        spec = self.spec()
+        res = resource(spec["logical_id"])
+        self.assertEqual(res["Type"], spec["type"])
+        p = res["Properties"]
+        token = contract()["resources"][spec["service_token"]]["logical_id"]
+        self.assertEqual(p["ServiceToken"], {"Fn::GetAtt": [token, "Arn"]})
+        self.assertEqual(set(p), {"ServiceToken", "ServiceTimeout"} | set(spec["properties"]))
+        for prop, source in spec["properties"].items():
+            with self.subTest(prop=prop):
+                if "resource" in source:
+                    self.assertEqual(p[prop], {"Ref": contract()["resources"][source["resource"]]["logical_id"]})
+                elif "format" in source:
+                    keys = re.findall(r"\{([a-z_]+)\}", source["format"])
+                    sub = source["format"].format(**{k: "${" + contract()["resources"][k]["logical_id"] + "}" for k in keys})
+                    self.assertEqual(p[prop], {"Fn::Sub": sub})
+                else:
+                    self.assertEqual(p[prop], source["value"])
+        # A string, so that "1" and "1.0" are different versions and CloudFormation compares
+        # what the tables crate defines.
+        self.assertIsInstance(p["SchemaVersion"], str)
+
+    def test_database_and_warehouse_are_the_enricher_s(self) -> None:
+        p = props("IcebergTables")
+        env = function_env("EnricherFunction")
+        self.assertEqual(p["Database"], env["GLUE_DATABASE"])
+        bucket = env["LAKE_BUCKET"]["Ref"]
+        self.assertEqual(p["Warehouse"], {"Fn::Sub": "s3://${" + bucket + "}/" + env["LAKE_PREFIX"].strip("/")})
+
+    def test_tables_function_env_uses_the_enricher_s_names_and_values(self) -> None:
+        env = contract()["env"]
+        for var, source in env["tables"].items():
+            self.assertEqual(source, env["enricher"].get(var), var)
+
+    def test_the_service_timeout_outlasts_the_function(self) -> None:
+        timeout = int(props("IcebergTables")["ServiceTimeout"])
+        self.assertGreater(timeout, int(function_props("TablesFunction")["Timeout"]))
+        self.assertLessEqual(timeout, 3600)
+
+    def test_tables_exist_before_the_enricher_optimizers_and_queries(self) -> None:
+        self.assertEqual(resource("EnricherFunction").get("DependsOn"), "IcebergTables")
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] in ("AWS::Athena::NamedQuery", "AWS::Glue::TableOptimizer"):
+                self.assertEqual(res.get("DependsOn"), "IcebergTables", logical_id)
+
+    def test_no_code_path_can_drop_the_tables(self) -> None:
+        # Retained: CloudFormation sends no Delete on stack deletion, nor for the old resource
+        # after a replacement (a change of Database).
+        self.assertTrue(retained(resource("IcebergTables")))
 
 
 class LakeLifecycle(unittest.TestCase):
@@ -563,16 +725,60 @@ class Retention(unittest.TestCase):
 
 class Functions(unittest.TestCase):
     def test_functions_are_arm64_al2023_rust_builds(self) -> None:
+        functions = {lid for lid, r in template()["Resources"].items() if r["Type"] == "AWS::Serverless::Function"}
+        self.assertEqual(functions, set(FUNCTIONS.values()))
         for function, logical_id in FUNCTIONS.items():
             with self.subTest(function=function):
                 res = resource(logical_id)
                 self.assertEqual(res["Metadata"], {"BuildMethod": "rust-cargolambda", "BuildProperties": {"Binary": function}})
-                p = res["Properties"]
+                p = function_props(logical_id)
                 self.assertEqual(p["Runtime"], "provided.al2023")
                 self.assertEqual(p["Architectures"], ["arm64"])
+                self.assertEqual(p["Handler"], "bootstrap")
+                self.assertEqual(p["Tracing"], "Active")
                 self.assertEqual(p["CodeUri"], f"functions/{function}")
                 self.assertNotIn("Policies", p, "hand-written roles only, no SAM policy templates")
                 self.assertEqual(p["Role"], {"Fn::GetAtt": [f"{function.capitalize()}Role", "Arn"]})
+                self.assertEqual(
+                    p["LoggingConfig"],
+                    {
+                        "LogFormat": "JSON",
+                        "ApplicationLogLevel": {"Ref": "LogLevel"},
+                        "SystemLogLevel": "WARN",
+                        "LogGroup": {"Ref": f"{function.capitalize()}LogGroup"},
+                    },
+                )
+                log_group = props(f"{function.capitalize()}LogGroup")["LogGroupName"]
+                self.assertEqual(log_group, {"Fn::Sub": f"/aws/lambda/adpipe-${{Stage}}-{function}"})
+
+    def test_what_the_functions_share_is_set_once_in_globals(self) -> None:
+        shared = template()["Globals"]["Function"]
+        self.assertEqual(
+            {k: shared[k] for k in ("Runtime", "Architectures", "Handler", "Tracing")},
+            {"Runtime": "provided.al2023", "Architectures": ["arm64"], "Handler": "bootstrap", "Tracing": "Active"},
+        )
+        for logical_id in FUNCTIONS.values():
+            own = props(logical_id)
+            for key in ("Runtime", "Architectures", "Handler", "Tracing"):
+                self.assertNotIn(key, own, f"{logical_id} repeats {key} of Globals")
+            self.assertEqual(set(own["LoggingConfig"]), {"LogGroup"}, logical_id)
+        # A global variable reaches every function, and no function can drop it: only what
+        # every function's contract sets, from the same source, may be global.
+        env = contract()["env"]
+        for var, value in shared.get("Environment", {}).get("Variables", {}).items():
+            for function in FUNCTIONS:
+                self.assertIn(var, env[function], f"global {var} is not read by {function}")
+
+    def test_globals_merge_as_the_transform_merges_them(self) -> None:
+        # function_props (what every other test reads) against the SAM transform's output.
+        cfn = sam_lint.transform(json.loads(json.dumps(template())))["Resources"]
+        for logical_id in FUNCTIONS.values():
+            mine = function_props(logical_id)
+            theirs = cfn[logical_id]["Properties"]
+            with self.subTest(function=logical_id):
+                for key in ("Runtime", "Architectures", "Handler", "Timeout", "MemorySize", "LoggingConfig", "Environment"):
+                    self.assertEqual(theirs.get(key), mine.get(key), key)
+                self.assertEqual(theirs["TracingConfig"], {"Mode": mine["Tracing"]})
 
     def test_event_source_mappings_are_bounded_partial_batch_mappings_with_a_destination(self) -> None:
         streams = {"JoinerFunction": {"ImpressionsStream", "ClicksStream"}, "EnricherFunction": {"JoinedStream"}}
@@ -598,7 +804,7 @@ class Functions(unittest.TestCase):
 
     def test_recovery_lease_cannot_be_shorter_than_the_joiner_timeout(self) -> None:
         lease = template()["Parameters"]["RecoveryLeaseSeconds"]
-        self.assertGreaterEqual(int(lease["MinValue"]), int(props("JoinerFunction")["Timeout"]))
+        self.assertGreaterEqual(int(lease["MinValue"]), int(function_props("JoinerFunction")["Timeout"]))
 
     def test_log_level_cannot_filter_out_the_emf_metric_lines(self) -> None:
         # EMF lines carry no level, so Lambda files them as INFO.
@@ -621,11 +827,22 @@ class LeastPrivilege(unittest.TestCase):
                     for action in as_list(st["Action"]):
                         self.assertNotIn("*", action)
                     for res in as_list(st["Resource"]):
+                        if res == "*" and set(as_list(st["Action"])) <= XRAY_WRITE:
+                            continue  # the documented exception: X-Ray writes name no resource
                         self.assertNotEqual(res, "*")
                         text = res if isinstance(res, str) else res.get("Fn::Sub", "")
                         if isinstance(text, str) and text.startswith("arn:"):
                             # arn:partition:service:region:account:resource, resource not a bare *
                             self.assertFalse(text.split(":", 5)[5].startswith("*"), text)
+
+    def test_every_function_role_may_write_traces_and_nothing_else_on_any_resource(self) -> None:
+        for function in FUNCTIONS:
+            role = f"{function.capitalize()}Role"
+            anywhere = [actions for actions, res in grants(role) if "*" in res]
+            self.assertEqual(anywhere, [XRAY_WRITE], role)
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] == "AWS::IAM::Role" and logical_id not in {f"{f.capitalize()}Role" for f in FUNCTIONS}:
+                self.assertNotIn("xray", {a.split(":")[0] for actions, _ in grants(logical_id) for a in actions}, logical_id)
 
     def test_joiner_only_updates_join_state_and_writes_its_own_prefixes(self) -> None:
         self.assertEqual(resources_of("JoinerRole", "dynamodb"), {"dynamodb:UpdateItem": {"StateTable"}})
@@ -659,6 +876,27 @@ class LeastPrivilege(unittest.TestCase):
         self.assertEqual(list_prefixes("EnricherRole"), {path + "/*" for path in table_paths()})
         self.assertNotIn("kinesis:PutRecords", resources_of("EnricherRole", "kinesis"))
 
+    def test_tables_function_touches_only_the_two_tables_and_the_lease(self) -> None:
+        catalog = "arn:${AWS::Partition}:glue:${AWS::Region}:${AWS::AccountId}:"
+        on_tables = {catalog + "catalog", catalog + "database/${GlueDatabase}"} | {
+            catalog + "table/${GlueDatabase}/" + table for table in contract()["tables"]
+        }
+        glue = resources_of("TablesRole", "glue")
+        self.assertEqual(set(glue), {"glue:GetDatabase", "glue:CreateTable", "glue:GetTable", "glue:GetTables", "glue:UpdateTable"})
+        self.assertEqual(sub_strings("TablesRole", "glue:GetDatabase"), {catalog + "catalog", catalog + "database/${GlueDatabase}"})
+        for action in ("glue:CreateTable", "glue:GetTable", "glue:GetTables", "glue:UpdateTable"):
+            self.assertEqual(sub_strings("TablesRole", action), on_tables, action)
+        # The enricher's lake grants, without its dead letters.
+        self.assertEqual(set(resources_of("TablesRole", "s3")), {"s3:GetObject", "s3:PutObject", "s3:ListBucket"})
+        objects = {"${LakeBucket.Arn}/" + path + "/*" for path in table_paths()}
+        for action in ("s3:GetObject", "s3:PutObject"):
+            self.assertEqual(sub_strings("TablesRole", action), objects, action)
+        self.assertEqual(list_prefixes("TablesRole"), list_prefixes("EnricherRole"))
+        # A schema migration takes the commit lease, as the enricher's commits do.
+        self.assertEqual(resources_of("TablesRole", "dynamodb"), resources_of("EnricherRole", "dynamodb"))
+        for service in ("kinesis", "sqs", "kms"):
+            self.assertEqual(resources_of("TablesRole", service), {}, service)
+
     def test_optimizers_touch_only_the_two_tables(self) -> None:
         # Orphan file deletion removes whatever no snapshot references: outside the tables'
         # locations that would be everything.
@@ -680,7 +918,9 @@ class LeastPrivilege(unittest.TestCase):
         # The SDK requests each role's code makes, in the crate's files that use the DynamoDB
         # client (the join state in crates/aws, the commit lease in crates/lake), against what
         # the role is granted.
-        code = {"JoinerRole": "crates/aws/src", "EnricherRole": "crates/lake/src"}
+        # The tables function runs the lake crate's table set-up, whose schema migration takes
+        # the same lease.
+        code = {"JoinerRole": "crates/aws/src", "EnricherRole": "crates/lake/src", "TablesRole": "crates/lake/src"}
         for role, folder in code.items():
             called = set()
             for path in sorted((ROOT / folder).glob("*.rs")):
@@ -691,20 +931,29 @@ class LeastPrivilege(unittest.TestCase):
 
     def test_glue_create_table_is_granted_only_while_the_enricher_creates_tables(self) -> None:
         # ensure_tables creates (or re-registers) a missing table through iceberg-rust's Glue
-        # catalog. Once table creation moves to deploy time, this grant should go.
+        # catalog. The tables function runs it at deploy time; the enricher still runs it at
+        # start-up (a table deleted since the deploy), and keeps the grant while it does.
         text = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "crates/lake/src").glob("*.rs")))
         creates = bool(re.search(r"\.(create_table|register_table)\(", text))
         self.assertEqual("glue:CreateTable" in resources_of("EnricherRole", "glue"), creates)
+        self.assertIn("glue:CreateTable", resources_of("TablesRole", "glue"))
+        # Nobody may create databases: the template does.
+        for role in ("JoinerRole", "EnricherRole", "TablesRole"):
+            self.assertNotIn("glue:CreateDatabase", resources_of(role, "glue"), role)
 
     def test_each_role_reads_exactly_the_streams_its_mappings_poll(self) -> None:
         for logical_id in FUNCTIONS.values():
-            role = props(logical_id)["Role"]["Fn::GetAtt"][0]
-            polled = {referenced(e["Properties"]["Stream"]).pop() for e in props(logical_id)["Events"].values()}
+            p = function_props(logical_id)
+            role = p["Role"]["Fn::GetAtt"][0]
+            polled = {referenced(e["Properties"]["Stream"]).pop() for e in p.get("Events", {}).values()}
             kinesis = resources_of(role, "kinesis")
-            for action in ("kinesis:GetRecords", "kinesis:GetShardIterator", "kinesis:DescribeStream", "kinesis:ListShards"):
-                self.assertEqual(kinesis[action], polled, f"{role} {action}")
-            self.assertEqual(resources_of(role, "kms"), {"kms:Decrypt": {"StreamKey"}, "kms:GenerateDataKey": {"StreamKey"}})
-            log_group = props(logical_id)["LoggingConfig"]["LogGroup"]["Ref"]
+            if polled:
+                for action in ("kinesis:GetRecords", "kinesis:GetShardIterator", "kinesis:DescribeStream", "kinesis:ListShards"):
+                    self.assertEqual(kinesis[action], polled, f"{role} {action}")
+                self.assertEqual(resources_of(role, "kms"), {"kms:Decrypt": {"StreamKey"}, "kms:GenerateDataKey": {"StreamKey"}})
+            else:
+                self.assertEqual(kinesis, {}, role)
+            log_group = p["LoggingConfig"]["LogGroup"]["Ref"]
             self.assertEqual(resources_of(role, "logs"), {"logs:CreateLogStream": {log_group}, "logs:PutLogEvents": {log_group}})
 
 
@@ -784,13 +1033,164 @@ class KeyPolicy(unittest.TestCase):
             self.assertEqual(found, via, role)
 
 
+# Every alarm of the template: logical id -> (namespace, metric, dimension value). For the EMF
+# metrics the dimension is Function (the name the code uses); for AWS metrics it is the
+# resource (a logical id).
+ALARMS = {
+    "JoinerIteratorAgeAlarm": ("AWS/Lambda", "IteratorAge", "JoinerFunction"),
+    "EnricherIteratorAgeAlarm": ("AWS/Lambda", "IteratorAge", "EnricherFunction"),
+    "JoinerErrorsAlarm": ("AWS/Lambda", "Errors", "JoinerFunction"),
+    "EnricherErrorsAlarm": ("AWS/Lambda", "Errors", "EnricherFunction"),
+    "JoinerThrottlesAlarm": ("AWS/Lambda", "Throttles", "JoinerFunction"),
+    "EnricherThrottlesAlarm": ("AWS/Lambda", "Throttles", "EnricherFunction"),
+    "JoinerDurationAlarm": ("AWS/Lambda", "Duration", "JoinerFunction"),
+    "EnricherDurationAlarm": ("AWS/Lambda", "Duration", "EnricherFunction"),
+    "JoinerDeadLettersAlarm": ("EMF", "Rejected", "joiner"),
+    "EnricherDeadLettersAlarm": ("EMF", "Rejected", "enricher"),
+    "JoinerFailedAlarm": ("EMF", "Failed", "joiner"),
+    "EnricherFailedAlarm": ("EMF", "Failed", "enricher"),
+    "JoinerLateAlarm": ("EMF", "Late", "joiner"),
+    "EnricherCommitRetriesAlarm": ("EMF", "CommitRetries", "enricher"),
+    "OnFailureQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "OnFailureQueue"),
+    "StateTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "StateTable"),
+    "CommitLeaseTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "CommitLeaseTable"),
+    "ImpressionsStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "ImpressionsStream"),
+    "ClicksStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "ClicksStream"),
+    "JoinedStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "JoinedStream"),
+}
+# The AWS metrics the alarms may use, by namespace: (the resource type they describe, the
+# dimension naming it, the metric names the service publishes with that dimension alone).
+AWS_METRICS = {
+    "AWS/Lambda": ("AWS::Serverless::Function", "FunctionName", {"IteratorAge", "Errors", "Throttles", "Duration"}),
+    "AWS/SQS": ("AWS::SQS::Queue", "QueueName", {"ApproximateNumberOfMessagesVisible"}),
+    "AWS/DynamoDB": ("AWS::DynamoDB::Table", "TableName", {"ReadThrottleEvents", "WriteThrottleEvents"}),
+    "AWS/Kinesis": ("AWS::Kinesis::Stream", "StreamName", {"WriteProvisionedThroughputExceeded", "ReadProvisionedThroughputExceeded"}),
+}
+# Where each function builds its EMF line, and the shared writer that adds to every line.
+EMF_CODE = {"joiner": ("crates/core/src/metrics.rs", "emf_line"), "enricher": ("functions/enricher/src/lib.rs", "metrics_line")}
+EMF_SHARED = ("crates/core/src/metrics.rs", "emf_values")
+# A metric entry of such a function: a `("Name".into(), value)` or `("Name".to_owned(), ...)`
+# tuple (not a call like `root.insert("Function".into(), ...)`, which sets a property).
+METRIC_ENTRY = re.compile(r'(?<![A-Za-z0-9_])\(\s*"([A-Z][A-Za-z]+)"\.(?:into|to_owned)\(\)')
+
+
+def function_body(path: str, fn: str) -> str:
+    text = (ROOT / path).read_text(encoding="utf-8")
+    body = text[text.index(f"fn {fn}(") :]
+    return body[: body.index("\n}\n")]
+
+
+def emitted_metrics(function: str) -> set[str]:
+    """The metric names a function's EMF line carries, read from its Rust source: the metric
+    entries of the function that builds the line and of the shared writer (`ColdStart`)."""
+    return set(METRIC_ENTRY.findall(function_body(*EMF_CODE[function]) + function_body(*EMF_SHARED)))
+
+
+def dashboard() -> dict[str, Any]:
+    """The dashboard body as CloudWatch receives it, with ${MetricsNamespace} as "NS" and every
+    other ${...} as "x"."""
+    body = props("Dashboard")["DashboardBody"]["Fn::Sub"]
+    return json.loads(re.sub(r"\$\{[^}]+\}", "x", body.replace("${MetricsNamespace}", "NS")))
+
+
 class Monitoring(unittest.TestCase):
+    def alarm_resources(self) -> dict[str, dict[str, Any]]:
+        return {lid: r["Properties"] for lid, r in template()["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+
     def alarms(self) -> list[dict[str, Any]]:
-        return [r["Properties"] for r in template()["Resources"].values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+        return list(self.alarm_resources().values())
+
+    def test_the_alarm_list(self) -> None:
+        self.assertEqual(set(self.alarm_resources()), set(ALARMS))
+        for logical_id, (namespace, metric, target) in ALARMS.items():
+            a = self.alarm_resources()[logical_id]
+            with self.subTest(alarm=logical_id):
+                self.assertEqual(a["MetricName"], metric)
+                if namespace == "EMF":
+                    self.assertEqual(a["Namespace"], {"Ref": "MetricsNamespace"})
+                    self.assertEqual(a["Dimensions"], [{"Name": contract()["metrics"]["dimension"], "Value": target}])
+                else:
+                    self.assertEqual(a["Namespace"], namespace)
+                    (dimension,) = a["Dimensions"]
+                    self.assertEqual(referenced(dimension["Value"]), {target})
+
+    def test_every_alarm_watches_a_metric_that_exists(self) -> None:
+        for logical_id, a in self.alarm_resources().items():
+            with self.subTest(alarm=logical_id):
+                self.assertNotIn("Metrics", a, "one metric per alarm")
+                if a["Namespace"] == {"Ref": "MetricsNamespace"}:
+                    # An EMF metric: listed in the contract and carried by the function's line.
+                    (dimension,) = a["Dimensions"]
+                    self.assertEqual(dimension["Name"], contract()["metrics"]["dimension"])
+                    function = dimension["Value"]
+                    self.assertIn(function, STREAM_FUNCTIONS)
+                    self.assertIn(a["MetricName"], contract()["metrics"][function])
+                    self.assertIn(a["MetricName"], emitted_metrics(function))
+                else:
+                    resource_type, dimension_name, metrics = AWS_METRICS[a["Namespace"]]
+                    self.assertIn(a["MetricName"], metrics)
+                    (dimension,) = a["Dimensions"]
+                    self.assertEqual(dimension["Name"], dimension_name)
+                    (target,) = referenced(dimension["Value"])
+                    self.assertEqual(resource(target)["Type"], resource_type)
+                    if "Fn::GetAtt" in dimension["Value"]:
+                        self.assertEqual(dimension["Value"]["Fn::GetAtt"][1], "QueueName")
+                    else:
+                        self.assertEqual(dimension["Value"], {"Ref": target})
+
+    def test_every_alarm_notifies_the_topic_and_ignores_missing_data(self) -> None:
+        topic = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+        names = []
+        for logical_id, a in self.alarm_resources().items():
+            with self.subTest(alarm=logical_id):
+                self.assertEqual(a["TreatMissingData"], "notBreaching")
+                self.assertEqual(a["AlarmActions"], topic)
+                self.assertEqual(a["OKActions"], topic)
+                self.assertEqual(a["ComparisonOperator"], "GreaterThanThreshold")
+                self.assertTrue(a["AlarmName"]["Fn::Sub"].startswith("adpipe-${Stage}-"))
+                self.assertTrue(a.get("AlarmDescription"))
+                self.assertLessEqual(a.get("DatapointsToAlarm", a["EvaluationPeriods"]), a["EvaluationPeriods"])
+                names.append(a["AlarmName"]["Fn::Sub"])
+        self.assertEqual(len(names), len(set(names)))
+
+    def test_alarm_threshold_parameters_are_the_ones_an_operator_tunes(self) -> None:
+        tuned = {
+            "JoinerIteratorAgeAlarm": "JoinerIteratorAgeAlarmMs",
+            "EnricherIteratorAgeAlarm": "EnricherIteratorAgeAlarmMs",
+            "JoinerLateAlarm": "JoinerLateAlarmThreshold",
+            "EnricherCommitRetriesAlarm": "EnricherCommitRetriesAlarmThreshold",
+        }
+        for logical_id, a in self.alarm_resources().items():
+            with self.subTest(alarm=logical_id):
+                if logical_id in tuned:
+                    self.assertEqual(a["Threshold"], {"Ref": tuned[logical_id]})
+                    self.assertGreaterEqual(int(template()["Parameters"][tuned[logical_id]]["MinValue"]), 0)
+                else:
+                    self.assertIsInstance(a["Threshold"], (int, float))
+
+    def test_duration_alarms_fire_at_80_percent_of_the_timeout(self) -> None:
+        for logical_id, a in self.alarm_resources().items():
+            if a["MetricName"] == "Duration":
+                function = a["Dimensions"][0]["Value"]["Ref"]
+                timeout_ms = int(function_props(function)["Timeout"]) * 1000
+                self.assertEqual(a["Threshold"], timeout_ms * 8 // 10, logical_id)
+                self.assertEqual(a["Statistic"], "Maximum", logical_id)
+
+    def test_throttle_alarms_cover_every_table_and_stream(self) -> None:
+        for type_, metric in (("AWS::DynamoDB::Table", "WriteThrottleEvents"), ("AWS::Kinesis::Stream", "WriteProvisionedThroughputExceeded")):
+            for logical_id, res in template()["Resources"].items():
+                if res["Type"] == type_:
+                    matching = [a for a in self.alarms() if a["MetricName"] == metric and referenced(a["Dimensions"][0]["Value"]) == {logical_id}]
+                    self.assertEqual(len(matching), 1, logical_id)
+        # WriteThrottleEvents counts every throttled request only while the code makes no reads:
+        # a read (GetItem, Query, ...) would need a ReadThrottleEvents alarm as well.
+        writes = {"dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"}
+        for role in ("JoinerRole", "EnricherRole", "TablesRole"):
+            self.assertLessEqual(set(resources_of(role, "dynamodb")), writes, role)
 
     def test_lambda_alarms_cover_iterator_age_errors_and_throttles_of_both_functions(self) -> None:
-        for logical_id in FUNCTIONS.values():
-            for metric in ("IteratorAge", "Errors", "Throttles"):
+        for logical_id in STREAM_FUNCTIONS.values():
+            for metric in ("IteratorAge", "Errors", "Throttles", "Duration"):
                 matching = [
                     a
                     for a in self.alarms()
@@ -800,32 +1200,91 @@ class Monitoring(unittest.TestCase):
                 ]
                 self.assertEqual(len(matching), 1, f"{logical_id} {metric}")
 
-    def test_dead_letter_alarms_use_the_emf_metric_of_each_function(self) -> None:
+    def test_dead_letter_and_failure_alarms_use_the_emf_metrics_of_each_function(self) -> None:
         dimension = contract()["metrics"]["dimension"]
-        for function in FUNCTIONS:
-            matching = [
-                a
-                for a in self.alarms()
-                if a["Namespace"] == {"Ref": "MetricsNamespace"}
-                and a["MetricName"] == "Rejected"
-                and a["Dimensions"] == [{"Name": dimension, "Value": function}]
-            ]
-            self.assertEqual(len(matching), 1, function)
+        for function in STREAM_FUNCTIONS:
+            for metric in ("Rejected", "Failed"):
+                matching = [
+                    a
+                    for a in self.alarms()
+                    if a["Namespace"] == {"Ref": "MetricsNamespace"}
+                    and a["MetricName"] == metric
+                    and a["Dimensions"] == [{"Name": dimension, "Value": function}]
+                ]
+                self.assertEqual(len(matching), 1, f"{function} {metric}")
         self.assertEqual(template()["Parameters"]["MetricsNamespace"]["Default"], "adpipe")
 
+    def test_the_emf_metrics_the_contract_lists_are_the_ones_the_code_emits(self) -> None:
+        for function in STREAM_FUNCTIONS:
+            self.assertEqual(emitted_metrics(function), set(contract()["metrics"][function]), function)
+        # The parser sees what it must: the alarms' metrics, and not the line's properties.
+        self.assertLessEqual({"Failed", "Rejected", "Late", "Impressions", "Joined"}, emitted_metrics("joiner"))
+        self.assertLessEqual({"Failed", "Rejected", "CommitRetries"}, emitted_metrics("enricher"))
+        self.assertFalse({"Function", "RequestId"} & (emitted_metrics("joiner") | emitted_metrics("enricher")))
+
     def test_dashboard_shows_every_emf_metric_of_both_functions(self) -> None:
-        body = props("Dashboard")["DashboardBody"]["Fn::Sub"]
-        # Substitute the ${...} references so the body parses as the JSON CloudWatch receives.
-        dashboard = json.loads(re.sub(r"\$\{[^}]+\}", "x", body.replace("${MetricsNamespace}", "NS")))
         shown = {
             (m[1], m[3])
-            for w in dashboard["widgets"]
+            for w in dashboard()["widgets"]
             for m in w["properties"].get("metrics", [])
             if m[0] == "NS" and m[2] == contract()["metrics"]["dimension"]
         }
-        for function in FUNCTIONS:
+        for function in STREAM_FUNCTIONS:
             for metric in contract()["metrics"][function]:
                 self.assertIn((metric, function), shown)
+
+    def test_dashboard_substitutions_name_parameters_resources_or_pseudo_parameters(self) -> None:
+        body = props("Dashboard")["DashboardBody"]["Fn::Sub"]
+        known = set(template()["Parameters"]) | set(template()["Resources"]) | {"AWS::Region", "AWS::AccountId", "AWS::Partition"}
+        for ref in re.findall(r"\$\{([^}]+)\}", body):
+            self.assertIn(ref.split(".")[0] if "::" not in ref else ref, known, ref)
+        self.assertNotIn("${!", body)
+
+    def test_dashboard_has_a_business_row_of_impressions_and_ctr_per_minute(self) -> None:
+        widgets = [w for w in dashboard()["widgets"] if w["properties"]["title"].startswith("Business:")]
+        self.assertEqual(len(widgets), 2)
+        self.assertEqual({w["y"] for w in widgets}, {max(w["y"] for w in dashboard()["widgets"])})
+        impressions = ["NS", "Impressions", contract()["metrics"]["dimension"], "joiner"]
+        for w in widgets:
+            self.assertEqual((w["properties"]["stat"], w["properties"]["period"]), ("Sum", 60))
+        per_minute, ctr = sorted(widgets, key=lambda w: w["x"])
+        self.assertEqual([m[:4] for m in per_minute["properties"]["metrics"]], [impressions])
+        rows = ctr["properties"]["metrics"]
+        ids = {m[-1]["id"]: m[:4] for m in rows if isinstance(m[0], str)}
+        self.assertEqual(ids, {"joined": ["NS", "Joined", "Function", "joiner"], "impressions": impressions})
+        (expression,) = [m[0] for m in rows if isinstance(m[0], dict)]
+        self.assertEqual(expression["expression"].replace(" ", ""), "100*joined/impressions")
+        self.assertTrue(all(m[-1].get("visible") is False for m in rows if isinstance(m[0], str)))
+
+
+class ParameterInterface(unittest.TestCase):
+    """AWS::CloudFormation::Interface: every parameter in exactly one group, with a label."""
+
+    def interface(self) -> dict[str, Any]:
+        return template()["Metadata"]["AWS::CloudFormation::Interface"]
+
+    def test_every_parameter_is_in_exactly_one_group_and_has_a_label(self) -> None:
+        params = list(template()["Parameters"])
+        grouped = [p for g in self.interface()["ParameterGroups"] for p in g["Parameters"]]
+        self.assertEqual(sorted(grouped), sorted(params), "each parameter exactly once")
+        for group in self.interface()["ParameterGroups"]:
+            self.assertTrue(group["Label"]["default"], group)
+            self.assertTrue(group["Parameters"], group)
+        labels = self.interface()["ParameterLabels"]
+        self.assertEqual(set(labels), set(params))
+        for param, label in labels.items():
+            self.assertIsInstance(label["default"], str, param)
+            self.assertTrue(label["default"].strip(), param)
+        self.assertEqual(len({l["default"] for l in labels.values()}), len(labels), "labels are distinct")
+
+    def test_parameters_are_declared_in_group_order(self) -> None:
+        # `sam deploy --guided` asks for the parameters in template order, not by group.
+        grouped = [p for g in self.interface()["ParameterGroups"] for p in g["Parameters"]]
+        self.assertEqual(list(template()["Parameters"]), grouped)
+
+    def test_every_parameter_is_described(self) -> None:
+        for name, param in template()["Parameters"].items():
+            self.assertTrue(param.get("Description"), name)
 
 
 class NamedQueries(unittest.TestCase):

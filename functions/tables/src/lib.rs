@@ -52,6 +52,8 @@ pub struct RequestInfo {
     /// The id CloudFormation knows the resource by (absent on create).
     pub physical_resource_id: Option<String>,
     pub properties: Value,
+    /// The properties before an update (`Null` otherwise).
+    pub old_properties: Value,
 }
 
 impl RequestInfo {
@@ -65,6 +67,7 @@ impl RequestInfo {
                 logical_resource_id: r.logical_resource_id.clone(),
                 physical_resource_id: None,
                 properties: r.resource_properties.clone(),
+                old_properties: Value::Null,
             },
             CloudFormationCustomResourceRequest::Update(r) => RequestInfo {
                 kind: "Update",
@@ -74,6 +77,7 @@ impl RequestInfo {
                 logical_resource_id: r.logical_resource_id.clone(),
                 physical_resource_id: Some(r.physical_resource_id.clone()),
                 properties: r.resource_properties.clone(),
+                old_properties: r.old_resource_properties.clone(),
             },
             CloudFormationCustomResourceRequest::Delete(r) => RequestInfo {
                 kind: "Delete",
@@ -83,6 +87,7 @@ impl RequestInfo {
                 logical_resource_id: r.logical_resource_id.clone(),
                 physical_resource_id: Some(r.physical_resource_id.clone()),
                 properties: r.resource_properties.clone(),
+                old_properties: Value::Null,
             },
             // The enum is non-exhaustive; a new request type is answered as a failure.
             #[allow(unreachable_patterns)]
@@ -94,6 +99,7 @@ impl RequestInfo {
                 logical_resource_id: String::new(),
                 physical_resource_id: None,
                 properties: Value::Null,
+                old_properties: Value::Null,
             },
         }
     }
@@ -106,6 +112,27 @@ pub fn physical_id(config: &TablesConfig) -> String {
         "{}/{},{}",
         config.database, config.clicks_table, config.impressions_table
     )
+}
+
+/// Whether an update goes back to an older `SchemaVersion`: CloudFormation rolling back a
+/// failed deploy that had migrated the tables. Iceberg columns are never dropped (rows written
+/// with them keep them), so such an update leaves the tables as they are and succeeds; failing
+/// it would leave the stack in `UPDATE_ROLLBACK_FAILED`.
+pub fn is_schema_rollback(info: &RequestInfo) -> bool {
+    let version = |p: &Value| {
+        p.get("SchemaVersion")
+            .and_then(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .or_else(|| Some(v.to_string()))
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    info.kind == "Update"
+        && matches!(
+            (version(&info.properties), version(&info.old_properties)),
+            (Some(new), Some(old)) if new < old
+        )
 }
 
 /// Refuses a request whose properties name another database than the function's
@@ -211,6 +238,21 @@ pub async fn apply(
         other => return Err(format!("unknown request type {other}")),
     }
     check_properties(&info.properties, config)?;
+    if is_schema_rollback(info) {
+        tracing::warn!(
+            tables = %physical_id(config),
+            "rollback to an older schema version: the tables keep their columns"
+        );
+        data.insert(
+            "ClicksTableSetup".into(),
+            "rollback: left as it is".to_owned(),
+        );
+        data.insert(
+            "ImpressionsTableSetup".into(),
+            "rollback: left as it is".to_owned(),
+        );
+        return Ok(data);
+    }
     let lease = DynamoDbCommitLease::new(clients.dynamodb.clone(), &config.commit_lease_table);
     let owner = format!("tables-{}", info.request_id);
     let describe = |e: PortError| format!("{e}");
@@ -367,6 +409,24 @@ mod tests {
             r.status,
             CloudFormationCustomResourceResponseStatus::Success
         );
+    }
+
+    #[test]
+    fn only_an_update_to_a_lower_schema_version_is_a_rollback() {
+        let update = |new: Value, old: Value| {
+            let mut r = RequestInfo::of(&request("Update", json!({ "SchemaVersion": new })));
+            r.old_properties = json!({ "SchemaVersion": old });
+            r
+        };
+        assert!(is_schema_rollback(&update(json!("1"), json!("2"))));
+        assert!(is_schema_rollback(&update(json!(1), json!("2"))));
+        assert!(!is_schema_rollback(&update(json!("2"), json!("1"))));
+        assert!(!is_schema_rollback(&update(json!("2"), json!("2"))));
+        assert!(!is_schema_rollback(&update(json!("x"), json!("2"))));
+        assert!(!is_schema_rollback(&RequestInfo::of(&request(
+            "Create",
+            json!({"SchemaVersion": "1"})
+        ))));
     }
 
     #[test]
