@@ -4,6 +4,11 @@ corpus in tests/corpus/hostile/ (one file per case, expected.json with the reaso
 
 The same files feed `cargo lambda invoke --data-file events/...` and the tests. Re-run after
 changing them: python3 tools/make_events.py
+
+These files name the local stage's streams. `adpipe events --stack NAME` (or `--stage local`)
+writes them for a stage: the same records, with that stage's stream ARNs, region and roles
+(tools/local/src/events.rs compiles these files in; its test checks that the local stage gets
+them back byte for byte, so this script stays the one source of their content).
 """
 import base64
 import json

@@ -1,5 +1,5 @@
-//! Enrichment rules (SPEC "Enrichment"): one enriched row per joined pair, and the impression
-//! rows of the lake's `impressions` table.
+//! Enrichment rules (README.md, "Enricher configuration"; docs/DESIGN.md, "The lake"): one
+//! enriched row per joined pair, and the impression rows of the lake's `impressions` table.
 
 use crate::model::{ImpressionRecord, JoinedRecord};
 use crate::time::parse_event_time;

@@ -344,7 +344,7 @@ impl Fields<'_> {
         }
     }
 
-    /// A required string field: `""` counts as missing (SPEC), white space does not.
+    /// A required string field: `""` counts as missing (docs/SCHEMAS.md), white space does not.
     fn string(&self, name: &str) -> Result<String, Rejection> {
         let s = as_string(name, self.present(name)?)?;
         if s.is_empty() {

@@ -101,7 +101,7 @@ pub async fn lake_rows(p: &Pipeline) -> (Vec<Value>, Vec<Value>) {
     (rows("enriched_clicks"), rows("impressions"))
 }
 
-// ---- The reference, written here from the contract (SPEC.md), not taken from the core. ----
+// ---- The reference, written here from the contract (docs/DESIGN.md), not taken from the core. ----
 
 pub fn reference_pairs<'a>(
     imps: &'a [Impression],

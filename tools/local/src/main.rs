@@ -204,8 +204,8 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         }
         Ok(())
     };
-    let unsupported = |what: &str| {
-        bail!("`adpipe {what}` acts on the local stage only; against --stack NAME there are generate, replay, query, redrive, status, events and env")
+    let unsupported = |what: &str, why: &str| {
+        bail!("`adpipe {what}` acts on the local stage only{why}; against --stack NAME there are generate, replay, query, redrive, status, events and env")
     };
     // Check what runs before the credential chain is asked anything.
     match &command {
@@ -217,21 +217,24 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
             }
         }
         Command::Redrive(a) => refuse_endpoint(a)?,
-        Command::Demo(_) => return unsupported("demo"),
-        Command::Up(_) => return unsupported("up"),
+        Command::Demo(_) => return unsupported("demo", ""),
+        Command::Up(_) => return unsupported("up", ""),
         Command::Provision(_) => {
-            return unsupported("provision (sam deploy creates the stack's resources)")
+            return unsupported("provision", " (sam deploy creates the stack's resources)")
         }
         Command::Run(_) => {
-            return unsupported("run (the deployed event source mappings run the functions)")
+            return unsupported(
+                "run",
+                " (the deployed event source mappings run the functions)",
+            )
         }
         Command::Query(a) => refuse_endpoint(&a.endpoint)?,
         Command::Status(a) | Command::Env(a) => refuse_endpoint(a)?,
         Command::Events(_) => {}
         Command::Chart(_) => {
-            return unsupported("chart (the dashboard charts CTR per minute in the cloud)")
+            return unsupported("chart", " (the stack's dashboard charts CTR per minute)")
         }
-        Command::Export(_) => return unsupported("export (Athena reads the tables in place)"),
+        Command::Export(_) => return unsupported("export", " (Athena reads the tables in place)"),
     }
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(r) = region {

@@ -155,7 +155,16 @@ pub async fn stack_outputs(
         .stack_name(stack)
         .send()
         .await
-        .map_err(|e| LocalError::aws("CloudFormation DescribeStacks", e))?;
+        .map_err(|e| {
+            use aws_sdk_cloudformation::error::ProvideErrorMetadata;
+            match (e.code(), e.message()) {
+                // "Stack with id NAME does not exist": the name or the region is wrong.
+                (Some("ValidationError"), Some(m)) => LocalError::Stack(format!(
+                    "{m} (is the region right? --region, AWS_REGION or the profile's)"
+                )),
+                _ => LocalError::aws("CloudFormation DescribeStacks", e),
+            }
+        })?;
     let found = out
         .stacks()
         .first()

@@ -159,7 +159,7 @@ pub async fn collect(
             let ident = lake.ident(table);
             let commits = match lake.catalog().load_table(&ident).await {
                 Ok(t) => Ok(last_commits(t.metadata(), COMMITS_SHOWN)),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(short_error(&e.to_string())),
             };
             status.commits.push((ident.to_string(), commits));
         }
@@ -243,6 +243,22 @@ pub async fn stack(
     let sqs = aws_sdk_sqs::Client::new(sdk);
     let cw = aws_sdk_cloudwatch::Client::new(sdk);
     collect(&status_target, &sqs, &clients.s3, Some(&cw), Some(&lake)).await
+}
+
+/// The service's own message out of an SDK error's debug text (iceberg's errors carry the
+/// whole response), else the text cut to a line.
+pub fn short_error(text: &str) -> String {
+    const MARK: &str = "message: Some(\"";
+    if let Some(start) = text.find(MARK).map(|i| i + MARK.len()) {
+        if let Some(len) = text[start..].find("\")") {
+            return text[start..start + len].to_owned();
+        }
+    }
+    let mut end = text.len().min(200);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The newest `n` snapshots of a table's metadata, newest first.
@@ -397,6 +413,14 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_are_cut_to_the_services_message() {
+        let sdk = r#"Unexpected => aws sdk error: ServiceError(ServiceError { source: EntityNotFoundException(EntityNotFoundException { message: Some("Database adpipe_demo not found."), from_federation_source: None, raw: Response { status: 400 } })"#;
+        assert_eq!(short_error(sdk), "Database adpipe_demo not found.");
+        assert_eq!(short_error("plain"), "plain");
+        assert_eq!(short_error(&"é".repeat(300)).len(), 200);
+    }
 
     #[test]
     fn the_rendering_says_what_to_do_and_admits_a_capped_listing() {
