@@ -18,6 +18,10 @@ fi
 # sam finds cargo-lambda on the PATH, and cargo lambda finds zig as `python3 -m ziglang`, so
 # the venv's bin directory goes first.
 export PATH="$PWD/.venv-build/bin:$PATH"
+# One target directory for every function, the workspace's (absolute: a relative one is resolved
+# against each function's CodeUri, and sam's Rust builder sets the relative `target` when the
+# variable is unset, so each function would compile the whole dependency tree on its own).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # sam reports usage to its maintainers unless told not to; this machine has no business doing so.
 export SAM_CLI_TELEMETRY=0
 exec sam build "$@"
