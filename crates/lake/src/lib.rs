@@ -600,27 +600,112 @@ fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArr
         .ok_or_else(|| PortError::Rejected(format!("batch has no string column {name}")))
 }
 
-/// The keys among `candidates` that the table already holds.
-async fn existing_keys(
+/// Where a row holding one of the candidate keys can be: in the candidates' campaigns and
+/// within their impression-time range. Every copy of a record carries the same `campaign_id`
+/// and `impression_time` as the first (they are the impression's, fixed when the joiner
+/// stored it), so the scope is exact. It lets iceberg skip, before opening them, the files of
+/// other partitions (`campaign_id`, day) and, by their column statistics, the files of the
+/// same day whose impression times do not overlap: the check reads the files around the
+/// batch's event time, not the table's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyScope {
+    pub campaigns: std::collections::BTreeSet<String>,
+    /// Impression times (zone-less microseconds, as the column), both ends inclusive.
+    pub min_time_us: i64,
+    pub max_time_us: i64,
+}
+
+impl KeyScope {
+    /// The scope of the rows of `rows` selected by `pick`; `None` when none is.
+    pub fn of_rows(rows: &RecordBatch, pick: &[bool]) -> Result<Option<KeyScope>, PortError> {
+        let campaigns = string_column(rows, "campaign_id")?;
+        let times = rows
+            .column_by_name("impression_time")
+            .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+            .ok_or_else(|| PortError::Rejected("batch has no impression_time column".into()))?;
+        let mut scope: Option<KeyScope> = None;
+        for (row, _) in pick.iter().enumerate().filter(|(_, p)| **p) {
+            let (campaign, t) = (campaigns.value(row), times.value(row));
+            let s = scope.get_or_insert_with(|| KeyScope {
+                campaigns: Default::default(),
+                min_time_us: t,
+                max_time_us: t,
+            });
+            s.campaigns.insert(campaign.to_owned());
+            s.min_time_us = s.min_time_us.min(t);
+            s.max_time_us = s.max_time_us.max(t);
+        }
+        Ok(scope)
+    }
+
+    fn predicate(&self) -> iceberg::expr::Predicate {
+        let time = || Reference::new("impression_time");
+        Reference::new("campaign_id")
+            .is_in(self.campaigns.iter().map(|c| Datum::string(c.as_str())))
+            .and(time().greater_than_or_equal_to(Datum::timestamp_micros(self.min_time_us)))
+            .and(time().less_than_or_equal_to(Datum::timestamp_micros(self.max_time_us)))
+    }
+}
+
+/// The scan of the key check: the candidates' key columns, filtered on their ids within
+/// `scope`.
+fn key_scan(
     table: &Table,
     lake_table: LakeTable,
     candidates: &[(String, String)],
-) -> Result<HashSet<(String, String)>, PortError> {
-    if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
-        return Ok(HashSet::new());
-    }
+    scope: &KeyScope,
+) -> Result<iceberg::scan::TableScan, PortError> {
     let ids: BTreeMap<&str, ()> = candidates.iter().map(|(i, _)| (i.as_str(), ())).collect();
-    let filter = Reference::new("impression_id").is_in(ids.keys().map(|i| Datum::string(*i)));
+    let filter = scope
+        .predicate()
+        .and(Reference::new("impression_id").is_in(ids.keys().map(|i| Datum::string(*i))));
     let columns: Vec<&str> = match lake_table {
         LakeTable::Clicks => vec!["impression_id", "click_id"],
         LakeTable::Impressions => vec!["impression_id"],
     };
-    let scan = table
+    table
         .scan()
         .select(columns)
         .with_filter(filter)
         .build()
+        .map_err(|e| lake_error("planning the key check", e))
+}
+
+/// What the key check of `candidates` within `scope` reads: the data files it plans (after
+/// partition and statistics pruning) and their bytes. For the benchmarks (`lake-soak`).
+pub async fn key_check_plan(
+    table: &Table,
+    lake_table: LakeTable,
+    candidates: &[(String, String)],
+    scope: &KeyScope,
+) -> Result<(u64, u64), PortError> {
+    if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
+        return Ok((0, 0));
+    }
+    let tasks: Vec<iceberg::scan::FileScanTask> = key_scan(table, lake_table, candidates, scope)?
+        .plan_files()
+        .await
+        .map_err(|e| lake_error("planning the key check", e))?
+        .try_collect()
+        .await
         .map_err(|e| lake_error("planning the key check", e))?;
+    Ok((
+        tasks.len() as u64,
+        tasks.iter().map(|t| t.file_size_in_bytes).sum(),
+    ))
+}
+
+/// The keys among `candidates` that the table already holds, looked for within `scope`.
+async fn existing_keys(
+    table: &Table,
+    lake_table: LakeTable,
+    candidates: &[(String, String)],
+    scope: &KeyScope,
+) -> Result<HashSet<(String, String)>, PortError> {
+    if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
+        return Ok(HashSet::new());
+    }
+    let scan = key_scan(table, lake_table, candidates, scope)?;
     let batches: Vec<RecordBatch> = scan
         .to_arrow()
         .await
@@ -828,14 +913,18 @@ impl TableWriter for IcebergLake {
         // Rows that may already be there: flagged repeats, and every row of a batch that
         // overlaps a committed range (a re-split retry of work that landed).
         let overlap = committed.iter().any(|(_, r)| overlaps(r, &append.input));
+        let pick: Vec<bool> = append.in_doubt.iter().map(|d| overlap || *d).collect();
         let doubtful: Vec<(String, String)> = append
             .keys
             .iter()
-            .zip(&append.in_doubt)
-            .filter(|(_, d)| overlap || **d)
+            .zip(&pick)
+            .filter(|(_, p)| **p)
             .map(|(k, _)| k.clone())
             .collect();
-        let existing = existing_keys(&table, append.table, &doubtful).await?;
+        let existing = match KeyScope::of_rows(&append.rows, &pick)? {
+            Some(scope) => existing_keys(&table, append.table, &doubtful, &scope).await?,
+            None => HashSet::new(),
+        };
         let keep: Vec<bool> = append
             .keys
             .iter()
@@ -907,6 +996,41 @@ pub fn iceberg_schema(table: LakeTable) -> Result<Arc<iceberg::spec::Schema>, Po
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_scope_covers_exactly_the_picked_rows() {
+        let rows = RecordBatch::try_from_iter([
+            (
+                "campaign_id",
+                Arc::new(StringArray::from(vec!["c1", "c2", "c3", "c1"])) as Arc<dyn Array>,
+            ),
+            (
+                "impression_time",
+                Arc::new(TimestampMicrosecondArray::from(vec![50, 10, 99, 20])) as Arc<dyn Array>,
+            ),
+        ])
+        .unwrap();
+        let scope = KeyScope::of_rows(&rows, &[true, false, false, true])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            scope,
+            KeyScope {
+                campaigns: ["c1".to_owned()].into(),
+                min_time_us: 20,
+                max_time_us: 50,
+            }
+        );
+        let all = KeyScope::of_rows(&rows, &[true; 4]).unwrap().unwrap();
+        assert_eq!(all.campaigns.len(), 3);
+        assert_eq!((all.min_time_us, all.max_time_us), (10, 99));
+        assert_eq!(KeyScope::of_rows(&rows, &[false; 4]).unwrap(), None);
+        let text = format!("{}", scope.predicate());
+        assert!(
+            text.contains("campaign_id") && text.contains("impression_time"),
+            "{text}"
+        );
+    }
 
     fn range(first: &str, last: &str) -> InputRange {
         InputRange {
