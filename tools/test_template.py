@@ -352,8 +352,9 @@ class EnvironmentAndNames(unittest.TestCase):
     def test_table_optimizers_wait_for_the_tables_and_keep_enough_snapshots(self) -> None:
         params = template()["Parameters"]
         # An optimizer needs its table: it is created after the custom resource made them.
-        # Off by default all the same, for cost (billed per DPU-hour).
-        self.assertEqual(params["EnableTableOptimizers"]["Default"], "false")
+        # On by default: maintenance is what keeps a table's commit cost from growing with its
+        # age (compaction merges manifests and files, retention bounds metadata.json).
+        self.assertEqual(params["EnableTableOptimizers"]["Default"], "true")
         for logical_id, res in template()["Resources"].items():
             if res["Type"] == "AWS::Glue::TableOptimizer":
                 self.assertEqual(res.get("DependsOn"), "IcebergTables", logical_id)
