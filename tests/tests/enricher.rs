@@ -277,8 +277,8 @@ async fn parquet_files_carry_field_ids_iceberg_types_and_the_enriched_values() {
         .unwrap();
     let (_, body) = objects
         .iter()
-        .find(|(k, _)| k.contains("/enriched_clicks/data/campaign_id=camp-2/"))
-        .expect("the camp-2 clicks file");
+        .find(|(k, _)| k.contains("/enriched_clicks/data/impression_day="))
+        .expect("a clicks data file");
     let reader =
         ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body.clone())).unwrap();
     let meta = reader.metadata().clone();
@@ -310,11 +310,20 @@ async fn parquet_files_carry_field_ids_iceberg_types_and_the_enriched_values() {
         })
     );
     let batch = reader.build().unwrap().next().unwrap().unwrap();
-    assert_eq!(batch.num_rows(), 1);
+    // The day's clicks in one file, in the tables' sort order: camp-1's clk-1, then camp-2's
+    // clk-3 (the row looked at below).
+    assert_eq!(batch.num_rows(), 2);
+    let campaigns =
+        arrow_array::cast::as_string_array(batch.column_by_name("campaign_id").unwrap());
+    assert_eq!(
+        (campaigns.value(0), campaigns.value(1)),
+        ("camp-1", "camp-2")
+    );
+    const ROW: usize = 1;
     let get = |name: &str| batch.column_by_name(name).unwrap().clone();
     let s = |name: &str| {
         arrow_array::cast::as_string_array(get(name).as_ref())
-            .value(0)
+            .value(ROW)
             .to_owned()
     };
     assert_eq!(s("click_id"), "clk-3");
@@ -322,19 +331,20 @@ async fn parquet_files_carry_field_ids_iceberg_types_and_the_enriched_values() {
     assert_eq!(s("platform_category"), "Desktop", "' desktop ' trimmed");
     let n = get("engagement_duration");
     assert_eq!(
-        arrow_array::cast::as_primitive_array::<arrow_array::types::Int64Type>(n.as_ref()).value(0),
+        arrow_array::cast::as_primitive_array::<arrow_array::types::Int64Type>(n.as_ref())
+            .value(ROW),
         -2
     );
     let r = get("click_revenue");
     let revenue =
         arrow_array::cast::as_primitive_array::<arrow_array::types::Float64Type>(r.as_ref())
-            .value(0);
+            .value(ROW);
     assert!((revenue - 1.2).abs() < 1e-12);
     let t = get("impression_time");
     let micros = arrow_array::cast::as_primitive_array::<
         arrow_array::types::TimestampMicrosecondType,
     >(t.as_ref())
-    .value(0);
+    .value(ROW);
     assert_eq!(
         micros, 1_795_169_710_500_000,
         "2026-11-20T10:15:10.500Z in microseconds"
@@ -377,8 +387,9 @@ async fn pyiceberg_and_duckdb_read_exactly_the_rows_written() {
         "zone-less, as Athena needs"
     );
     assert_eq!(clicks["schema"][0]["id"], 1);
-    assert_eq!(clicks["partition_spec"][0]["name"], "campaign_id");
-    assert_eq!(clicks["partition_spec"][1]["transform"], "day");
+    assert_eq!(clicks["partition_spec"][0]["name"], "impression_day");
+    assert_eq!(clicks["partition_spec"][0]["transform"], "day");
+    assert_eq!(clicks["partition_spec"].as_array().unwrap().len(), 1);
     assert_eq!(clicks["snapshots"].as_array().unwrap().len(), 1);
     assert_eq!(
         clicks["snapshots"][0]["adpipe.input.shard"],
@@ -1011,7 +1022,43 @@ mod custom_resource {
                 .iter()
                 .map(|f| format!("{}:{}", f.name, f.transform))
                 .collect();
-            assert_eq!(spec, ["campaign_id:identity", "impression_day:day"]);
+            assert_eq!(spec, ["impression_day:day"]);
+            // As deploy/resources.json states the tables.
+            let contract: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(adpipe_it::workspace_root().join("deploy/resources.json"))
+                    .unwrap(),
+            )
+            .unwrap();
+            let name = lake.ident(table).name().to_owned();
+            let stated = &contract["tables"][&name];
+            let stated_spec: Vec<String> = stated["partition_spec"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{}:{}",
+                        f["name"].as_str().unwrap(),
+                        f["transform"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert_eq!(spec, stated_spec, "{name}");
+            let order: Vec<String> = t
+                .metadata()
+                .default_sort_order()
+                .fields
+                .iter()
+                .map(|f| {
+                    t.metadata()
+                        .current_schema()
+                        .name_by_field_id(f.source_id)
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            assert_eq!(order, ["campaign_id", "impression_time"]);
+            assert_eq!(stated["sort_order"], serde_json::json!(order), "{name}");
             assert_eq!(
                 t.metadata()
                     .properties()
@@ -1117,4 +1164,85 @@ mod custom_resource {
             .unwrap();
         assert_eq!(t.metadata().schemas_iter().count(), 1, "nothing changed");
     }
+}
+
+/// Tables created before the time-only partition spec (`identity(campaign_id)`,
+/// `day(impression_time)`) keep it, and the enricher writes them by it: one file per campaign
+/// and day, as before, with every row landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_of_the_previous_partition_spec_are_written_by_their_own_spec() {
+    use iceberg::spec::{Transform, UnboundPartitionSpec};
+    let env = env().await;
+    let mut config = lake_config(
+        &env.config,
+        Some(env.endpoint.clone()),
+        Some("us-east-1".into()),
+    );
+    config.credentials = Some(("test".into(), "test".into()));
+    let lease =
+        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
+    let old = IcebergLake::connect(config, lease, "previous-version".into())
+        .await
+        .unwrap();
+    let namespace = iceberg::NamespaceIdent::new(env.config.database.clone());
+    old.catalog()
+        .create_namespace(&namespace, Default::default())
+        .await
+        .unwrap();
+    for table in [LakeTable::Clicks, LakeTable::Impressions] {
+        let schema = iceberg_schema(table).unwrap().as_ref().clone();
+        let id = |n: &str| schema.field_by_name(n).unwrap().id;
+        let spec = UnboundPartitionSpec::builder()
+            .add_partition_field(id("campaign_id"), "campaign_id", Transform::Identity)
+            .unwrap()
+            .add_partition_field(id("impression_time"), "impression_day", Transform::Day)
+            .unwrap()
+            .build();
+        let creation = iceberg::TableCreation::builder()
+            .name(old.ident(table).name().to_owned())
+            .schema(schema)
+            .partition_spec(spec)
+            .build();
+        old.catalog()
+            .create_table(&namespace, creation)
+            .await
+            .unwrap();
+    }
+    let e = enricher(&env, "new-version").await;
+    let (response, report) = handle(&e, "adpipe", &load_event("joined.json"), NOW_MS).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+    assert_eq!(report.clicks.rows_written, 2);
+    assert_eq!(report.impressions.rows_written, 7);
+    let clicks = e
+        .lake
+        .catalog()
+        .load_table(&e.lake.ident(LakeTable::Clicks))
+        .await
+        .unwrap();
+    assert_eq!(clicks.metadata().default_partition_spec().fields().len(), 2);
+    let objects = read_objects(&env.clients, &env.config.lake_bucket, "lake/")
+        .await
+        .unwrap();
+    let click_files: Vec<&String> = objects
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.contains("/enriched_clicks/data/") && k.ends_with(".parquet"))
+        .collect();
+    assert_eq!(
+        click_files.len(),
+        2,
+        "one file per campaign: {click_files:?}"
+    );
+    assert!(
+        click_files.iter().all(|k| k.contains("/campaign_id=camp-")),
+        "{click_files:?}"
+    );
+    assert_eq!(
+        column(&rows(&e, LakeTable::Clicks).await, "click_id"),
+        ["clk-1", "clk-3"]
+    );
 }

@@ -268,8 +268,8 @@ pub const COMMIT_LEASE_TABLE: &str = "COMMIT_LEASE_TABLE";
 pub const PREMIUM_BID_THRESHOLD: &str = "PREMIUM_BID_THRESHOLD";
 /// Enricher: `click_revenue = click_price × this`. Default 1.2.
 pub const CLICK_REVENUE_FACTOR: &str = "CLICK_REVENUE_FACTOR";
-/// Enricher: distinct event days one batch may land (each is a partition, so a file per table
-/// and campaign); records of further days are dead-lettered (`too_many_days_in_batch`).
+/// Enricher: distinct event days one batch may land (each is a partition, so a file per
+/// table); records of further days are dead-lettered (`too_many_days_in_batch`).
 /// Default 31.
 pub const MAX_DAYS_PER_BATCH: &str = "MAX_DAYS_PER_BATCH";
 

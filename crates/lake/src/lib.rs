@@ -23,7 +23,8 @@ use futures::TryStreamExt;
 use iceberg::arrow::arrow_schema_to_schema;
 use iceberg::expr::Reference;
 use iceberg::spec::{
-    DataFile, DataFileFormat, Datum, Literal, PartitionKey, Struct, Transform, UnboundPartitionSpec,
+    DataFile, DataFileFormat, Datum, Literal, NullOrder, PartitionKey, SortDirection, SortField,
+    SortOrder, Struct, Transform, UnboundPartitionSpec,
 };
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
@@ -256,8 +257,11 @@ impl IcebergLake {
     }
 
     /// Creates the database and both tables if they do not exist (format v2, partitioned by
-    /// `identity(campaign_id)` and `day(impression_time)`, zstd Parquet), and brings an
-    /// existing table's schema to this version's ([`IcebergLake::migrate_table`]).
+    /// `day(impression_time)`, sorted by `campaign_id` then `impression_time`, zstd Parquet),
+    /// and brings an existing table's schema to this version's ([`IcebergLake::migrate_table`]).
+    /// A table created by an older version keeps its partition spec: the writer splits rows by
+    /// whatever spec the table has (`identity(campaign_id)` and `day(impression_time)` before
+    /// 2026-11-29).
     ///
     /// A table missing from the catalog whose location already holds Iceberg metadata (its
     /// Glue database was deleted while the bucket was kept) is registered from its current
@@ -333,15 +337,31 @@ impl IcebergLake {
                     .ok_or_else(|| PortError::Rejected(format!("schema has no column {name}")))
             };
             let (campaign, time) = (field_id("campaign_id")?, field_id("impression_time")?);
+            // Partitioned by time only: a batch writes one file per table and event day it
+            // touches, however many campaigns it holds. Rows are sorted by campaign, then
+            // time (the table's sort order, which compaction keeps), so a campaign's rows sit
+            // together and its queries prune by column statistics.
             let spec = UnboundPartitionSpec::builder()
-                .add_partition_field(campaign, "campaign_id", Transform::Identity)
-                .and_then(|b| b.add_partition_field(time, "impression_day", Transform::Day))
+                .add_partition_field(time, "impression_day", Transform::Day)
                 .map_err(|e| lake_error("building the partition spec", e))?
                 .build();
+            let sort = |id: i32| SortField {
+                source_id: id,
+                transform: Transform::Identity,
+                direction: SortDirection::Ascending,
+                null_order: NullOrder::First,
+            };
+            let order = SortOrder::builder()
+                .with_order_id(1)
+                .with_sort_field(sort(campaign))
+                .with_sort_field(sort(time))
+                .build_unbound()
+                .map_err(|e| lake_error("building the sort order", e))?;
             let creation = TableCreation::builder()
                 .name(ident.name().to_owned())
                 .schema(schema)
                 .partition_spec(spec)
+                .sort_order(order)
                 .properties([
                     ("write.format.default".to_owned(), "parquet".to_owned()),
                     (
@@ -789,8 +809,19 @@ fn split_by_partition(
             .1
             .push(row as u32);
     }
+    // Within a partition, rows in the tables' sort order: campaign, then impression time (the
+    // row's position breaks ties, so the same rows always give the same file).
+    let campaigns = string_column(rows, "campaign_id")?;
+    let times = rows
+        .column_by_name("impression_time")
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+        .ok_or_else(|| PortError::Rejected("batch has no impression_time column".into()))?;
     let mut out = Vec::new();
-    for (_, (literals, rows_idx)) in groups {
+    for (_, (literals, mut rows_idx)) in groups {
+        rows_idx.sort_by(|a, b| {
+            let (a, b) = (*a as usize, *b as usize);
+            (campaigns.value(a), times.value(a), a).cmp(&(campaigns.value(b), times.value(b), b))
+        });
         let data: Struct = literals.into_iter().map(Some).collect();
         let key = PartitionKey::new(spec.clone(), schema.clone(), data);
         let idx = arrow_array::UInt32Array::from(rows_idx);
