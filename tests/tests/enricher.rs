@@ -1246,3 +1246,121 @@ async fn tables_of_the_previous_partition_spec_are_written_by_their_own_spec() {
         ["clk-1", "clk-3"]
     );
 }
+
+/// A short soak, asserting by counts that a batch's lake cost does not grow with the table's
+/// history: every batch writes one file (one event day), and the duplicate-key check of a
+/// flagged repeat plans the same few files after 40 batches as after 10 (the files around the
+/// repeat's campaigns and event times), where an unscoped check would plan all of them. Every
+/// repeated row is dropped, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
+    use adpipe_core::enrich::{enrich_impression, EnrichRules};
+    use adpipe_core::lake::impressions_batch;
+    use adpipe_core::model::{Impression, ImpressionRecord};
+    use adpipe_core::ports::InputRange;
+    use adpipe_lake::{key_check_plan, KeyScope};
+
+    const ROWS: usize = 40;
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    // 2026-11-20T00:00:00Z; 40 batches of a minute each stay within the day.
+    const DAY_START_MS: i64 = 1_795_132_800_000;
+    let env = env().await;
+    let e = enricher(&env, "soak").await;
+    let rules = EnrichRules::default();
+    let impression = |b: usize, i: usize| Impression {
+        ad_id: "ad-1".into(),
+        // Random-looking, as UUIDs are: every file spans the whole id range, so the ids' own
+        // statistics prune nothing.
+        impression_id: format!("{:016x}", mix((b * 1_000 + i) as u64)),
+        campaign_id: format!("camp-{:02}", (i * 7 + b) % 20),
+        publisher_id: "pub-1".into(),
+        event_time_ms: DAY_START_MS + (b as i64) * 60_000 + (i as i64) * 1_000,
+        device_type: "mobile".into(),
+        geo_location: "US".into(),
+        platform: "ios".into(),
+        ad_type: "banner".into(),
+        bid_price: 10.0,
+    };
+    let append = |seq: usize, imps: Vec<(Impression, bool)>| {
+        let rows: Vec<_> = imps
+            .iter()
+            .map(|(imp, doubt)| {
+                enrich_impression(
+                    &rules,
+                    ImpressionRecord::new(imp, *doubt),
+                    imp.event_time_ms + 1,
+                )
+                .unwrap()
+            })
+            .collect();
+        LakeAppend {
+            table: LakeTable::Impressions,
+            input: InputRange {
+                stream: "adpipe-local-joined".into(),
+                shard: "shardId-000000000000".into(),
+                first_sequence: format!("{:012}", seq * 1_000),
+                last_sequence: format!("{:012}", seq * 1_000 + imps.len() - 1),
+            },
+            rows: impressions_batch(&rows).unwrap(),
+            keys: imps
+                .iter()
+                .map(|(i, _)| (i.impression_id.clone(), String::new()))
+                .collect(),
+            in_doubt: imps.iter().map(|(_, d)| *d).collect(),
+        }
+    };
+    let ident = e.lake.ident(LakeTable::Impressions);
+    let mut plans = Vec::new();
+    let mut seq = 0;
+    for b in 0..40 {
+        seq += 1;
+        let batch: Vec<_> = (0..ROWS).map(|i| (impression(b, i), false)).collect();
+        let r = e.lake.append(append(seq, batch)).await.unwrap();
+        assert_eq!(
+            (r.rows_written, r.files_written),
+            (ROWS as u64, 1),
+            "batch {b}"
+        );
+        if b == 9 || b == 39 {
+            // A later batch repeats three rows of this one, flagged.
+            seq += 1;
+            let repeat = append(seq, (0..3).map(|i| (impression(b, i * 5), true)).collect());
+            let table = e.lake.catalog().load_table(&ident).await.unwrap();
+            let scope = KeyScope::of_rows(&repeat.rows, &repeat.in_doubt)
+                .unwrap()
+                .unwrap();
+            let (files, _) = key_check_plan(&table, LakeTable::Impressions, &repeat.keys, &scope)
+                .await
+                .unwrap();
+            let everything = KeyScope {
+                campaigns: (0..20).map(|c| format!("camp-{c:02}")).collect(),
+                min_time_us: i64::MIN / 2,
+                max_time_us: i64::MAX / 2,
+            };
+            let (all, _) =
+                key_check_plan(&table, LakeTable::Impressions, &repeat.keys, &everything)
+                    .await
+                    .unwrap();
+            plans.push((b + 1, files, all));
+            let r = e.lake.append(repeat).await.unwrap();
+            assert_eq!((r.duplicates_dropped, r.rows_written), (3, 0), "batch {b}");
+        }
+    }
+    let [(n1, scoped1, all1), (n2, scoped2, all2)] = plans[..] else {
+        panic!("{plans:?}")
+    };
+    assert_eq!((n1, all1), (10, 10), "unscoped, the check plans every file");
+    assert_eq!((n2, all2), (40, 40), "and that grows with the history");
+    assert!(scoped1 <= 2 && scoped2 <= 2, "{plans:?}");
+    assert_eq!(
+        scoped1, scoped2,
+        "the scoped check does not grow: {plans:?}"
+    );
+    let landed = column(&rows(&e, LakeTable::Impressions).await, "impression_id");
+    assert_eq!(landed.len(), 40 * ROWS, "every row once");
+}

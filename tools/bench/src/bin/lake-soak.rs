@@ -292,8 +292,6 @@ fn appends(
     Ok(out)
 }
 
-/// Bytes of the live data files in the table's current snapshot: what `existing_keys` plans
-/// to scan (it has no partition predicate, so every data file is a candidate).
 /// The data bytes the append's duplicate-key check plans to read: the files left after
 /// iceberg prunes by the check's filter (partitions and column statistics), as the enricher's
 /// own scan plans them. With the unscoped filter of the baseline this was every live data file.
