@@ -11,7 +11,7 @@ use adpipe_aws::{Clients, RequestCounter};
 use adpipe_core::config::JoinerConfig;
 use adpipe_core::metrics::Counts;
 use adpipe_core::testkit::{Scenario, ScenarioSize, ShardPoller};
-use adpipe_it::{create_bucket, create_state_table, create_stream, unique, LocalAws};
+use adpipe_it::{create_bucket, create_state_table, create_stream, read_stream, unique, LocalAws};
 use adpipe_local::cli::share;
 use clap::Parser;
 use std::sync::atomic::Ordering;
@@ -52,18 +52,18 @@ async fn main() -> anyhow::Result<()> {
     let local = LocalAws::shared();
     let sdk = local.sdk_config().await;
     let setup = Clients::new(&sdk);
-    let (table, joined, bucket) = (
+    let (table, joined_stream, bucket) = (
         unique("cost-state"),
         unique("cost-joined"),
         unique("cost-dlq"),
     );
     create_state_table(&setup, &table).await?;
-    create_stream(&setup, &joined, 1).await?;
+    create_stream(&setup, &joined_stream, 1).await?;
     create_bucket(&setup, &bucket).await?;
     let vars = [
         ("IMPRESSIONS_STREAM_NAME", "impressions".to_owned()),
         ("CLICKS_STREAM_NAME", "clicks".to_owned()),
-        ("JOINED_STREAM_NAME", joined),
+        ("JOINED_STREAM_NAME", joined_stream.clone()),
         ("STATE_TABLE_NAME", table),
         ("DEAD_LETTER_BUCKET", bucket),
     ];
@@ -152,7 +152,41 @@ async fn main() -> anyhow::Result<()> {
         per_event(total),
         per_event(total) * 1000.0
     );
+    // Kinesis PUT payload units the joiner puts (its output stream; the producers' own puts of
+    // the input events are the same for any design and not counted): one per started 25 KiB.
+    let ddb: u64 = counter
+        .snapshot()
+        .into_iter()
+        .filter(|((service, _), _)| service.eq_ignore_ascii_case("dynamodb"))
+        .map(|(_, n)| n)
+        .sum();
+    let output = read_stream(&setup, &joined_stream).await?;
+    let put_units: u64 = output.iter().map(|r| put_payload_units(r.len())).sum();
+    println!(
+        "joiner output: {} records, {} bytes, {put_units} PUT payload units",
+        output.len(),
+        output.iter().map(Vec::len).sum::<usize>()
+    );
+    println!("{}", summary_line(events as u64, wcu, rcu, ddb, put_units));
     Ok(())
+}
+
+/// Kinesis bills PUTs in payload units of 25 KiB, each record at least one.
+fn put_payload_units(bytes: usize) -> u64 {
+    bytes.div_ceil(25 * 1024).max(1) as u64
+}
+
+/// The benchmark's last line.
+fn summary_line(events: u64, wcu: u64, rcu: u64, ddb_requests: u64, put_units: u64) -> String {
+    let per = |n: u64| n as f64 / events.max(1) as f64;
+    format!(
+        "joiner-cost: events={events} write_units_per_event={:.3} read_units_per_event={:.3} \
+         ddb_requests_per_1000={:.1} put_units_per_event={:.3}",
+        per(wcu),
+        per(rcu),
+        per(ddb_requests) * 1000.0,
+        per(put_units)
+    )
 }
 
 fn add(t: &mut Counts, c: &Counts) {
@@ -166,6 +200,18 @@ fn add(t: &mut Counts, c: &Counts) {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_last_line_has_the_issues_fields_and_put_units_round_up() {
+        assert_eq!(
+            summary_line(20_000, 20_320, 0, 20_260, 400),
+            "joiner-cost: events=20000 write_units_per_event=1.016 read_units_per_event=0.000 \
+             ddb_requests_per_1000=1013.0 put_units_per_event=0.020"
+        );
+        assert_eq!(put_payload_units(1), 1);
+        assert_eq!(put_payload_units(25 * 1024), 1);
+        assert_eq!(put_payload_units(25 * 1024 + 1), 2);
+    }
 
     #[test]
     fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
