@@ -50,14 +50,30 @@ async fn env() -> Env {
     }
 }
 
-async fn enricher(env: &Env, owner: &str) -> AwsEnricher {
-    let mut lake = lake_config(
+/// The enricher's lake settings against the local endpoint, with its static credentials.
+fn local_lake_config(env: &Env) -> adpipe_lake::LakeConfig {
+    let mut config = lake_config(
         &env.config,
         Some(env.endpoint.clone()),
         Some("us-east-1".into()),
     );
-    lake.credentials = Some(("test".into(), "test".into()));
+    config.credentials = Some(("test".into(), "test".into()));
+    config
+}
+
+async fn enricher(env: &Env, owner: &str) -> AwsEnricher {
+    let lake = local_lake_config(env);
     aws_enricher(&env.clients, env.config.clone(), lake, owner.into())
+        .await
+        .unwrap()
+}
+
+/// The lake of `env`, as a writer named `owner` (another version of the enricher, a test).
+async fn lake_of(env: &Env, owner: &str) -> IcebergLake {
+    let config = local_lake_config(env);
+    let lease =
+        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
+    IcebergLake::connect(config, lease, owner.into())
         .await
         .unwrap()
 }
@@ -666,17 +682,7 @@ fn previous_schema(table: LakeTable, drop: usize) -> Arc<iceberg::spec::Schema> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_of_the_previous_schema_get_the_new_columns_and_keep_their_rows() {
     let env = env().await;
-    let mut config = lake_config(
-        &env.config,
-        Some(env.endpoint.clone()),
-        Some("us-east-1".into()),
-    );
-    config.credentials = Some(("test".into(), "test".into()));
-    let lease =
-        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
-    let old_lake = IcebergLake::connect(config, lease, "previous-version".into())
-        .await
-        .unwrap();
+    let old_lake = lake_of(&env, "previous-version").await;
     let (old_clicks, old_imps) = (
         previous_schema(LakeTable::Clicks, 2),
         previous_schema(LakeTable::Impressions, 1),
@@ -802,17 +808,7 @@ async fn tables_of_the_previous_schema_get_the_new_columns_and_keep_their_rows()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retyped_column_stops_start_up_and_changes_nothing() {
     let env = env().await;
-    let mut config = lake_config(
-        &env.config,
-        Some(env.endpoint.clone()),
-        Some("us-east-1".into()),
-    );
-    config.credentials = Some(("test".into(), "test".into()));
-    let lease =
-        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
-    let other = IcebergLake::connect(config, lease, "other-version".into())
-        .await
-        .unwrap();
+    let other = lake_of(&env, "other-version").await;
     let code = iceberg_schema(LakeTable::Clicks).unwrap();
     let retyped: Vec<_> = code
         .as_struct()
@@ -964,17 +960,7 @@ mod custom_resource {
     }
 
     async fn lake(env: &Env) -> IcebergLake {
-        let mut config = lake_config(
-            &env.config,
-            Some(env.endpoint.clone()),
-            Some("us-east-1".into()),
-        );
-        config.credentials = Some(("test".into(), "test".into()));
-        let lease =
-            DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
-        IcebergLake::connect(config, lease, "test".into())
-            .await
-            .unwrap()
+        lake_of(env, "test").await
     }
 
     async fn assert_current(lake: &IcebergLake, table: LakeTable) -> iceberg::table::Table {
@@ -1173,17 +1159,7 @@ mod custom_resource {
 async fn tables_of_the_previous_partition_spec_are_written_by_their_own_spec() {
     use iceberg::spec::{Transform, UnboundPartitionSpec};
     let env = env().await;
-    let mut config = lake_config(
-        &env.config,
-        Some(env.endpoint.clone()),
-        Some("us-east-1".into()),
-    );
-    config.credentials = Some(("test".into(), "test".into()));
-    let lease =
-        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
-    let old = IcebergLake::connect(config, lease, "previous-version".into())
-        .await
-        .unwrap();
+    let old = lake_of(&env, "previous-version").await;
     let namespace = iceberg::NamespaceIdent::new(env.config.database.clone());
     old.catalog()
         .create_namespace(&namespace, Default::default())

@@ -333,14 +333,16 @@ impl EnricherConfig {
                 },
             }
         };
+        let joined_stream = stream_name(&required(JOINED_STREAM_NAME)?).to_owned();
+        let lake = TablesConfig::from_lookup(&lookup)?;
         Ok(EnricherConfig {
-            joined_stream: stream_name(&required(JOINED_STREAM_NAME)?).to_owned(),
-            lake_bucket: required(LAKE_BUCKET)?,
-            lake_prefix: text(LAKE_PREFIX, "lake/"),
-            database: required(GLUE_DATABASE)?,
-            clicks_table: text(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
-            impressions_table: text(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
-            commit_lease_table: required(COMMIT_LEASE_TABLE)?,
+            joined_stream,
+            lake_bucket: lake.lake_bucket,
+            lake_prefix: lake.lake_prefix,
+            database: lake.database,
+            clicks_table: lake.clicks_table,
+            impressions_table: lake.impressions_table,
+            commit_lease_table: lake.commit_lease_table,
             dead_letter_bucket: required(DEAD_LETTER_BUCKET)?,
             dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
             rules: crate::enrich::EnrichRules {
@@ -367,11 +369,19 @@ impl EnricherConfig {
 
     /// `s3://bucket/prefix` of the Iceberg warehouse.
     pub fn warehouse(&self) -> String {
-        format!(
-            "s3://{}/{}",
-            self.lake_bucket,
-            self.lake_prefix.trim_matches('/')
-        )
+        self.tables().warehouse()
+    }
+
+    /// Where the lake's tables are: what the tables function is configured with too.
+    pub fn tables(&self) -> TablesConfig {
+        TablesConfig {
+            lake_bucket: self.lake_bucket.clone(),
+            lake_prefix: self.lake_prefix.clone(),
+            database: self.database.clone(),
+            clicks_table: self.clicks_table.clone(),
+            impressions_table: self.impressions_table.clone(),
+            commit_lease_table: self.commit_lease_table.clone(),
+        }
     }
 }
 
@@ -406,14 +416,14 @@ impl TablesConfig {
                 .filter(|v| !v.trim().is_empty())
                 .ok_or(ConfigError::Missing(name))
         };
-        let text =
+        let table =
             |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
         Ok(TablesConfig {
             lake_bucket: required(LAKE_BUCKET)?,
-            lake_prefix: text(LAKE_PREFIX, "lake/"),
+            lake_prefix: table(LAKE_PREFIX, "lake/"),
             database: required(GLUE_DATABASE)?,
-            clicks_table: text(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
-            impressions_table: text(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
+            clicks_table: table(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
+            impressions_table: table(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
             commit_lease_table: required(COMMIT_LEASE_TABLE)?,
         })
     }

@@ -68,6 +68,29 @@ pub struct LakeConfig {
     pub max_commit_attempts: u32,
 }
 
+impl LakeConfig {
+    /// The lake of `tables`, reached at `endpoint` (a local server) or through the
+    /// environment's AWS configuration, with the default commit attempts.
+    pub fn of_tables(
+        tables: &adpipe_core::config::TablesConfig,
+        endpoint: Option<String>,
+        region: Option<String>,
+        row_group_rows: usize,
+    ) -> LakeConfig {
+        LakeConfig {
+            warehouse: tables.warehouse(),
+            database: tables.database.clone(),
+            clicks_table: tables.clicks_table.clone(),
+            impressions_table: tables.impressions_table.clone(),
+            endpoint,
+            region,
+            credentials: None,
+            row_group_rows,
+            max_commit_attempts: 5,
+        }
+    }
+}
+
 /// The lake's Parquet settings: zstd at the codec's default level, row groups of at most
 /// `row_group_rows`. Public so the benchmarks encode exactly as the enricher does.
 pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
@@ -667,6 +690,23 @@ impl KeyScope {
     }
 }
 
+/// The rows of `append` the key check looks for (per row), and their keys: the flagged ones, or
+/// all of them when the batch overlaps a committed range.
+pub fn key_check_candidates(
+    append: &LakeAppend,
+    overlap: bool,
+) -> (Vec<bool>, Vec<(String, String)>) {
+    let pick: Vec<bool> = append.in_doubt.iter().map(|d| overlap || *d).collect();
+    let keys = append
+        .keys
+        .iter()
+        .zip(&pick)
+        .filter(|(_, p)| **p)
+        .map(|(k, _)| k.clone())
+        .collect();
+    (pick, keys)
+}
+
 /// The scan of the key check: the candidates' key columns, filtered on their ids within
 /// `scope`.
 fn key_scan(
@@ -944,14 +984,7 @@ impl TableWriter for IcebergLake {
         // Rows that may already be there: flagged repeats, and every row of a batch that
         // overlaps a committed range (a re-split retry of work that landed).
         let overlap = committed.iter().any(|(_, r)| overlaps(r, &append.input));
-        let pick: Vec<bool> = append.in_doubt.iter().map(|d| overlap || *d).collect();
-        let doubtful: Vec<(String, String)> = append
-            .keys
-            .iter()
-            .zip(&pick)
-            .filter(|(_, p)| **p)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let (pick, doubtful) = key_check_candidates(&append, overlap);
         let existing = match KeyScope::of_rows(&append.rows, &pick)? {
             Some(scope) => existing_keys(&table, append.table, &doubtful, &scope).await?,
             None => HashSet::new(),

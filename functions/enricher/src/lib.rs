@@ -22,17 +22,7 @@ pub fn lake_config(
     endpoint: Option<String>,
     region: Option<String>,
 ) -> LakeConfig {
-    LakeConfig {
-        warehouse: config.warehouse(),
-        database: config.database.clone(),
-        clicks_table: config.clicks_table.clone(),
-        impressions_table: config.impressions_table.clone(),
-        endpoint,
-        region,
-        credentials: None,
-        row_group_rows: ROW_GROUP_ROWS,
-        max_commit_attempts: 5,
-    }
+    LakeConfig::of_tables(&config.tables(), endpoint, region, ROW_GROUP_ROWS)
 }
 
 /// Builds the enricher (once per execution environment) and makes sure the tables exist.

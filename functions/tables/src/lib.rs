@@ -203,17 +203,7 @@ pub fn lake_config(
     endpoint: Option<String>,
     region: Option<String>,
 ) -> LakeConfig {
-    LakeConfig {
-        warehouse: config.warehouse(),
-        database: config.database.clone(),
-        clicks_table: config.clicks_table.clone(),
-        impressions_table: config.impressions_table.clone(),
-        endpoint,
-        region,
-        credentials: None,
-        row_group_rows: 1,
-        max_commit_attempts: 5,
-    }
+    LakeConfig::of_tables(config, endpoint, region, 1)
 }
 
 /// Creates or migrates the tables (create and update); nothing on delete. Returns the reply's

@@ -31,7 +31,9 @@ use adpipe_core::lake::{clicks_batch, impressions_batch};
 use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord};
 use adpipe_core::ports::{InputRange, LakeAppend, LakeTable, TableWriter};
 use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
-use adpipe_lake::{key_check_plan, DynamoDbCommitLease, IcebergLake, KeyScope};
+use adpipe_lake::{
+    key_check_candidates, key_check_plan, DynamoDbCommitLease, IcebergLake, KeyScope,
+};
 use adpipe_local::cli::share;
 use anyhow::Context;
 use clap::Parser;
@@ -304,14 +306,7 @@ async fn key_check_bytes(
         .catalog()
         .load_table(&inspect.ident(append.table))
         .await?;
-    let pick: Vec<bool> = append.in_doubt.iter().map(|d| overlap || *d).collect();
-    let candidates: Vec<(String, String)> = append
-        .keys
-        .iter()
-        .zip(&pick)
-        .filter(|(_, p)| **p)
-        .map(|(k, _)| k.clone())
-        .collect();
+    let (pick, candidates) = key_check_candidates(append, overlap);
     let Some(scope) = KeyScope::of_rows(&append.rows, &pick)? else {
         return Ok(0);
     };
