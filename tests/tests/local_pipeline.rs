@@ -204,6 +204,28 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
     let (_, imps_rows) = lake_rows(&p).await;
     assert_eq!(imps_rows.len(), 1);
     assert_eq!(imps_rows[0]["impression_id"], "mal-imp-1");
+
+    // `adpipe status` on this stage: the same dead letters, an empty on-failure queue, and the
+    // commit that landed the one valid impression.
+    let status = adpipe_local::status::local(&p).await.unwrap();
+    assert_eq!(status.dead_letters_listed, expected.len(), "{status:?}");
+    assert_eq!(status.dead_letters_last_hour, expected.len());
+    assert_eq!(status.on_failure_messages, 0);
+    let (_, commits) = status
+        .commits
+        .iter()
+        .find(|(table, _)| table.ends_with(".impressions"))
+        .expect("the impressions table");
+    let commits = commits.as_ref().unwrap();
+    assert_eq!(
+        commits
+            .iter()
+            .map(|c| c.added_records.unwrap_or(0))
+            .sum::<u64>(),
+        1,
+        "{commits:?}"
+    );
+    assert!(adpipe_local::status::render(&status).contains("not in CloudWatch here"));
 }
 
 /// A function that always fails: every batch is a function error.
