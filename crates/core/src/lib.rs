@@ -11,6 +11,7 @@ pub mod enrich;
 pub mod enricher;
 pub mod join;
 pub mod lake;
+pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod model;
