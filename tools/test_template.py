@@ -358,11 +358,15 @@ class EnvironmentAndNames(unittest.TestCase):
         for logical_id, res in template()["Resources"].items():
             if res["Type"] == "AWS::Glue::TableOptimizer":
                 self.assertEqual(res.get("DependsOn"), "IcebergTables", logical_id)
-        # The enricher finds committed batches in the snapshot ancestry; a replay can be as old
-        # as the stream retention plus the mappings' maximum record age.
-        kept = int(params["SnapshotRetentionDays"]["Default"]) * 86400
-        replay = int(params["StreamRetentionHours"]["Default"]) * 3600 + int(params["MaximumRecordAgeSeconds"]["Default"])
-        self.assertGreaterEqual(kept, replay)
+        # The enricher recognises committed batches by its commit ledger, which forgets a shard
+        # after LedgerLimits::default().horizon_ms (crates/core/src/ledger.rs): 8,760 + 168
+        # hours. A replay can be as old as the stream retention plus the mappings' maximum
+        # record age, whatever values the parameters allow.
+        ledger_horizon_s = (8760 + 168) * 3600
+        ledger_source = (ROOT / "crates/core/src/ledger.rs").read_text()
+        self.assertIn("horizon_ms: (8_760 + 168) * 3_600_000", ledger_source)
+        replay = int(params["StreamRetentionHours"]["MaxValue"]) * 3600 + int(params["MaximumRecordAgeSeconds"]["MaxValue"])
+        self.assertGreaterEqual(ledger_horizon_s, replay)
 
     def test_bucket_lifecycle_covers_dead_letter_late_and_temporary_prefixes(self) -> None:
         prefixes = contract()["prefixes"]

@@ -293,7 +293,7 @@ async fn parquet_files_carry_field_ids_iceberg_types_and_the_enriched_values() {
         .unwrap();
     let (_, body) = objects
         .iter()
-        .find(|(k, _)| k.contains("/enriched_clicks/data/impression_day="))
+        .find(|(k, _)| k.contains("/enriched_clicks/data/impression_hour="))
         .expect("a clicks data file");
     let reader =
         ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body.clone())).unwrap();
@@ -403,8 +403,8 @@ async fn pyiceberg_and_duckdb_read_exactly_the_rows_written() {
         "zone-less, as Athena needs"
     );
     assert_eq!(clicks["schema"][0]["id"], 1);
-    assert_eq!(clicks["partition_spec"][0]["name"], "impression_day");
-    assert_eq!(clicks["partition_spec"][0]["transform"], "day");
+    assert_eq!(clicks["partition_spec"][0]["name"], "impression_hour");
+    assert_eq!(clicks["partition_spec"][0]["transform"], "hour");
     assert_eq!(clicks["partition_spec"].as_array().unwrap().len(), 1);
     assert_eq!(clicks["snapshots"].as_array().unwrap().len(), 1);
     assert_eq!(
@@ -1008,7 +1008,7 @@ mod custom_resource {
                 .iter()
                 .map(|f| format!("{}:{}", f.name, f.transform))
                 .collect();
-            assert_eq!(spec, ["impression_day:day"]);
+            assert_eq!(spec, ["impression_hour:hour"]);
             // As deploy/resources.json states the tables.
             let contract: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(adpipe_it::workspace_root().join("deploy/resources.json"))
@@ -1339,4 +1339,52 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
     );
     let landed = column(&rows(&e, LakeTable::Impressions).await, "impression_id");
     assert_eq!(landed.len(), 40 * ROWS, "every row once");
+
+    // A one-campaign query of ten of the forty minutes plans the ten files of those minutes:
+    // the files' impression_time statistics prune the others (each batch is a minute here).
+    let table = e.lake.catalog().load_table(&ident).await.unwrap();
+    let ten_minutes = KeyScope {
+        campaigns: ["camp-03".to_owned()].into(),
+        min_time_us: (DAY_START_MS + 10 * 60_000) * 1_000,
+        max_time_us: (DAY_START_MS + 20 * 60_000) * 1_000 - 1,
+    };
+    let (files, _) = adpipe_lake::query_plan(&table, &ten_minutes).await.unwrap();
+    assert_eq!(
+        files, 10,
+        "a ten-minute query plans its ten minutes' files, of 40"
+    );
+
+    // The commits' own metadata is bounded by the settings, not by the 40 commits: merged
+    // manifests, expired snapshots, and a ledger of one shard.
+    let settings = adpipe_lake::CommitSettings::default();
+    let table = e.lake.catalog().load_table(&ident).await.unwrap();
+    let metadata = table.metadata();
+    let manifests = table
+        .manifest_list_reader(metadata.current_snapshot().unwrap())
+        .load()
+        .await
+        .unwrap()
+        .entries()
+        .len();
+    assert!(
+        (1..settings.manifest_merge_count).contains(&manifests),
+        "{manifests} manifests after 40 commits"
+    );
+    assert_eq!(metadata.snapshots().len(), settings.snapshots_retained);
+    let ledger = adpipe_lake::commit::ledger_of(&table, settings.ledger).unwrap();
+    assert_eq!(ledger.shards.len(), 1);
+    assert_eq!(
+        ledger.shards[0].recent.len(),
+        settings.ledger.recent_batches
+    );
+    assert!(ledger.shards[0].ranges.len() <= settings.ledger.ranges_per_shard);
+    // The first batch is long expired from the snapshots, yet a replay of it is recognised
+    // by the ledger and lands nothing.
+    let first: Vec<_> = (0..ROWS).map(|i| (impression(0, i), false)).collect();
+    let r = e.lake.append(append(1, first)).await.unwrap();
+    assert_eq!((r.rows_written, r.duplicates_dropped), (0, ROWS as u64));
+    assert_eq!(
+        column(&rows(&e, LakeTable::Impressions).await, "impression_id").len(),
+        40 * ROWS
+    );
 }

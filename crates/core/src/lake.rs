@@ -20,9 +20,9 @@ pub const FIELD_ID_KEY: &str = "PARQUET:field_id";
 pub const CLICKS_TABLE: &str = "enriched_clicks";
 pub const IMPRESSIONS_TABLE: &str = "impressions";
 
-/// Columns both tables are partitioned and sorted by: `day(impression_time)`, then sorted by
-/// `campaign_id` (tables created before 2026-11-29 are partitioned by `identity(campaign_id)`
-/// too).
+/// Columns both tables are partitioned and sorted by: `hour(impression_time)`, then sorted by
+/// `campaign_id` (tables created before 2026-11-30 are partitioned by `day(impression_time)`,
+/// before 2026-11-29 by `identity(campaign_id)` too).
 pub const PARTITION_SOURCE_COLUMNS: [&str; 2] = ["campaign_id", "impression_time"];
 
 #[derive(Clone, Copy)]

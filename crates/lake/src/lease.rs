@@ -35,6 +35,15 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// A random duration in `[d/2, d]`.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(now_ms());
+    let half = d / 2;
+    half + half.mul_f64((h.finish() % 1_000) as f64 / 1_000.0)
+}
+
 impl DynamoDbCommitLease {
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         DynamoDbCommitLease {
@@ -78,8 +87,10 @@ impl DynamoDbCommitLease {
                     if e.as_service_error()
                         .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
                 {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    // Full jitter, capped low: a commit holds the lease for a few hundred
+                    // milliseconds, and waiters polling in step would take turns unevenly.
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(Duration::from_millis(200));
                 }
                 Err(e) => return Err(port_error("DynamoDB PutItem (commit lease)", e)),
             }

@@ -4,13 +4,17 @@
 //! Idempotency (see `docs/DESIGN.md`, "The lake"):
 //! - data files are named after the input range (`InputRange::batch_id`) and the partition, so
 //!   a retried batch rewrites the same objects;
-//! - every commit records its input range in the snapshot summary, and a range found in the
-//!   table's snapshot *ancestry* is never appended again. After any commit error the table is
-//!   reloaded and checked before retrying: a commit whose response was lost is not re-appended;
+//! - every commit records its input range in the snapshot summary and in the table's commit
+//!   ledger (`adpipe_core::ledger`, a table property), and a batch found in the ledger is never
+//!   appended again. After any commit error the table is reloaded and checked before retrying:
+//!   a commit whose response was lost is not re-appended;
+//! - the commit itself ([`commit`]) merges manifests and expires snapshots, so its cost does
+//!   not grow with the table's age;
 //! - a batch overlapping a committed range (Lambda's bisect-on-error re-splits batches) or a row
 //!   flagged `recovered` is landed only if its key is not in the table yet;
 //! - commits to one table are serialised by a DynamoDB lease, with bounded retries.
 
+pub mod commit;
 pub mod lease;
 pub mod location;
 
@@ -38,6 +42,7 @@ use iceberg_catalog_glue::{GlueCatalog, GlueCatalogBuilder};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+pub use commit::{CommitSettings, CommitStats};
 pub use lease::DynamoDbCommitLease;
 use location::{partition_path, EscapingLocationGenerator};
 
@@ -66,6 +71,8 @@ pub struct LakeConfig {
     pub row_group_rows: usize,
     /// Commit attempts per table and batch (conflicts with concurrent writers).
     pub max_commit_attempts: u32,
+    /// How commits keep the table's metadata bounded.
+    pub commit: CommitSettings,
 }
 
 impl LakeConfig {
@@ -87,6 +94,7 @@ impl LakeConfig {
             credentials: None,
             row_group_rows,
             max_commit_attempts: 5,
+            commit: CommitSettings::default(),
         }
     }
 }
@@ -98,6 +106,27 @@ pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .build()
+}
+
+/// A Glue client configured as iceberg-rust's Glue catalog configures its own.
+async fn glue_client(config: &LakeConfig) -> aws_sdk_glue::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(endpoint) = &config.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(region) = &config.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some((key, secret)) = &config.credentials {
+        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            key,
+            secret,
+            None,
+            None,
+            "adpipe-lake",
+        ));
+    }
+    aws_sdk_glue::Client::new(&loader.load().await)
 }
 
 fn lake_error(context: &str, e: iceberg::Error) -> PortError {
@@ -139,6 +168,7 @@ impl std::fmt::Display for TableSetup {
 /// The lake's tables in a Glue catalog.
 pub struct IcebergLake {
     catalog: GlueCatalog,
+    glue: aws_sdk_glue::Client,
     namespace: NamespaceIdent,
     config: LakeConfig,
     lease: DynamoDbCommitLease,
@@ -182,8 +212,10 @@ impl IcebergLake {
             .await
             .map_err(|e| lake_error("connecting to the Glue catalog", e))?;
         let writer_props = writer_properties(config.row_group_rows);
+        let glue = glue_client(&config).await;
         Ok(IcebergLake {
             catalog,
+            glue,
             namespace: NamespaceIdent::new(config.database.clone()),
             config,
             lease,
@@ -280,11 +312,11 @@ impl IcebergLake {
     }
 
     /// Creates the database and both tables if they do not exist (format v2, partitioned by
-    /// `day(impression_time)`, sorted by `campaign_id` then `impression_time`, zstd Parquet),
+    /// `hour(impression_time)`, sorted by `campaign_id` then `impression_time`, zstd Parquet),
     /// and brings an existing table's schema to this version's ([`IcebergLake::migrate_table`]).
     /// A table created by an older version keeps its partition spec: the writer splits rows by
     /// whatever spec the table has (`identity(campaign_id)` and `day(impression_time)` before
-    /// 2026-11-29).
+    /// 2026-11-29, `day(impression_time)` before 2026-11-30).
     ///
     /// A table missing from the catalog whose location already holds Iceberg metadata (its
     /// Glue database was deleted while the bucket was kept) is registered from its current
@@ -360,12 +392,14 @@ impl IcebergLake {
                     .ok_or_else(|| PortError::Rejected(format!("schema has no column {name}")))
             };
             let (campaign, time) = (field_id("campaign_id")?, field_id("impression_time")?);
-            // Partitioned by time only: a batch writes one file per table and event day it
-            // touches, however many campaigns it holds. Rows are sorted by campaign, then
-            // time (the table's sort order, which compaction keeps), so a campaign's rows sit
-            // together and its queries prune by column statistics.
+            // Partitioned by time only: a batch writes one file per table and event hour it
+            // touches, however many campaigns it holds. Hours rather than days so that every
+            // manifest's partition summary spans about an hour: a key check or a query of an
+            // hour reads that hour's manifests, not the whole day's. Rows are sorted by
+            // campaign, then time (the table's sort order, which compaction keeps), so a
+            // campaign's rows sit together and its queries prune by column statistics.
             let spec = UnboundPartitionSpec::builder()
-                .add_partition_field(time, "impression_day", Transform::Day)
+                .add_partition_field(time, "impression_hour", Transform::Hour)
                 .map_err(|e| lake_error("building the partition spec", e))?
                 .build();
             let sort = |id: i32| SortField {
@@ -480,30 +514,28 @@ impl IcebergLake {
     }
 }
 
-/// The input ranges committed in the table's current snapshot and its ancestors.
+/// The input range a snapshot's summary records, with its batch id.
+pub fn snapshot_input(snapshot: &iceberg::spec::Snapshot) -> Option<(String, InputRange)> {
+    let props = &snapshot.summary().additional_properties;
+    Some((
+        props.get(BATCH_ID)?.clone(),
+        InputRange {
+            stream: props.get(INPUT_STREAM)?.clone(),
+            shard: props.get(INPUT_SHARD)?.clone(),
+            first_sequence: props.get(INPUT_FIRST)?.clone(),
+            last_sequence: props.get(INPUT_LAST)?.clone(),
+        },
+    ))
+}
+
+/// The input ranges committed in the table's current snapshot and its retained ancestors,
+/// newest first (what `adpipe status` shows; exactly-once uses the ledger, [`commit::ledger_of`]).
 pub fn committed_inputs(table: &Table) -> Vec<(String, InputRange)> {
     let metadata = table.metadata();
     let mut out = Vec::new();
     let mut next = metadata.current_snapshot().cloned();
     while let Some(snapshot) = next {
-        let props = &snapshot.summary().additional_properties;
-        if let (Some(id), Some(stream), Some(shard), Some(first), Some(last)) = (
-            props.get(BATCH_ID),
-            props.get(INPUT_STREAM),
-            props.get(INPUT_SHARD),
-            props.get(INPUT_FIRST),
-            props.get(INPUT_LAST),
-        ) {
-            out.push((
-                id.clone(),
-                InputRange {
-                    stream: stream.clone(),
-                    shard: shard.clone(),
-                    first_sequence: first.clone(),
-                    last_sequence: last.clone(),
-                },
-            ));
-        }
+        out.extend(snapshot_input(&snapshot));
         next = snapshot
             .parent_snapshot_id()
             .and_then(|p| metadata.snapshot_by_id(p).cloned());
@@ -598,43 +630,7 @@ pub fn schema_additions(
     Ok(added)
 }
 
-/// Orders Kinesis sequence numbers: decimal digit strings compare as numbers. Anything else is
-/// only ever equal to itself (`None`).
-pub fn sequence_cmp(a: &str, b: &str) -> Option<std::cmp::Ordering> {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
-    if a == b {
-        return Some(std::cmp::Ordering::Equal);
-    }
-    if !(digits(a) && digits(b)) {
-        return None;
-    }
-    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
-    Some(a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
-}
-
-/// Whether two ranges of the same shard may share records.
-pub fn overlaps(a: &InputRange, b: &InputRange) -> bool {
-    use std::cmp::Ordering::*;
-    if a.stream != b.stream || a.shard != b.shard {
-        return false;
-    }
-    let le = |x: &str, y: &str| matches!(sequence_cmp(x, y), Some(Less | Equal));
-    match (
-        sequence_cmp(&a.first_sequence, &b.last_sequence),
-        sequence_cmp(&b.first_sequence, &a.last_sequence),
-    ) {
-        (Some(_), Some(_)) => {
-            le(&a.first_sequence, &b.last_sequence) && le(&b.first_sequence, &a.last_sequence)
-        }
-        // Not comparable: only shared endpoints prove an overlap.
-        _ => {
-            a.first_sequence == b.first_sequence
-                || a.last_sequence == b.last_sequence
-                || a.first_sequence == b.last_sequence
-                || a.last_sequence == b.first_sequence
-        }
-    }
-}
+pub use adpipe_core::ledger::{overlaps, sequence_cmp};
 
 fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, PortError> {
     batch
@@ -755,6 +751,31 @@ pub async fn key_check_plan(
     ))
 }
 
+/// What a query of `scope` (campaigns and an impression-time range, as a dashboard asks)
+/// plans: data files and bytes left after partition and column-statistics pruning. Athena
+/// prunes with the same metadata, so this is the check that a one-campaign, one-hour query
+/// reads few files.
+pub async fn query_plan(table: &Table, scope: &KeyScope) -> Result<(u64, u64), PortError> {
+    if table.metadata().current_snapshot().is_none() {
+        return Ok((0, 0));
+    }
+    let tasks: Vec<iceberg::scan::FileScanTask> = table
+        .scan()
+        .with_filter(scope.predicate())
+        .build()
+        .map_err(|e| lake_error("planning the query", e))?
+        .plan_files()
+        .await
+        .map_err(|e| lake_error("planning the query", e))?
+        .try_collect()
+        .await
+        .map_err(|e| lake_error("planning the query", e))?;
+    Ok((
+        tasks.len() as u64,
+        tasks.iter().map(|t| t.file_size_in_bytes).sum(),
+    ))
+}
+
 /// The keys among `candidates` that the table already holds, looked for within `scope`.
 async fn existing_keys(
     table: &Table,
@@ -831,6 +852,18 @@ fn split_by_partition(
                 for (row, v) in values.iter_mut().enumerate() {
                     let day = times.value(row).div_euclid(86_400_000_000) as i32;
                     v.push(Literal::date(day));
+                }
+            }
+            Transform::Hour => {
+                let times = column
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .ok_or_else(|| {
+                        PortError::Rejected(format!("{} is not a timestamp column", source.name))
+                    })?;
+                for (row, v) in values.iter_mut().enumerate() {
+                    let hour = times.value(row).div_euclid(3_600_000_000) as i32;
+                    v.push(Literal::int(hour));
                 }
             }
             other => {
@@ -925,23 +958,37 @@ impl IcebergLake {
         Ok(files)
     }
 
-    /// One commit attempt under the lease. `Ok(true)`: the range was already in the table.
+    /// One commit attempt under the lease. `Ok(None)`: the range was already in the table.
     async fn commit_once(
         &self,
         ident: &TableIdent,
         batch_id: &str,
         input: &InputRange,
         files: &[DataFile],
-    ) -> Result<bool, PortError> {
+        loaded: &Table,
+    ) -> Result<Option<CommitStats>, PortError> {
         let lease = self.lease.acquire(&ident.to_string(), &self.owner).await?;
         let result = async {
-            let table = self.load(ident).await?;
-            if committed_inputs(&table)
-                .iter()
-                .any(|(id, _)| id == batch_id)
-            {
-                return Ok(true);
+            // The catalog entry first: its version guards the update, so whatever changes the
+            // table after this read fails the commit instead of being overwritten. The table
+            // loaded before the lease is reused when it is still the current one (the usual
+            // case: the lease holder's time is what bounds a table's commits per second).
+            let entry = commit::glue_entry(&self.glue, &self.config.database, ident.name()).await?;
+            let table = if loaded.metadata_location() == Some(entry.metadata_location.as_str()) {
+                loaded.clone()
+            } else {
+                self.load(ident).await?
+            };
+            if table.metadata_location() != Some(entry.metadata_location.as_str()) {
+                return Err(PortError::Unavailable(format!(
+                    "{ident} changed while it was being read; retrying"
+                )));
             }
+            let mut ledger = commit::ledger_of(&table, self.config.commit.ledger)?;
+            if ledger.has_batch(input, batch_id) {
+                return Ok(None);
+            }
+            ledger.record(input, batch_id, now_ms(), self.config.commit.ledger);
             let props = HashMap::from([
                 (BATCH_ID.to_owned(), batch_id.to_owned()),
                 (INPUT_STREAM.to_owned(), input.stream.clone()),
@@ -949,24 +996,34 @@ impl IcebergLake {
                 (INPUT_FIRST.to_owned(), input.first_sequence.clone()),
                 (INPUT_LAST.to_owned(), input.last_sequence.clone()),
             ]);
-            let tx = Transaction::new(&table);
-            let tx = tx
-                .fast_append()
-                .add_data_files(files.to_vec())
-                .set_snapshot_properties(props)
-                .apply(tx)
-                .map_err(|e| lake_error("preparing the append", e))?;
-            tx.commit(&self.catalog)
-                .await
-                .map_err(|e| lake_error("committing the append", e))?;
-            Ok(false)
+            let (staged, stats) =
+                commit::stage_append(&table, files, props, &ledger, &self.config.commit).await?;
+            commit::publish(&self.glue, &self.config.database, &entry, &table, &staged).await?;
+            Ok(Some(stats))
         }
         .await;
         let released = self.lease.release(lease).await;
-        let already = result?;
+        let stats = result?;
         released?;
-        Ok(already)
+        Ok(stats)
     }
+
+    /// Whether the table's ledger holds exactly this batch (after a commit whose outcome is
+    /// unknown).
+    async fn has_batch(&self, ident: &TableIdent, input: &InputRange, batch_id: &str) -> bool {
+        match self.load(ident).await {
+            Ok(table) => commit::ledger_of(&table, self.config.commit.ledger)
+                .is_ok_and(|l| l.has_batch(input, batch_id)),
+            Err(_) => false,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 impl TableWriter for IcebergLake {
@@ -975,15 +1032,15 @@ impl TableWriter for IcebergLake {
         let batch_id = append.input.batch_id();
         let mut report = AppendReport::default();
         let table = self.load(&ident).await?;
-        let committed = committed_inputs(&table);
-        if committed.iter().any(|(id, _)| *id == batch_id) {
+        let ledger = commit::ledger_of(&table, self.config.commit.ledger)?;
+        if ledger.has_batch(&append.input, &batch_id) {
             report.already_committed = true;
             return Ok(report);
         }
 
         // Rows that may already be there: flagged repeats, and every row of a batch that
         // overlaps a committed range (a re-split retry of work that landed).
-        let overlap = committed.iter().any(|(_, r)| overlaps(r, &append.input));
+        let overlap = ledger.overlaps(&append.input);
         let (pick, doubtful) = key_check_candidates(&append, overlap);
         let existing = match KeyScope::of_rows(&append.rows, &pick)? {
             Some(scope) => existing_keys(&table, append.table, &doubtful, &scope).await?,
@@ -1014,25 +1071,20 @@ impl TableWriter for IcebergLake {
         let attempts = self.config.max_commit_attempts.max(1);
         for attempt in 1..=attempts {
             match self
-                .commit_once(&ident, &batch_id, &append.input, &files)
+                .commit_once(&ident, &batch_id, &append.input, &files, &table)
                 .await
             {
-                Ok(already) => {
-                    report.already_committed = already;
-                    if already {
+                Ok(stats) => {
+                    report.already_committed = stats.is_none();
+                    if stats.is_none() {
                         report.rows_written = 0;
                     }
                     return Ok(report);
                 }
                 Err(e) => {
                     // Never re-append blindly: the failed attempt may have landed.
-                    if let Ok(table) = self.load(&ident).await {
-                        if committed_inputs(&table)
-                            .iter()
-                            .any(|(id, _)| *id == batch_id)
-                        {
-                            return Ok(report);
-                        }
+                    if self.has_batch(&ident, &append.input, &batch_id).await {
+                        return Ok(report);
                     }
                     if attempt == attempts {
                         return Err(e);

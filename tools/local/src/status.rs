@@ -214,6 +214,7 @@ pub async fn stack(
         credentials: lake_credentials,
         row_group_rows: 1,
         max_commit_attempts: 1,
+        commit: adpipe_lake::CommitSettings::default(),
     };
     let clients = adpipe_aws::Clients::new(sdk);
     // Reading needs no lease; the lake connection takes one to be built.
