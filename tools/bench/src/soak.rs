@@ -141,6 +141,9 @@ pub struct Window {
     pub manifests: [u64; 2],
     pub snapshots: [u64; 2],
     pub metadata_bytes: [u64; 2],
+    /// Wall seconds the window took: with every shard busy, commits per second is the
+    /// tables' commit throughput, set by the time one commit holds a table's lease.
+    pub seconds: f64,
 }
 
 fn max_mean(v: &[u64]) -> (u64, f64) {
@@ -181,14 +184,14 @@ s3_requests_per_commit,s3_bytes_per_commit,glue_requests_per_commit,glue_bytes_p
 dynamodb_requests_per_commit,manifests_impressions,manifests_clicks,snapshots_impressions,\
 snapshots_clicks,metadata_bytes_impressions,metadata_bytes_clicks,files_per_batch_max_impressions,\
 files_per_batch_mean_impressions,files_per_batch_max_clicks,files_per_batch_mean_clicks,\
-key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped";
+key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped,commits_per_s";
 
     pub fn csv_row(&self) -> String {
         let (fi_max, fi_mean) = max_mean(&self.files_impressions);
         let (fc_max, fc_mean) = max_mean(&self.files_clicks);
         let max = percentile(&self.latencies_ms, 1.0).unwrap_or(0.0);
         format!(
-            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.0},{:.1},{:.0},{:.1},{},{},{},{},{},{},{},{:.1},{},{:.1},{},{},{},{}",
+            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.0},{:.1},{:.0},{:.1},{},{},{},{},{},{},{},{:.1},{},{:.1},{},{},{},{},{:.2}",
             self.index,
             self.commits_end,
             self.commits(),
@@ -214,6 +217,7 @@ key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped";
             self.key_check_bytes_max,
             self.data_file_get_bytes,
             self.rows_dropped,
+            if self.seconds > 0.0 { self.commits() as f64 / self.seconds } else { 0.0 },
         )
     }
 }

@@ -71,6 +71,10 @@ struct Params {
     /// Share of landed batches re-appended as two halves
     #[arg(long, value_name = "P", default_value_t = 0.005, value_parser = share)]
     bisect_rate: f64,
+    /// Concurrent batches per shard (the enricher's ParallelizationFactor): their sequence
+    /// ranges interleave, as Lambda's are when it splits a shard by partition key
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
+    parallelization: usize,
     /// Commits per reported window
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = positive)]
     window: usize,
@@ -147,6 +151,9 @@ fn sequence(shard: usize, n: u64) -> String {
 
 struct Shard {
     id: usize,
+    /// This writer's lane of the shard (0..parallelization) and the number of lanes.
+    lane: usize,
+    lanes: usize,
     lake: IcebergLake,
     rng: Rng,
     next_seq: u64,
@@ -233,6 +240,7 @@ impl Shard {
 /// The appends of one batch (or one half of it): `(table, append)`, clicks first.
 fn appends(
     shard: usize,
+    (lane, lanes): (usize, usize),
     first_seq: u64,
     recs: &[Rec],
     in_doubt_from: usize,
@@ -241,8 +249,12 @@ fn appends(
     let input = InputRange {
         stream: "adpipe-joined".into(),
         shard: shard_name(shard),
-        first_sequence: sequence(shard, first_seq),
-        last_sequence: sequence(shard, first_seq + recs.len() as u64 - 1),
+        // Lane `lane` of `lanes` holds every `lanes`-th record of the shard.
+        first_sequence: sequence(shard, first_seq * lanes as u64 + lane as u64),
+        last_sequence: sequence(
+            shard,
+            (first_seq + recs.len() as u64 - 1) * lanes as u64 + lane as u64,
+        ),
     };
     let (mut clicks, mut click_flags, mut imps, mut imp_flags) = (vec![], vec![], vec![], vec![]);
     for (i, r) in recs.iter().enumerate() {
@@ -386,7 +398,13 @@ async fn run_shard(
         let first = shard.next_seq;
         shard.next_seq += recs.len() as u64;
         let repeat_from = recs.len() - repeats;
-        let batch = appends(shard.id, first, &recs, repeat_from)?;
+        let batch = appends(
+            shard.id,
+            (shard.lane, shard.lanes),
+            first,
+            &recs,
+            repeat_from,
+        )?;
         let expected = |t: LakeTable| {
             recs[repeat_from..]
                 .iter()
@@ -401,7 +419,8 @@ async fn run_shard(
         let mut running = Vec::new();
         for a in batch {
             let e = expected(a.table);
-            running.push(timed_append(&shard.lake, &inspect, a, false, e));
+            // Interleaved lanes overlap each other's committed ranges: the check runs.
+            running.push(timed_append(&shard.lake, &inspect, a, shard.lanes > 1, e));
         }
         for e in futures::future::join_all(running).await {
             events.send(e?).ok();
@@ -411,7 +430,8 @@ async fn run_shard(
             let mid = recs.len() / 2;
             for (offset, half) in [(0, &recs[..mid]), (mid, &recs[mid..])] {
                 let mut running = Vec::new();
-                for a in appends(shard.id, first + offset as u64, half, usize::MAX)? {
+                let lanes = (shard.lane, shard.lanes);
+                for a in appends(shard.id, lanes, first + offset as u64, half, usize::MAX)? {
                     let e = a.keys.len() as u64;
                     running.push(timed_append(&shard.lake, &inspect, a, true, e));
                 }
@@ -487,12 +507,17 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     println!(
-        "## lake-soak: {} shards, {} campaigns (Zipf s={}), {} batches/shard of {} records, click share {}, \
+        "## lake-soak: {} shards x {} concurrent batches, {} campaigns (Zipf s={}), {} batches/shard of {} records, click share {}, \
          repeats {} of batches ({} rows + 1 click), bisected retries {} of batches, window {} commits, seed {}",
-        p.shards, p.campaigns, p.zipf, p.batches, p.rows, p.click_share, p.repeat_rate,
+        p.shards, p.parallelization, p.campaigns, p.zipf, p.batches, p.rows, p.click_share, p.repeat_rate,
         p.repeat_rows, p.bisect_rate, p.window, p.seed
     );
-    println!("maintenance: none (the stack's Glue table optimizers, on by default, do not run on the local endpoint; nothing here expires snapshots or compacts)");
+    let c = adpipe_lake::CommitSettings::default();
+    println!(
+        "maintenance: in every commit (merge at {} manifests under {} bytes, keep {} snapshots, ledger of {} ranges and {} batch ids per shard); the stack's Glue table optimizers do not run on the local endpoint",
+        c.manifest_merge_count, c.manifest_target_bytes, c.snapshots_retained,
+        c.ledger.ranges_per_shard, c.ledger.recent_batches
+    );
     println!("{}", Window::CSV_HEADER);
 
     let zipf = Arc::new(Zipf::new(p.campaigns, p.zipf));
@@ -501,28 +526,32 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let mut seeder = Rng::new(p.seed);
     for id in 0..p.shards {
-        let lake = IcebergLake::connect(
-            lake_config(&proxy.url()),
-            DynamoDbCommitLease::new(metered.dynamodb.clone(), &lease_table),
-            format!("soak-shard-{id}"),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let shard = Shard {
-            id,
-            lake,
-            rng: Rng::new(seeder.next_u64()),
-            next_seq: 1_000,
-            previous: Vec::new(),
-        };
-        tasks.push(tokio::spawn(run_shard(
-            shard,
-            Arc::clone(&p),
-            Arc::clone(&zipf),
-            Arc::clone(&inspect),
-            start,
-            tx.clone(),
-        )));
+        for lane in 0..p.parallelization {
+            let lake = IcebergLake::connect(
+                lake_config(&proxy.url()),
+                DynamoDbCommitLease::new(metered.dynamodb.clone(), &lease_table),
+                format!("soak-shard-{id}-{lane}"),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let shard = Shard {
+                id,
+                lane,
+                lanes: p.parallelization,
+                lake,
+                rng: Rng::new(seeder.next_u64()),
+                next_seq: 1_000,
+                previous: Vec::new(),
+            };
+            tasks.push(tokio::spawn(run_shard(
+                shard,
+                Arc::clone(&p),
+                Arc::clone(&zipf),
+                Arc::clone(&inspect),
+                start,
+                tx.clone(),
+            )));
+        }
     }
     drop(tx);
 
@@ -535,6 +564,7 @@ async fn main() -> anyhow::Result<()> {
     let mut before = proxy.snapshot();
     let (mut dropped, mut expected_dropped, mut failed) = (0u64, 0u64, 0u64);
     let mut key_check_ms: Vec<f64> = Vec::new();
+    let mut window_start = Instant::now();
     loop {
         let Some(e) = rx.recv().await else {
             if (current.commits() as usize) < p.window / 2 {
@@ -543,6 +573,7 @@ async fn main() -> anyhow::Result<()> {
             }
             // The last, shorter window (at least half a window) is reported too.
             current.index = windows.len();
+            current.seconds = window_start.elapsed().as_secs_f64();
             finish_window(&mut current, &inspect, &proxy, &mut before, commits).await?;
             println!("{}", current.csv_row());
             csv.push_str(&current.csv_row());
@@ -570,7 +601,9 @@ async fn main() -> anyhow::Result<()> {
         }
         if current.commits() as usize == p.window {
             current.index = windows.len();
+            current.seconds = window_start.elapsed().as_secs_f64();
             finish_window(&mut current, &inspect, &proxy, &mut before, commits).await?;
+            window_start = Instant::now();
             println!("{}", current.csv_row());
             csv.push_str(&current.csv_row());
             csv.push('\n');
@@ -584,8 +617,8 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&csv_path, &csv)?;
     let title = format!(
-        "lake-soak: {} shards, {} campaigns, {} records/batch, today's lake",
-        p.shards, p.campaigns, p.rows
+        "lake-soak: {} shards x {} lanes, {} campaigns, {} records/batch",
+        p.shards, p.parallelization, p.campaigns, p.rows
     );
     let chart_path = p.out.join("lake-soak.svg");
     std::fs::write(&chart_path, chart_svg(&title, &windows))?;
