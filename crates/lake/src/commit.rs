@@ -286,7 +286,7 @@ pub(crate) async fn stage_append(
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(parent.map(|p| p.snapshot_id()))
         .with_sequence_number(sequence_number)
-        .with_timestamp_ms(chrono_now_ms())
+        .with_timestamp_ms(crate::lease::now_ms())
         .with_manifest_list(list_path)
         .with_summary(Summary {
             operation: Operation::Append,
@@ -336,13 +336,6 @@ pub(crate) async fn stage_append(
         snapshots: staged.snapshots().len(),
     };
     Ok((staged, stats))
-}
-
-fn chrono_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 /// The Glue side of a commit: the table entry as read, to be updated conditionally.

@@ -842,28 +842,21 @@ fn split_by_partition(
                     v.push(Literal::string(strings.value(row)));
                 }
             }
-            Transform::Day => {
+            Transform::Day | Transform::Hour => {
                 let times = column
                     .as_any()
                     .downcast_ref::<TimestampMicrosecondArray>()
                     .ok_or_else(|| {
                         PortError::Rejected(format!("{} is not a timestamp column", source.name))
                     })?;
+                let hourly = field.transform == Transform::Hour;
                 for (row, v) in values.iter_mut().enumerate() {
-                    let day = times.value(row).div_euclid(86_400_000_000) as i32;
-                    v.push(Literal::date(day));
-                }
-            }
-            Transform::Hour => {
-                let times = column
-                    .as_any()
-                    .downcast_ref::<TimestampMicrosecondArray>()
-                    .ok_or_else(|| {
-                        PortError::Rejected(format!("{} is not a timestamp column", source.name))
-                    })?;
-                for (row, v) in values.iter_mut().enumerate() {
-                    let hour = times.value(row).div_euclid(3_600_000_000) as i32;
-                    v.push(Literal::int(hour));
+                    let us = times.value(row);
+                    v.push(if hourly {
+                        Literal::int(us.div_euclid(3_600_000_000) as i32)
+                    } else {
+                        Literal::date(us.div_euclid(86_400_000_000) as i32)
+                    });
                 }
             }
             other => {
@@ -988,7 +981,7 @@ impl IcebergLake {
             if ledger.has_batch(input, batch_id) {
                 return Ok(None);
             }
-            ledger.record(input, batch_id, now_ms(), self.config.commit.ledger);
+            ledger.record(input, batch_id, lease::now_ms(), self.config.commit.ledger);
             let props = HashMap::from([
                 (BATCH_ID.to_owned(), batch_id.to_owned()),
                 (INPUT_STREAM.to_owned(), input.stream.clone()),
@@ -1017,13 +1010,6 @@ impl IcebergLake {
             Err(_) => false,
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 impl TableWriter for IcebergLake {
