@@ -319,9 +319,12 @@ class EnvironmentAndNames(unittest.TestCase):
             streams = {c["resources"][s]["logical_id"] for s in spec["sources"]}
             events = p.get("Events", {})
             self.assertEqual({referenced(e["Properties"]["Stream"]).pop() for e in events.values()}, streams)
+            # A source may have a mapping of its own (the joiner's keyed stream).
+            by_stream = {c["resources"][s]["logical_id"]: spec.get("source_mappings", {}).get(s, function) for s in spec["sources"]}
             for name, event in events.items():
                 e = event["Properties"]
-                for prop, source in c["mappings"][function].items():
+                mapping = by_stream[referenced(e["Stream"]).pop()]
+                for prop, source in c["mappings"][mapping].items():
                     actual = e["DestinationConfig"]["OnFailure"]["Destination"] if prop == "OnFailure" else e.get(prop)
                     check(f"{logical_id}.{name}.{prop}", actual, source)
         for stage, spec in c["stages"].items():
@@ -441,6 +444,8 @@ class EnvironmentAndNames(unittest.TestCase):
             "ImpressionsTableName": "impressions",
             "AthenaWorkGroupName": {"Ref": "AthenaWorkGroup"},
             "StateTableName": {"Ref": "StateTable"},
+            "StateLogTableName": {"Ref": "StateLogTable"},
+            "KeyedStreamName": {"Ref": "KeyedStream"},
             "CommitLeaseTableName": {"Ref": "CommitLeaseTable"},
             "OnFailureQueueUrl": {"Ref": "OnFailureQueue"},
             "JoinerFunctionName": {"Ref": "JoinerFunction"},
@@ -786,7 +791,7 @@ class Functions(unittest.TestCase):
                 self.assertEqual(theirs["TracingConfig"], {"Mode": mine["Tracing"]})
 
     def test_event_source_mappings_are_bounded_partial_batch_mappings_with_a_destination(self) -> None:
-        streams = {"JoinerFunction": {"ImpressionsStream", "ClicksStream"}, "EnricherFunction": {"JoinedStream"}}
+        streams = {"JoinerFunction": {"ImpressionsStream", "ClicksStream", "KeyedStream"}, "EnricherFunction": {"JoinedStream"}}
         params = template()["Parameters"]
         for logical_id, wanted_streams in streams.items():
             events = props(logical_id)["Events"]
@@ -806,6 +811,28 @@ class Functions(unittest.TestCase):
                         param = params[e[key]["Ref"]]
                         self.assertGreaterEqual(int(param["MinValue"]), 0)
                         self.assertIn("MaxValue", param)
+
+    def test_the_deduplication_horizon_covers_retention_clock_lead_and_record_age(self) -> None:
+        # A redelivery Lambda may still make (up to MaximumRecordAgeSeconds after the record's
+        # arrival) of an event whose partner waited the whole retention, with the event time
+        # the allowed lead ahead of its arrival, must still be recognised: the defaults tie them,
+        # and the joiner refuses a horizon below retention plus lead at start-up (config.rs).
+        p = template()["Parameters"]
+        horizon_s = int(p["DedupHorizonHours"]["Default"]) * 3600
+        needed = sum(int(p[k]["Default"]) for k in ("StateRetentionSeconds", "MaxEventTimeAheadSeconds", "MaximumRecordAgeSeconds"))
+        self.assertGreaterEqual(horizon_s, needed)
+        self.assertGreaterEqual(int(p["DedupHorizonHours"]["MinValue"]) * 3600, int(p["StateRetentionSeconds"]["Default"]) + int(p["MaxEventTimeAheadSeconds"]["Default"]))
+        self.assertEqual(contract()["env"]["joiner"]["DEDUP_HORIZON_HOURS"], {"parameter": "DedupHorizonHours", "default": p["DedupHorizonHours"]["Default"] and str(p["DedupHorizonHours"]["Default"])})
+
+    def test_the_keyed_stream_has_no_more_shards_than_state_buckets(self) -> None:
+        # Each state bucket lives on exactly one keyed shard (crates/core/src/keyed.rs); a shard
+        # beyond the bucket count would own none and the joiner would refuse its batches.
+        source = (ROOT / "crates/core/src/keyed.rs").read_text()
+        bits = int(re.search(r"pub const BUCKET_BITS: u32 = (\d+);", source).group(1))
+        self.assertEqual(int(template()["Parameters"]["KeyedShardCount"]["MaxValue"]), 2**bits)
+        # One writer per shard: a second concurrent batch of a shard would race the first.
+        keyed = function_props("JoinerFunction")["Events"]["Keyed"]["Properties"]
+        self.assertEqual(keyed["ParallelizationFactor"], 1)
 
     def test_recovery_lease_cannot_be_shorter_than_the_joiner_timeout(self) -> None:
         lease = template()["Parameters"]["RecoveryLeaseSeconds"]
@@ -850,8 +877,16 @@ class LeastPrivilege(unittest.TestCase):
                 self.assertNotIn("xray", {a.split(":")[0] for actions, _ in grants(logical_id) for a in actions}, logical_id)
 
     def test_joiner_only_updates_join_state_and_writes_its_own_prefixes(self) -> None:
-        self.assertEqual(resources_of("JoinerRole", "dynamodb"), {"dynamodb:UpdateItem": {"StateTable"}})
-        self.assertEqual(resources_of("JoinerRole", "kinesis")["kinesis:PutRecords"], {"JoinedStream"})
+        self.assertEqual(
+            resources_of("JoinerRole", "dynamodb"),
+            {
+                "dynamodb:UpdateItem": {"StateTable", "StateLogTable"},
+                "dynamodb:PutItem": {"StateLogTable"},
+                "dynamodb:Query": {"StateLogTable"},
+                "dynamodb:GetItem": {"StateLogTable"},
+            },
+        )
+        self.assertEqual(resources_of("JoinerRole", "kinesis")["kinesis:PutRecords"], {"JoinedStream", "KeyedStream"})
         self.assertEqual(set(resources_of("JoinerRole", "s3")), {"s3:PutObject"})
         self.assertEqual(
             sub_strings("JoinerRole", "s3:PutObject"),
@@ -1058,6 +1093,9 @@ ALARMS = {
     "EnricherCommitRetriesAlarm": ("EMF", "CommitRetries", "enricher"),
     "OnFailureQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "OnFailureQueue"),
     "StateTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "StateTable"),
+    "StateLogTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "StateLogTable"),
+    "StateLogTableReadThrottlesAlarm": ("AWS/DynamoDB", "ReadThrottleEvents", "StateLogTable"),
+    "KeyedStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "KeyedStream"),
     "CommitLeaseTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "CommitLeaseTable"),
     "ImpressionsStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "ImpressionsStream"),
     "ClicksStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "ClicksStream"),
@@ -1187,11 +1225,16 @@ class Monitoring(unittest.TestCase):
                 if res["Type"] == type_:
                     matching = [a for a in self.alarms() if a["MetricName"] == metric and referenced(a["Dimensions"][0]["Value"]) == {logical_id}]
                     self.assertEqual(len(matching), 1, logical_id)
-        # WriteThrottleEvents counts every throttled request only while the code makes no reads:
-        # a read (GetItem, Query, ...) would need a ReadThrottleEvents alarm as well.
+        # WriteThrottleEvents counts every throttled request only where the code makes no reads:
+        # a table that is read (GetItem, Query, ...) needs a ReadThrottleEvents alarm as well.
         writes = {"dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"}
         for role in ("JoinerRole", "EnricherRole", "TablesRole"):
-            self.assertLessEqual(set(resources_of(role, "dynamodb")), writes, role)
+            for action, tables in resources_of(role, "dynamodb").items():
+                if action in writes:
+                    continue
+                for table in tables:
+                    reads = [a for a in self.alarms() if a["MetricName"] == "ReadThrottleEvents" and referenced(a["Dimensions"][0]["Value"]) == {table}]
+                    self.assertEqual(len(reads), 1, f"{role} {action} on {table}")
 
     def test_lambda_alarms_cover_iterator_age_errors_and_throttles_of_both_functions(self) -> None:
         for logical_id in STREAM_FUNCTIONS.values():

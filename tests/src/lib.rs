@@ -105,6 +105,13 @@ fn start() -> Result<LocalAws> {
 }
 
 /// A name no other test in this run uses (lowercase, valid for buckets, tables and streams).
+/// A traffic start `duration_ms` plus two minutes before now, on a whole minute: generated
+/// event times are recent, as a producer's are, so the joiner's deduplication horizon (48 h by
+/// default) never refuses them, whenever the tests run.
+pub fn recent_start_ms(duration_ms: i64) -> i64 {
+    (adpipe_joiner::now_ms() - duration_ms - 120_000) / 60_000 * 60_000
+}
+
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
@@ -151,6 +158,97 @@ pub async fn create_state_table(clients: &Clients, name: &str) -> Result<()> {
 }
 
 /// Creates a stream and waits until it is active.
+/// Creates the keyed joiner's state log table: `pk` (S) + `sk` (N), TTL on `ttl`, as the
+/// template's StateLogTable.
+pub async fn create_log_table(clients: &Clients, name: &str) -> Result<()> {
+    clients
+        .dynamodb
+        .create_table()
+        .table_name(name)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(KeyType::Hash)
+                .build()?,
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("sk")
+                .key_type(KeyType::Range)
+                .build()?,
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("sk")
+                .attribute_type(ScalarAttributeType::N)
+                .build()?,
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await?;
+    Ok(())
+}
+
+/// Every record of every shard of a stream as the event source mapping would deliver it
+/// (position and arrival time included), shard by shard, from `after` (per shard, exclusive).
+pub async fn read_records(
+    clients: &Clients,
+    name: &str,
+    after: &std::collections::BTreeMap<String, String>,
+    max_per_shard: usize,
+) -> Result<Vec<adpipe_core::model::InputRecord>> {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let shards = clients
+        .kinesis
+        .list_shards()
+        .stream_name(name)
+        .send()
+        .await?;
+    let mut out = Vec::new();
+    for shard in shards.shards() {
+        let id = shard.shard_id().to_owned();
+        let mut request = clients
+            .kinesis
+            .get_shard_iterator()
+            .stream_name(name)
+            .shard_id(&id);
+        request = match after.get(&id) {
+            Some(seq) => request
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        };
+        let iterator = request.send().await?.shard_iterator;
+        let Some(iterator) = iterator else { continue };
+        let page = clients
+            .kinesis
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(max_per_shard as i32)
+            .send()
+            .await?;
+        for r in page.records() {
+            out.push(adpipe_core::model::InputRecord {
+                position: adpipe_core::model::SourcePosition {
+                    stream: name.to_owned(),
+                    shard: id.clone(),
+                    sequence_number: r.sequence_number().to_owned(),
+                },
+                data: r.data().as_ref().to_vec(),
+                invalid_base64: None,
+                arrival_ms: r.approximate_arrival_timestamp().map(|t| t.secs() * 1000),
+            });
+        }
+    }
+    Ok(out)
+}
+
 pub async fn create_stream(clients: &Clients, name: &str, shards: i32) -> Result<()> {
     clients
         .kinesis

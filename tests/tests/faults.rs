@@ -47,6 +47,7 @@ fn hostile_traffic(seed: u64, prefix: &str) -> Traffic {
             beyond: 0.15,
         },
         duration_ms: 4 * 60_000,
+        start_ms: adpipe_it::recent_start_ms(4 * 60_000),
         out_of_order: 0.5,
         reorder_distance: 100,
         duplicates: 0.2,
@@ -211,9 +212,11 @@ async fn dynamodb_throttling_and_server_errors() {
     let t = hostile_traffic(101, "f-ddb-");
     let (p, proxy) = faulty_pipeline(&t).await;
     let rules = json!([
-        rule("ddb-throttle", "dynamodb", "*", "throttle", 0.2),
-        rule("ddb-5xx", "dynamodb", "*", "server_error", 0.05),
-        rule("ddb-lost", "dynamodb", "UpdateItem", "lost_response", 0.05),
+        // The join state is written once per keyed batch (PutItem), so the rates are high
+        // enough to hit those few requests.
+        rule("ddb-throttle", "dynamodb", "*", "throttle", 0.25),
+        rule("ddb-5xx", "dynamodb", "*", "server_error", 0.15),
+        every("ddb-lost", "dynamodb", "PutItem", "lost_response", 3),
     ]);
     run_under(&p, &proxy, &t, rules, None).await;
 }
@@ -290,7 +293,7 @@ async fn everything_at_once() {
     let (p, proxy) = faulty_pipeline(&t).await;
     let rules = json!([
         rule("ddb-throttle", "dynamodb", "*", "throttle", 0.1),
-        every("ddb-lost", "dynamodb", "UpdateItem", "lost_response", 30),
+        every("ddb-lost", "dynamodb", "PutItem", "lost_response", 5),
         rule(
             "putrecords-partial",
             "kinesis",

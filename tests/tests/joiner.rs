@@ -85,6 +85,7 @@ async fn joined_records(env: &Env) -> Vec<JoinedRecord> {
         .map(|d| OutRecord {
             partition_key: String::new(),
             data: d,
+            explicit_hash_key: None,
         })
         .collect();
     decode_joined(&records)

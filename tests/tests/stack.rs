@@ -147,6 +147,7 @@ async fn generated_traffic_goes_to_the_stacks_input_streams() {
     let traffic = generate(&TrafficConfig {
         impressions: 300,
         ctr: 0.2,
+        start_ms: adpipe_it::recent_start_ms(TrafficConfig::default().duration_ms),
         ..TrafficConfig::default()
     })
     .unwrap();

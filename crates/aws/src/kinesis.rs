@@ -56,6 +56,7 @@ impl RecordSink for KinesisRecordSink {
             .map(|r| {
                 PutRecordsRequestEntry::builder()
                     .partition_key(&r.partition_key)
+                    .set_explicit_hash_key(r.explicit_hash_key.clone())
                     .data(Blob::new(r.data.clone()))
                     .build()
                     .map_err(|e| PortError::Rejected(format!("PutRecords entry: {e}")))

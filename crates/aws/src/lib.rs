@@ -6,11 +6,13 @@ pub mod error;
 pub mod kinesis;
 pub mod metering;
 pub mod s3;
+pub mod state_log;
 
 pub use dynamodb::DynamoDbJoinState;
 pub use kinesis::KinesisRecordSink;
 pub use metering::RequestCounter;
 pub use s3::S3DeadLetterSink;
+pub use state_log::{DynamoDbStateLog, KinesisShardRanges};
 
 /// The AWS clients the functions use, built once per process from one shared configuration.
 #[derive(Debug, Clone)]

@@ -72,40 +72,8 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
         }
     }
 
-    fn kind_of(&self, stream: &str) -> Option<RecordKind> {
-        if stream == self.config.impressions_stream {
-            Some(RecordKind::Impression)
-        } else if stream == self.config.clicks_stream {
-            Some(RecordKind::Click)
-        } else {
-            None
-        }
-    }
-
     fn parse(&self, record: &InputRecord) -> Result<Event, Rejection> {
-        if let Some(detail) = &record.invalid_base64 {
-            return Err(Rejection::new(RejectReason::InvalidBase64, detail.clone()));
-        }
-        let kind = self.kind_of(&record.position.stream).ok_or_else(|| {
-            Rejection::new(
-                RejectReason::UnknownSource,
-                format!(
-                    "stream {:?} is neither the impressions stream {:?} nor the clicks stream {:?}",
-                    record.position.stream,
-                    self.config.impressions_stream,
-                    self.config.clicks_stream
-                ),
-            )
-        })?;
-        let event = decode(kind, &record.data)?;
-        let time_ms = match &event {
-            Event::Impression(i) => i.event_time_ms,
-            Event::Click(c) => c.event_time_ms,
-        };
-        self.config
-            .time_bounds
-            .check("event_time", time_ms, record.arrival_ms)?;
-        Ok(event)
+        parse_input(&self.config, record)
     }
 
     fn ttl_epoch_s(&self, now_ms: i64) -> i64 {
@@ -271,6 +239,7 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
                         let out = OutRecord {
                             partition_key: record.partition_key().to_owned(),
                             data,
+                            explicit_hash_key: None,
                         };
                         keep_earliest(&mut outputs, key, i, Output { record: out, mark });
                     }
@@ -354,9 +323,46 @@ impl<S: JoinState, K: RecordSink, D: DeadLetterSink> BatchJoiner<S, K, D> {
     }
 }
 
+/// Which input stream a record came from, by its stream's name.
+fn kind_of(config: &JoinerConfig, stream: &str) -> Option<RecordKind> {
+    if stream == config.impressions_stream {
+        Some(RecordKind::Impression)
+    } else if stream == config.clicks_stream {
+        Some(RecordKind::Click)
+    } else {
+        None
+    }
+}
+
+/// Validates one input record: its envelope, its source stream, its fields and its event time.
+/// The router and the per-event joiner share it, so both refuse exactly the same records.
+pub fn parse_input(config: &JoinerConfig, record: &InputRecord) -> Result<Event, Rejection> {
+    if let Some(detail) = &record.invalid_base64 {
+        return Err(Rejection::new(RejectReason::InvalidBase64, detail.clone()));
+    }
+    let kind = kind_of(config, &record.position.stream).ok_or_else(|| {
+        Rejection::new(
+            RejectReason::UnknownSource,
+            format!(
+                "stream {:?} is neither the impressions stream {:?} nor the clicks stream {:?}",
+                record.position.stream, config.impressions_stream, config.clicks_stream
+            ),
+        )
+    })?;
+    let event = decode(kind, &record.data)?;
+    let time_ms = match &event {
+        Event::Impression(i) => i.event_time_ms,
+        Event::Click(c) => c.event_time_ms,
+    };
+    config
+        .time_bounds
+        .check("event_time", time_ms, record.arrival_ms)?;
+    Ok(event)
+}
+
 /// The same joined-stream record flagged `recovered`: it may already be on the stream (a
 /// `PutRecords` that failed without an answer may have been written).
-fn flag_recovered(record: &OutRecord) -> OutRecord {
+pub(crate) fn flag_recovered(record: &OutRecord) -> OutRecord {
     let data = match serde_json::from_slice::<JoinedStreamRecord>(&record.data) {
         Ok(mut r) => {
             r.set_recovered();
@@ -368,5 +374,6 @@ fn flag_recovered(record: &OutRecord) -> OutRecord {
     OutRecord {
         partition_key: record.partition_key.clone(),
         data,
+        explicit_hash_key: record.explicit_hash_key.clone(),
     }
 }

@@ -12,6 +12,15 @@ pub const IMPRESSIONS_STREAM_NAME: &str = "IMPRESSIONS_STREAM_NAME";
 pub const CLICKS_STREAM_NAME: &str = "CLICKS_STREAM_NAME";
 /// Output stream of joined records (name or ARN).
 pub const JOINED_STREAM_NAME: &str = "JOINED_STREAM_NAME";
+/// The keyed stream (name or ARN): both input streams re-keyed by impression id's bucket by the
+/// router, read by the joiner. Default `<joined stream>` with `-joined` replaced by `-keyed`.
+pub const KEYED_STREAM_NAME: &str = "KEYED_STREAM_NAME";
+/// How long a delivered event is remembered so a repeat is recognised, in hours. An event
+/// older than this (less the allowed clock lead) is dead-lettered `past_dedup_horizon`, never
+/// emitted as new. Stream retention and maximum record age must stay within it. Default 48.
+pub const DEDUP_HORIZON_HOURS: &str = "DEDUP_HORIZON_HOURS";
+/// DynamoDB table of the keyed joiner's state log (key `pk` S + `sk` N, TTL on `ttl`).
+pub const STATE_LOG_TABLE_NAME: &str = "STATE_LOG_TABLE_NAME";
 /// DynamoDB table holding the join state (hash key `pk`, TTL attribute `ttl`).
 pub const STATE_TABLE_NAME: &str = "STATE_TABLE_NAME";
 /// S3 bucket for dead-letter and late-pair entries.
@@ -76,7 +85,10 @@ pub const JOINER_ENV: &[&str] = &[
     IMPRESSIONS_STREAM_NAME,
     CLICKS_STREAM_NAME,
     JOINED_STREAM_NAME,
+    KEYED_STREAM_NAME,
+    DEDUP_HORIZON_HOURS,
     STATE_TABLE_NAME,
+    STATE_LOG_TABLE_NAME,
     DEAD_LETTER_BUCKET,
     DEAD_LETTER_PREFIX,
     LATE_PREFIX,
@@ -110,7 +122,11 @@ pub struct JoinerConfig {
     pub impressions_stream: String,
     pub clicks_stream: String,
     pub joined_stream: String,
+    pub keyed_stream: String,
+    /// See [`DEDUP_HORIZON_HOURS`].
+    pub dedup_horizon_ms: i64,
     pub state_table: String,
+    pub state_log_table: String,
     pub dead_letter_bucket: String,
     pub dead_letter_prefix: String,
     pub late_prefix: String,
@@ -145,17 +161,41 @@ impl JoinerConfig {
                 },
             }
         };
+        let joined_stream = stream_name(&required(JOINED_STREAM_NAME)?).to_owned();
+        let keyed_stream = match lookup(KEYED_STREAM_NAME).filter(|v| !v.trim().is_empty()) {
+            Some(v) => stream_name(&v).to_owned(),
+            None => match joined_stream.strip_suffix("-joined") {
+                Some(base) => format!("{base}-keyed"),
+                None => format!("{joined_stream}-keyed"),
+            },
+        };
+        let retention_ms = positive(STATE_RETENTION_SECONDS, 86_400)? * 1000;
+        let dedup_horizon_ms = positive(DEDUP_HORIZON_HOURS, 48)? * 3_600_000;
+        let bounds = time_bounds(&lookup)?;
+        if dedup_horizon_ms < retention_ms + bounds.max_ahead_ms {
+            return Err(ConfigError::Invalid {
+                name: DEDUP_HORIZON_HOURS,
+                value: (dedup_horizon_ms / 3_600_000).to_string(),
+                why: "the deduplication horizon must cover the state retention plus the allowed event-time lead",
+            });
+        }
         Ok(JoinerConfig {
             impressions_stream: stream_name(&required(IMPRESSIONS_STREAM_NAME)?).to_owned(),
             clicks_stream: stream_name(&required(CLICKS_STREAM_NAME)?).to_owned(),
-            joined_stream: stream_name(&required(JOINED_STREAM_NAME)?).to_owned(),
+            joined_stream,
+            keyed_stream,
+            dedup_horizon_ms,
+            state_log_table: match lookup(STATE_LOG_TABLE_NAME).filter(|v| !v.trim().is_empty()) {
+                Some(v) => v,
+                None => format!("{}-log", required(STATE_TABLE_NAME)?),
+            },
             state_table: required(STATE_TABLE_NAME)?,
             dead_letter_bucket: required(DEAD_LETTER_BUCKET)?,
             dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
             late_prefix: text(LATE_PREFIX, "late/"),
             rules: JoinRules {
                 window_ms: positive(JOIN_WINDOW_MS, 30_000)?,
-                retention_ms: positive(STATE_RETENTION_SECONDS, 86_400)? * 1000,
+                retention_ms,
                 recovery_lease_ms: positive(RECOVERY_LEASE_SECONDS, 900)? * 1000,
             },
             ttl_grace_ms: positive(STATE_TTL_GRACE_SECONDS, 86_400)? * 1000,
@@ -166,7 +206,7 @@ impl JoinerConfig {
                 max_delay: Duration::from_secs(2),
             },
             metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
-            time_bounds: time_bounds(&lookup)?,
+            time_bounds: bounds,
         })
     }
 }

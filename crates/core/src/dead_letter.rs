@@ -119,6 +119,36 @@ pub fn late(
     }
 }
 
+/// The entry for a click whose retention ended without an impression it joins (an orphan).
+pub fn orphan(
+    prefix: &str,
+    function: &str,
+    click: &crate::model::Click,
+    arrival_ms: i64,
+    retention_ms: i64,
+    now_ms: i64,
+) -> DeadLetter {
+    let key = format!(
+        "{prefix}orphan/{}/{}/{}.json",
+        key_segment(function),
+        key_segment(&click.impression_id),
+        key_segment(&click.click_id)
+    );
+    let body = json!({
+        "kind": "orphan",
+        "function": function,
+        "reason": "no impression joined this click within the state retention",
+        "arrived_at": format_millis(arrival_ms),
+        "retention_ms": retention_ms,
+        "recorded_at": format_millis(now_ms),
+        "click": click,
+    });
+    DeadLetter {
+        key,
+        body: body.to_string().into_bytes(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

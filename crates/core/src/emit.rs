@@ -215,6 +215,7 @@ mod tests {
         OutRecord {
             partition_key: k.into(),
             data: k.as_bytes().to_vec(),
+            explicit_hash_key: None,
         }
     }
 
@@ -292,6 +293,7 @@ mod tests {
         let flag = |r: &OutRecord| OutRecord {
             partition_key: r.partition_key.clone(),
             data: [r.data.as_slice(), b"+recovered"].concat(),
+            explicit_hash_key: None,
         };
         let report = send_all(&sink, &[rec("a"), rec("b")], &RetryPolicy::default(), flag).await;
         assert_eq!(report.errors, vec![None, None]);

@@ -10,11 +10,14 @@ pub mod emit;
 pub mod enrich;
 pub mod enricher;
 pub mod join;
+pub mod keyed;
+pub mod keyed_batch;
 pub mod lake;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod packed;
 pub mod ports;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -34,6 +34,10 @@ pub struct Counts {
     /// Emitted pairs whose `emitted` mark could not be written (a later redelivery may
     /// re-emit them; the lake deduplicates by pair key).
     pub mark_failures: u64,
+    /// Clicks whose retention ended with no impression joined (recorded as orphans).
+    pub orphaned: u64,
+    /// Keyed records already in the join state's log (a redelivery), skipped.
+    pub skipped: u64,
 }
 
 impl Counts {
@@ -102,6 +106,8 @@ pub fn emf_line(
         ("Failed".into(), counts.failed),
         ("EmitRetries".into(), counts.emit_retries),
         ("MarkFailures".into(), counts.mark_failures),
+        ("Orphaned".into(), counts.orphaned),
+        ("RecordsSkipped".into(), counts.skipped),
     ];
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));

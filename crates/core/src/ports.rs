@@ -82,6 +82,10 @@ pub trait JoinState: Send + Sync {
 pub struct OutRecord {
     pub partition_key: String,
     pub data: Vec<u8>,
+    /// Kinesis' `ExplicitHashKey` (a decimal in 0..2^128): places the record on the shard
+    /// owning that hash instead of the partition key's MD5. The router uses it so a whole
+    /// state bucket maps to exactly one shard.
+    pub explicit_hash_key: Option<String>,
 }
 
 /// The per-entry result of a multi-record put.
@@ -186,4 +190,19 @@ pub trait TableWriter: Send + Sync {
         &self,
         append: LakeAppend,
     ) -> impl Future<Output = Result<AppendReport, PortError>> + Send;
+}
+
+impl<T: RecordSink> RecordSink for std::sync::Arc<T> {
+    fn put_records(
+        &self,
+        records: &[OutRecord],
+    ) -> impl Future<Output = Result<Vec<EntryResult>, PortError>> + Send {
+        (**self).put_records(records)
+    }
+}
+
+impl<T: DeadLetterSink> DeadLetterSink for std::sync::Arc<T> {
+    fn put(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PortError>> + Send {
+        (**self).put(letter)
+    }
 }

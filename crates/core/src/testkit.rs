@@ -79,12 +79,41 @@ pub struct ScenarioSize {
 impl Scenario {
     /// Builds a scenario from a seed. `id_prefix` keeps scenarios apart in a shared table.
     pub fn generate(seed: u64, size: ScenarioSize, id_prefix: &str) -> Scenario {
+        Self::generate_at(seed, size, id_prefix, 1_795_169_730_000, false)
+    }
+
+    /// [`Scenario::generate`] with event times from `base_ms` on (ten minutes of them), and
+    /// with `opaque_ids` random UUID-shaped impression and click ids, which compress as real
+    /// ones do (the default ids are short and sequential).
+    pub fn generate_at(
+        seed: u64,
+        size: ScenarioSize,
+        id_prefix: &str,
+        base_ms: i64,
+        opaque_ids: bool,
+    ) -> Scenario {
+        let mut ids = Rng::new(seed ^ 0x1D5);
+        let mut id = |kind: &str, n: usize| {
+            if opaque_ids {
+                let (a, b) = (ids.next_u64(), ids.next_u64());
+                format!(
+                    "{id_prefix}{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+                    a >> 32,
+                    (a >> 16) & 0xffff,
+                    a & 0xfff,
+                    b >> 52,
+                    b & 0xffff_ffff_ffff
+                )
+            } else {
+                format!("{id_prefix}{kind}-{n}")
+            }
+        };
         let mut rng = Rng::new(seed);
-        let base = 1_795_169_730_000i64;
+        let base = base_ms;
         let impressions: Vec<Impression> = (0..size.impressions)
             .map(|n| Impression {
                 ad_id: format!("ad-{}", rng.below(3)),
-                impression_id: format!("{id_prefix}imp-{n}"),
+                impression_id: id("imp", n),
                 campaign_id: format!("camp-{}", rng.below(4)),
                 publisher_id: format!("pub-{}", rng.below(5)),
                 event_time_ms: base + rng.below(600_000) as i64,
@@ -130,7 +159,7 @@ impl Scenario {
                     platform: "ios".into(),
                     // Distinct prices keep derived ids distinct.
                     click_price: n as f64 / 100.0,
-                    click_id: format!("{id_prefix}clk-{n}"),
+                    click_id: id("clk", n),
                     click_id_derived: false,
                 };
                 if !explicit_id {
@@ -536,4 +565,311 @@ pub fn pair_keys(records: &[JoinedRecord]) -> BTreeSet<(String, String)> {
         .iter()
         .map(|r| (r.impression_id.clone(), r.click_id.clone()))
         .collect()
+}
+
+/// The keyed stream in memory: records placed on `shards` evenly split shards by their
+/// explicit hash key (as Kinesis places them), each with a growing sequence number and the
+/// clock's arrival time.
+#[derive(Debug)]
+pub struct MemoryKeyedStream {
+    pub stream: String,
+    shards: Vec<Mutex<Vec<InputRecord>>>,
+    clock: std::sync::atomic::AtomicI64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryKeyedStream {
+    pub fn new(stream: &str, shards: usize, start_ms: i64) -> Self {
+        MemoryKeyedStream {
+            stream: stream.into(),
+            shards: (0..shards.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            clock: std::sync::atomic::AtomicI64::new(start_ms),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn step(&self) -> u128 {
+        (u128::MAX / self.shards.len() as u128).saturating_add(1)
+    }
+
+    /// The shard id of shard `i`.
+    pub fn shard_id(i: usize) -> String {
+        format!("shardId-{i:012}")
+    }
+
+    /// Each shard's bucket range, as `ListShards`' hash key ranges give it.
+    pub fn ranges(&self) -> crate::packed::FixedShardRanges {
+        let step = self.step();
+        let n = self.shards.len();
+        crate::packed::FixedShardRanges(
+            (0..n)
+                .filter_map(|i| {
+                    let start = step * i as u128;
+                    let end = if i + 1 == n {
+                        u128::MAX
+                    } else {
+                        step * (i as u128 + 1) - 1
+                    };
+                    crate::keyed::BucketRange::from_hash_range(&start.to_string(), &end.to_string())
+                        .map(|r| (Self::shard_id(i), r))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Advances the arrival clock.
+    pub fn tick(&self, ms: i64) {
+        self.clock
+            .fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sets the arrival clock (never backwards).
+    pub fn set_clock(&self, ms: i64) {
+        self.clock
+            .fetch_max(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Records of shard `i` from `from`, at most `max`.
+    pub fn read(&self, i: usize, from: usize, max: usize) -> Vec<InputRecord> {
+        let records = self.shards[i].lock().unwrap_or_else(|p| p.into_inner());
+        records.iter().skip(from).take(max).cloned().collect()
+    }
+
+    pub fn len(&self, i: usize) -> usize {
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        (0..self.shards.len()).all(|i| self.len(i) == 0)
+    }
+}
+
+impl RecordSink for MemoryKeyedStream {
+    async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<EntryResult>, PortError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let step = self.step();
+        for r in records {
+            let key: u128 = r
+                .explicit_hash_key
+                .as_deref()
+                .and_then(|k| k.parse().ok())
+                .ok_or_else(|| {
+                    PortError::Rejected("keyed record without ExplicitHashKey".into())
+                })?;
+            let i = ((key / step) as usize).min(self.shards.len() - 1);
+            let n = self.next.fetch_add(1, SeqCst);
+            self.shards[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(InputRecord {
+                    position: SourcePosition {
+                        stream: self.stream.clone(),
+                        shard: Self::shard_id(i),
+                        sequence_number: format!("4970{n:020}"),
+                    },
+                    data: r.data.clone(),
+                    invalid_base64: None,
+                    arrival_ms: Some(self.clock.load(SeqCst)),
+                });
+        }
+        Ok(vec![EntryResult::Accepted; records.len()])
+    }
+}
+
+/// A state log that throttles before a write, or loses the response after writing.
+pub struct FaultyLog<L> {
+    pub inner: L,
+    pub plan: FaultPlan,
+}
+
+impl<L: crate::packed::StateLog> crate::packed::StateLog for FaultyLog<L> {
+    async fn read(&self, log: &str, from: u64) -> Result<Vec<crate::packed::Slot>, PortError> {
+        self.inner.read(log, from).await
+    }
+
+    async fn put(
+        &self,
+        log: &str,
+        slot: &crate::packed::Slot,
+    ) -> Result<crate::packed::PutSlot, PortError> {
+        match self.plan.roll() {
+            Some(true) => Err(PortError::Throttled(
+                "injected: ProvisionedThroughputExceededException".into(),
+            )),
+            Some(false) => {
+                self.inner.put(log, slot).await?;
+                Err(PortError::Unavailable(
+                    "injected: response lost after the write".into(),
+                ))
+            }
+            None => self.inner.put(log, slot).await,
+        }
+    }
+
+    async fn logs(&self) -> Result<Vec<String>, PortError> {
+        self.inner.logs().await
+    }
+
+    async fn register(&self, log: &str) -> Result<(), PortError> {
+        self.inner.register(log).await
+    }
+
+    async fn ack(&self, log: &str, n: u64) -> Result<(), PortError> {
+        match self.plan.roll() {
+            Some(_) => Err(PortError::Unavailable("injected: ack lost".into())),
+            None => self.inner.ack(log, n).await,
+        }
+    }
+
+    async fn acked(&self, log: &str) -> Result<Option<u64>, PortError> {
+        self.inner.acked(log).await
+    }
+}
+
+/// How [`run_keyed`] disturbs the joiner.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Disturbance {
+    /// Chance per keyed batch that the execution environment is replaced first (memory lost).
+    pub restart: f64,
+    /// Chance per keyed batch that a second invocation processes the same batch at the same
+    /// time (Lambda's occasional duplicate invocation, or a timed-out one still running).
+    pub duplicate: f64,
+    /// Chance per keyed batch that another execution environment (the twin, with whatever
+    /// memory it has) gets it: Lambda does not pin a shard to an environment.
+    pub switch: f64,
+}
+
+/// Runs the scenario through the router and the keyed joiner until every stream is drained:
+/// the input pollers and the keyed stream's pollers interleave by the seed; `twin` is a second
+/// joiner instance on the same ports, used for duplicate invocations.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_keyed<K, D, L, R, J, E>(
+    router: &crate::keyed::BatchRouter<K, D>,
+    keyed: &MemoryKeyedStream,
+    joiner: &crate::keyed_batch::KeyedJoiner<L, R, J, E>,
+    twin: &crate::keyed_batch::KeyedJoiner<L, R, J, E>,
+    scenario: &Scenario,
+    seed: u64,
+    max_batch: usize,
+    disturb: Disturbance,
+    max_invocations: u32,
+) -> Result<u32, String>
+where
+    K: RecordSink,
+    D: DeadLetterSink,
+    L: crate::packed::StateLog,
+    R: crate::packed::ShardRanges,
+    J: RecordSink,
+    E: DeadLetterSink,
+{
+    let mut rng = Rng::new(seed ^ 0x6E7);
+    let mut imps = ShardPoller::new(
+        &router.config.impressions_stream,
+        "shardId-000000000000",
+        scenario.impression_stream.clone(),
+    );
+    let mut clicks = ShardPoller::new(
+        &router.config.clicks_stream,
+        "shardId-000000000000",
+        scenario.click_stream.clone(),
+    );
+    let mut cursors = vec![0usize; keyed.shard_count()];
+    let mut invocations = 0u32;
+    let mut now_ms = 1_795_169_800_000i64;
+    loop {
+        let keyed_ready: Vec<usize> = (0..cursors.len())
+            .filter(|&i| cursors[i] < keyed.len(i))
+            .collect();
+        if imps.drained() && clicks.drained() && keyed_ready.is_empty() {
+            return Ok(invocations);
+        }
+        if invocations >= max_invocations {
+            return Err(format!(
+                "not drained after {max_invocations} invocations (keyed cursors {cursors:?})"
+            ));
+        }
+        invocations += 1;
+        keyed.tick(1 + rng.below(300) as i64);
+        now_ms += 1 + rng.below(300) as i64;
+        let choice = rng.below(3);
+        let input = if choice == 0 && !imps.drained() {
+            Some(&mut imps)
+        } else if choice == 1 && !clicks.drained() {
+            Some(&mut clicks)
+        } else {
+            None
+        };
+        match (input, keyed_ready.is_empty()) {
+            (Some(poller), _) => {
+                let batch = poller.next_batch(1 + rng.below(max_batch as u64) as usize);
+                let report = router.process(&batch, now_ms).await;
+                poller.checkpoint(batch.len(), report.first_failure);
+            }
+            (None, false) => {
+                let i = keyed_ready[rng.below(keyed_ready.len() as u64) as usize];
+                let batch = keyed.read(i, cursors[i], 1 + rng.below(max_batch as u64) as usize);
+                if rng.chance(disturb.restart) {
+                    joiner.forget().await;
+                }
+                let report = if rng.chance(disturb.duplicate) {
+                    let (a, b) = futures::join!(
+                        joiner.process(&batch, now_ms),
+                        twin.process(&batch, now_ms)
+                    );
+                    // Lambda sees one of the two; take either at random.
+                    if rng.chance(0.5) {
+                        a
+                    } else {
+                        b
+                    }
+                } else if rng.chance(disturb.switch) {
+                    twin.process(&batch, now_ms).await
+                } else {
+                    joiner.process(&batch, now_ms).await
+                };
+                match report.first_failure {
+                    Some(f) => cursors[i] += f,
+                    None => cursors[i] += batch.len(),
+                }
+            }
+            (None, true) => {}
+        }
+    }
+}
+
+/// Checks the joined stream against the reference: every pair and impression present, and at
+/// most one copy of each not flagged `recovered` (the lake lands a flagged copy only if absent).
+pub fn check_exactly_once(
+    records: &[OutRecord],
+    scenario: &Scenario,
+    rules: &JoinRules,
+) -> Result<(), String> {
+    let expected = pair_keys(&scenario.reference_join(rules));
+    let mut unflagged: std::collections::BTreeMap<(String, String), u32> = Default::default();
+    let mut seen = BTreeSet::new();
+    for r in decode_stream(records) {
+        if let JoinedStreamRecord::Click(c) = r {
+            let key = (c.impression_id.clone(), c.click_id.clone());
+            if !c.recovered {
+                *unflagged.entry(key.clone()).or_default() += 1;
+            }
+            seen.insert(key);
+        }
+    }
+    if seen != expected {
+        let missing: Vec<_> = expected.difference(&seen).collect();
+        let extra: Vec<_> = seen.difference(&expected).collect();
+        return Err(format!("pairs missing {missing:?}, unexpected {extra:?}"));
+    }
+    if let Some((k, n)) = unflagged.iter().find(|(_, n)| **n > 1) {
+        return Err(format!("pair {k:?} emitted {n} times unflagged"));
+    }
+    check_forwarded_impressions(records, scenario)
 }

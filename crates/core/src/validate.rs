@@ -70,10 +70,15 @@ pub enum RejectReason {
     /// [`crate::join::MAX_CLICKS_PER_IMPRESSION`] clicks (an unexpanded click macro, a bot):
     /// stored, it would push the join state past DynamoDB's item limit and block the shard.
     TooManyClicks,
+    /// The event is older than the deduplication horizon allows checking: it may repeat an
+    /// event whose state has expired, so it is never emitted as new.
+    PastDedupHorizon,
+    /// A record of the keyed stream that the router did not write (not its format).
+    InvalidKeyedRecord,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 21] = [
+    pub const ALL: [RejectReason; 23] = [
         RejectReason::InvalidBase64,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
@@ -95,6 +100,8 @@ impl RejectReason {
         RejectReason::UnknownSource,
         RejectReason::ConflictingDuplicate,
         RejectReason::TooManyClicks,
+        RejectReason::PastDedupHorizon,
+        RejectReason::InvalidKeyedRecord,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +127,8 @@ impl RejectReason {
             RejectReason::UnknownSource => "unknown_source",
             RejectReason::ConflictingDuplicate => "conflicting_duplicate",
             RejectReason::TooManyClicks => "too_many_clicks",
+            RejectReason::PastDedupHorizon => "past_dedup_horizon",
+            RejectReason::InvalidKeyedRecord => "invalid_keyed_record",
         }
     }
 }

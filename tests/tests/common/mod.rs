@@ -72,6 +72,7 @@ pub fn traffic(seed: u64, prefix: &str) -> Traffic {
             beyond: 0.1,
         },
         duration_ms: 4 * 60_000,
+        start_ms: adpipe_it::recent_start_ms(4 * 60_000),
         out_of_order: 0.2,
         reorder_distance: 30,
         duplicates: 0.05,

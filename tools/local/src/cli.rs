@@ -113,6 +113,11 @@ pub struct DemoArgs {
     /// Directory for query results, chart and export [default: .local/out of the workspace]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Records per second over both streams, sent while the functions run [default: as fast
+    /// as the endpoint takes them]. The endpoint answers one request at a time, so a full-speed
+    /// send delays the functions' reads, and the attribution latency with them
+    #[arg(long, value_name = "RECORDS_PER_S", value_parser = positive_rate)]
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Args)]

@@ -1,5 +1,5 @@
 //! The two Lambda functions as the runner invokes them: the same init code as their `main`
-//! (`aws_joiner`, `aws_enricher`) and the same handlers (`adpipe_joiner::handle`,
+//! (`aws_function`, `aws_enricher`) and the same handlers (`adpipe_joiner::handle_routed`,
 //! `adpipe_enricher::handle`), in a pool of execution environments. Concurrent invocations get
 //! distinct environments and an environment is reused once free, as on Lambda; one that timed
 //! out or crashed is dropped.
@@ -11,7 +11,7 @@ use adpipe_aws::Clients;
 use adpipe_core::config::{EnricherConfig, JoinerConfig};
 use adpipe_core::metrics::Counts;
 use adpipe_enricher::AwsEnricher;
-use adpipe_joiner::AwsJoiner;
+use adpipe_joiner::AwsFunction;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 
 use crate::esm::FunctionError;
@@ -70,6 +70,8 @@ pub fn add_counts(total: &mut Counts, c: &Counts) {
     total.failed += c.failed;
     total.emit_retries += c.emit_retries;
     total.mark_failures += c.mark_failures;
+    total.orphaned += c.orphaned;
+    total.skipped += c.skipped;
 }
 
 /// The joiner function.
@@ -77,7 +79,7 @@ pub struct JoinerFunction {
     arn: String,
     clients: Clients,
     config: JoinerConfig,
-    pool: Pool<AwsJoiner>,
+    pool: Pool<AwsFunction>,
     totals: Mutex<Counts>,
 }
 
@@ -126,14 +128,15 @@ impl KinesisFunction for JoinerFunction {
                 Some(env) => (env, false),
                 None => {
                     self.pool.next_id();
-                    let env = adpipe_joiner::aws_joiner(&self.clients, self.config.clone());
+                    let env = adpipe_joiner::aws_function(&self.clients, self.config.clone());
                     (env, true)
                 }
             };
             // As on Lambda, the function reads the event's JSON with its own (lenient) type.
             let event = as_delivered(&event)?;
-            let (response, report) = adpipe_joiner::handle_invocation(
-                &env,
+            let (response, report) = adpipe_joiner::handle_routed(
+                &env.router,
+                &env.keyed,
                 &event,
                 adpipe_joiner::now_ms(),
                 &invocation(cold),

@@ -14,6 +14,7 @@ pub mod events;
 pub mod functions;
 pub mod generator;
 pub mod lake;
+pub mod latency;
 pub mod pipeline;
 pub mod progress;
 pub mod provision;

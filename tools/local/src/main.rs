@@ -610,23 +610,40 @@ async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
         s.out_of_order,
         s.malformed
     );
-    let send_time = send_traffic(
-        &p,
-        &traffic.impression_records,
-        &traffic.click_records,
-        Order::Interleaved,
-        None,
-    )
-    .await?;
     let input = (traffic.impression_records.len() + traffic.click_records.len()) as u64;
 
-    step("run joiner and enricher through their event source mappings until drained");
+    // The traffic goes out while the functions run, as producers and Lambda overlap in
+    // production, so the attribution latency below means what it says.
+    step("send the traffic while the joiner and enricher run through their event source mappings, until drained");
     let functions = p.functions()?;
     let log = local_dir(root).join(format!("logs/functions-{}.log", stamp()));
-    let report =
-        run_with_progress(&p, &functions, RunOptions::drain(&p.resources.region), &log).await?;
+    let mut options = RunOptions::drain(&p.resources.region);
+    let producers = Arc::new(AtomicBool::new(false));
+    options.producers_done = producers.clone();
+    let (send_time, report) = tokio::join!(
+        async {
+            let sent = send_traffic(
+                &p,
+                &traffic.impression_records,
+                &traffic.click_records,
+                Order::Interleaved,
+                a.rate,
+            )
+            .await;
+            producers.store(true, Ordering::SeqCst);
+            sent
+        },
+        run_with_progress(&p, &functions, options, &log)
+    );
+    let (send_time, report) = (send_time?, report?);
     print_run_summary(&report, &functions);
     println!("function output (EMF metric lines): {}", log.display());
+    let kinesis = &p.clients.kinesis;
+    let latencies = adpipe_local::latency::attribution_latencies(
+        &adpipe_local::latency::read_with_arrival(kinesis, &p.resources.clicks_stream.name).await?,
+        &adpipe_local::latency::read_with_arrival(kinesis, &p.resources.joined_stream.name).await?,
+    );
+    let pct = |q| adpipe_local::latency::percentile(&latencies, q).unwrap_or_default();
 
     step("named queries (sql/*.sql) on the lake, by DuckDB");
     let mut files = query_files(&[], a.sql_dir.as_deref(), root);
@@ -662,7 +679,13 @@ async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
     );
     let run_s = report.elapsed.as_secs_f64();
     println!(
-        "timing: send {:.1}s ({:.0} records/s), run {:.1}s ({:.0} input events/s through joiner and enricher), total {:.1}s",
+        "attribution latency (a click's arrival on the clicks stream to its joined record on the joined stream, {} clicks): p50 {} ms, p99 {} ms",
+        thousands(latencies.len() as u64),
+        pct(50.0),
+        pct(99.0)
+    );
+    println!(
+        "timing: send {:.1}s ({:.0} records/s, while the functions ran), run {:.1}s ({:.0} input events/s through router, joiner and enricher), total {:.1}s",
         send_time.as_secs_f64(),
         input as f64 / send_time.as_secs_f64().max(1e-3),
         run_s,

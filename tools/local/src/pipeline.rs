@@ -158,13 +158,16 @@ impl Pipeline {
         }
     }
 
-    /// The three event source mappings, in two stages: the joiner's (impressions, clicks),
-    /// then the enricher's (joined stream), which drains after the joiner has stopped.
+    /// The four event source mappings, in three stages: the joiner's routing ones (impressions,
+    /// clicks), then its join (keyed stream), then the enricher's (joined stream). A stage
+    /// drains after the one before it has stopped.
     pub async fn mappings(&self, f: &Functions) -> Result<Vec<Vec<Mapping>>, LocalError> {
         let r = &self.resources;
         let joiner_role = r.role_arn(&r.joiner);
         let mut joiner_settings = r.joiner_mapping.clone();
         joiner_settings.function_timeout = r.joiner.timeout;
+        let mut keyed_settings = r.keyed_mapping.clone();
+        keyed_settings.function_timeout = r.joiner.timeout;
         let mut enricher_settings = r.enricher_mapping.clone();
         enricher_settings.function_timeout = r.enricher.timeout;
         let destination = self.destination().await?;
@@ -187,6 +190,14 @@ impl Pipeline {
                 )
                 .with_destination(destination.clone()),
             ],
+            vec![Mapping::new(
+                format!("{} <- {}", r.joiner.name, r.keyed_stream.name),
+                &r.keyed_stream.name,
+                keyed_settings,
+                f.joiner.clone(),
+                &joiner_role,
+            )
+            .with_destination(destination.clone())],
             vec![Mapping::new(
                 format!("{} <- {}", r.enricher.name, r.joined_stream.name),
                 &r.joined_stream.name,

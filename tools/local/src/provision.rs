@@ -28,7 +28,12 @@ pub async fn provision(
     r: &Resources,
 ) -> Result<Provisioned, LocalError> {
     let mut out = Provisioned::default();
-    for stream in [&r.impressions_stream, &r.clicks_stream, &r.joined_stream] {
+    for stream in [
+        &r.impressions_stream,
+        &r.clicks_stream,
+        &r.joined_stream,
+        &r.keyed_stream,
+    ] {
         let label = format!("stream {}", stream.name);
         if create_stream(clients, stream).await? {
             out.created.push(label);
@@ -38,11 +43,17 @@ pub async fn provision(
     }
     for table in [&r.state_table, &r.commit_lease_table] {
         let label = format!("table {table}");
-        if create_ttl_table(clients, table).await? {
+        if create_ttl_table(clients, table, false).await? {
             out.created.push(label);
         } else {
             out.existing.push(label);
         }
+    }
+    let label = format!("table {}", r.state_log_table);
+    if create_ttl_table(clients, &r.state_log_table, true).await? {
+        out.created.push(label);
+    } else {
+        out.existing.push(label);
     }
     let mut buckets = vec![&r.lake_bucket, &r.dead_letter_bucket];
     buckets.dedup();
@@ -109,24 +120,36 @@ pub async fn create_stream(clients: &Clients, spec: &StreamSpec) -> Result<bool,
     )))
 }
 
-/// Creates a table keyed by `pk` (S), on demand, with TTL on `ttl`. `Ok(false)`: it existed.
-pub async fn create_ttl_table(clients: &Clients, name: &str) -> Result<bool, LocalError> {
-    let key = KeySchemaElement::builder()
-        .attribute_name("pk")
-        .key_type(KeyType::Hash)
-        .build()
-        .map_err(|e| LocalError::aws("DynamoDB key schema", e))?;
-    let attr = AttributeDefinition::builder()
-        .attribute_name("pk")
-        .attribute_type(ScalarAttributeType::S)
-        .build()
-        .map_err(|e| LocalError::aws("DynamoDB attribute definition", e))?;
-    match clients
-        .dynamodb
-        .create_table()
-        .table_name(name)
-        .key_schema(key)
-        .attribute_definitions(attr)
+/// Creates a table keyed by `pk` (S), and `sk` (N) if `sorted`, on demand, with TTL on `ttl`.
+/// `Ok(false)`: it existed.
+pub async fn create_ttl_table(
+    clients: &Clients,
+    name: &str,
+    sorted: bool,
+) -> Result<bool, LocalError> {
+    let mut keys = vec![("pk", KeyType::Hash, ScalarAttributeType::S)];
+    if sorted {
+        keys.push(("sk", KeyType::Range, ScalarAttributeType::N));
+    }
+    let mut request = clients.dynamodb.create_table().table_name(name);
+    for (attribute, key_type, scalar) in keys {
+        request = request
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(attribute)
+                    .key_type(key_type)
+                    .build()
+                    .map_err(|e| LocalError::aws("DynamoDB key schema", e))?,
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(attribute)
+                    .attribute_type(scalar)
+                    .build()
+                    .map_err(|e| LocalError::aws("DynamoDB attribute definition", e))?,
+            );
+    }
+    match request
         .billing_mode(BillingMode::PayPerRequest)
         .send()
         .await

@@ -46,8 +46,12 @@ pub struct Resources {
     pub impressions_stream: StreamSpec,
     pub clicks_stream: StreamSpec,
     pub joined_stream: StreamSpec,
-    /// Join state: hash key `pk` (S), TTL attribute `ttl`.
+    /// Both input streams re-keyed by state bucket (the joiner's router writes it).
+    pub keyed_stream: StreamSpec,
+    /// Join state of the per-event joiner: hash key `pk` (S), TTL attribute `ttl`.
     pub state_table: String,
+    /// The keyed joiner's state log: `pk` (S) + `sk` (N), TTL attribute `ttl`.
+    pub state_log_table: String,
     /// The enricher's commit leases: hash key `pk` (S), TTL attribute `ttl`.
     pub commit_lease_table: String,
     pub lake_bucket: String,
@@ -60,6 +64,8 @@ pub struct Resources {
     pub enricher: FunctionSpec,
     /// Both joiner mappings (impressions stream, clicks stream).
     pub joiner_mapping: EsmSettings,
+    /// The joiner's mapping of the keyed stream.
+    pub keyed_mapping: EsmSettings,
     /// The enricher's mapping (joined stream).
     pub enricher_mapping: EsmSettings,
 }
@@ -248,13 +254,16 @@ impl Resources {
             impressions_stream: s.stream("impressions_stream")?,
             clicks_stream: s.stream("clicks_stream")?,
             joined_stream: s.stream("joined_stream")?,
+            keyed_stream: s.stream("keyed_stream")?,
             state_table: s.name("state_table")?,
+            state_log_table: s.name("state_log_table")?,
             commit_lease_table: s.name("commit_lease_table")?,
             lake_bucket: s.name("lake_bucket")?,
             dead_letter_bucket: env(&joiner, "DEAD_LETTER_BUCKET")?,
             glue_database: s.name("glue_database")?,
             on_failure_queue: s.name("on_failure_queue")?,
             joiner_mapping: s.mapping("joiner", joiner.timeout)?,
+            keyed_mapping: s.mapping("joiner_keyed", joiner.timeout)?,
             enricher_mapping: s.mapping("enricher", enricher.timeout)?,
             joiner,
             enricher,
@@ -275,12 +284,14 @@ impl Resources {
             &mut r.impressions_stream,
             &mut r.clicks_stream,
             &mut r.joined_stream,
+            &mut r.keyed_stream,
         ] {
             let new = format!("{}-{tag}", s.name);
             rename(&mut s.name, new);
         }
         for name in [
             &mut r.state_table,
+            &mut r.state_log_table,
             &mut r.commit_lease_table,
             &mut r.lake_bucket,
             &mut r.on_failure_queue,

@@ -1,17 +1,28 @@
 //! Joiner cost per input event, counted from the real requests the AWS SDK sends to the local
-//! endpoint: DynamoDB requests and write/read units, Kinesis `PutRecords`, S3 `PutObject`.
+//! endpoint, over the whole path from the input streams to the joined stream: the router
+//! (input streams to the keyed stream) and the keyed joiner (keyed stream to the joined
+//! stream, its state a log of compressed slots in DynamoDB).
 //!
 //! Usage: cargo run --release -p adpipe-bench --bin joiner-cost -- \
-//!          [--impressions 20000] [--ctr 0.02] [--batch 100] [--duplicates 0.0] [--seed 7]
+//!          [--impressions 20000] [--ctr 0.02] [--batch 100] [--keyed-batch 100] \
+//!          [--duplicates 0.0] [--keyed-shards 1] [--restarts 1] [--seed 7]
 //!
-//! Write units follow DynamoDB's rule (larger of the item before and after, 1 KB units),
-//! computed by the adapter from the real items, because local endpoints do not report them.
+//! Write and read units follow DynamoDB's rules (a put is its item in 1 KB units, a strongly
+//! consistent query page its items in 4 KB units), computed by the adapter from the real items,
+//! because local endpoints do not report them. `--restarts` replaces the joiner's execution
+//! environment that many times, evenly spread, so the cost of rebuilding the state from the
+//! log is in the figures.
+
+use std::collections::BTreeMap;
 
 use adpipe_aws::{Clients, RequestCounter};
 use adpipe_core::config::JoinerConfig;
 use adpipe_core::metrics::Counts;
 use adpipe_core::testkit::{Scenario, ScenarioSize, ShardPoller};
-use adpipe_it::{create_bucket, create_state_table, create_stream, read_stream, unique, LocalAws};
+use adpipe_it::{
+    create_bucket, create_log_table, create_state_table, create_stream, read_records, read_stream,
+    unique, LocalAws,
+};
 use adpipe_local::cli::share;
 use clap::Parser;
 use std::sync::atomic::Ordering;
@@ -26,16 +37,31 @@ struct Args {
     /// Click-through rate
     #[arg(long, value_name = "P", default_value_t = 0.02, value_parser = share)]
     ctr: f64,
-    /// Records per batch (the mapping's batch size)
+    /// Records per batch of an input stream (the routing mappings' batch size)
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
+    /// Records per batch of the keyed stream (the join mapping's batch size)
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    keyed_batch: u32,
+    /// Shards of the keyed stream
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    keyed_shards: u32,
+    /// Times the joiner's execution environment is replaced (its state rebuilt from the log)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    restarts: u32,
     /// Share of deliveries sent twice
     #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = share)]
     duplicates: f64,
     /// Seed of the scenario
     #[arg(long, value_name = "N", default_value_t = 7)]
     seed: u64,
+    /// Short sequential ids (imp-1, clk-1) instead of random UUIDs: they compress far better
+    /// than real ids, so the default is UUIDs
+    #[arg(long)]
+    sequential_ids: bool,
 }
 
 #[tokio::main]
@@ -44,27 +70,37 @@ async fn main() -> anyhow::Result<()> {
         impressions,
         ctr,
         batch,
+        keyed_batch,
+        keyed_shards,
+        restarts,
         duplicates,
         seed,
+        sequential_ids,
     } = Args::parse();
     let batch = batch as usize;
 
     let local = LocalAws::shared();
     let sdk = local.sdk_config().await;
     let setup = Clients::new(&sdk);
-    let (table, joined_stream, bucket) = (
+    let (table, log_table, keyed_stream, joined_stream, bucket) = (
         unique("cost-state"),
+        unique("cost-log"),
+        unique("cost-keyed"),
         unique("cost-joined"),
         unique("cost-dlq"),
     );
     create_state_table(&setup, &table).await?;
+    create_log_table(&setup, &log_table).await?;
+    create_stream(&setup, &keyed_stream, keyed_shards as i32).await?;
     create_stream(&setup, &joined_stream, 1).await?;
     create_bucket(&setup, &bucket).await?;
     let vars = [
         ("IMPRESSIONS_STREAM_NAME", "impressions".to_owned()),
         ("CLICKS_STREAM_NAME", "clicks".to_owned()),
         ("JOINED_STREAM_NAME", joined_stream.clone()),
+        ("KEYED_STREAM_NAME", keyed_stream.clone()),
         ("STATE_TABLE_NAME", table),
+        ("STATE_LOG_TABLE_NAME", log_table),
         ("DEAD_LETTER_BUCKET", bucket),
     ];
     let config =
@@ -72,10 +108,12 @@ async fn main() -> anyhow::Result<()> {
 
     let counter = RequestCounter::default();
     let clients = Clients::metered(&sdk, &counter);
-    let joiner = adpipe_joiner::aws_joiner(&clients, config);
+    let function = adpipe_joiner::aws_function(&clients, config);
 
     let clicks = (impressions as f64 * ctr).round() as usize;
-    let scenario = Scenario::generate(
+    // Event times from a few minutes ago: the keyed stream's arrival times are the endpoint's
+    // clock, and the joiner refuses events older than its deduplication horizon.
+    let scenario = Scenario::generate_at(
         seed,
         ScenarioSize {
             impressions,
@@ -83,9 +121,14 @@ async fn main() -> anyhow::Result<()> {
             duplicate_rate: duplicates,
         },
         "",
+        adpipe_joiner::now_ms() - 15 * 60 * 1000,
+        !sequential_ids,
     );
     let events = scenario.impression_stream.len() + scenario.click_stream.len();
-    eprintln!("joiner-cost: {impressions} impressions, {clicks} clicks, {events} deliveries, batch {batch}");
+    eprintln!(
+        "joiner-cost: {impressions} impressions, {clicks} clicks, {events} deliveries, \
+         batch {batch}, keyed batch {keyed_batch}, {keyed_shards} keyed shards, {restarts} restarts"
+    );
     let mut pollers = [
         ShardPoller::new(
             "impressions",
@@ -101,31 +144,68 @@ async fn main() -> anyhow::Result<()> {
     let mut totals = Counts::default();
     let mut now_ms = 1_795_169_800_000i64;
     let mut done = 0usize;
-    // Both streams' batches alternate, clicks interleaved with impressions as in production.
+    let mut keyed_done: BTreeMap<String, String> = BTreeMap::new();
+    let restart_every = (events / (restarts as usize + 1)).max(1);
+    let mut next_restart = restart_every;
+    let mut restarted = 0;
+    // Both streams' batches alternate, clicks interleaved with impressions as in production;
+    // the keyed stream is drained after each round, shard by shard, as its mapping would.
     while pollers.iter().any(|p| !p.drained()) {
         for p in pollers.iter_mut().filter(|p| !p.drained()) {
             let records = p.next_batch(batch);
             now_ms += 100;
-            let report = joiner.process(&records, now_ms).await;
+            let report = function.router.process(&records, now_ms).await;
             p.checkpoint(records.len(), report.first_failure);
             add(&mut totals, &report.counts);
             done += records.len();
+        }
+        drain_keyed(
+            &setup,
+            &function,
+            &keyed_stream,
+            &mut keyed_done,
+            keyed_batch as usize,
+            now_ms,
+            &mut totals,
+        )
+        .await?;
+        if restarted < restarts && done >= next_restart {
+            function.keyed.forget().await;
+            restarted += 1;
+            next_restart += restart_every;
         }
         if done % 5_000 < batch * 2 {
             eprintln!("  {done}/{events} records");
         }
     }
+    drain_keyed(
+        &setup,
+        &function,
+        &keyed_stream,
+        &mut keyed_done,
+        keyed_batch as usize,
+        now_ms,
+        &mut totals,
+    )
+    .await?;
 
-    let usage = &joiner.state.usage;
+    let usage = &function.keyed.log.usage;
     let wcu = usage.write_units.load(Ordering::Relaxed);
     let rcu = usage.read_units.load(Ordering::Relaxed);
     let per_event = |n: u64| n as f64 / events as f64;
     println!(
-        "## joiner cost, {events} input events (ctr {ctr}, batch {batch}, duplicates {duplicates})"
+        "## joiner cost, {events} input events (ctr {ctr}, batch {batch}, keyed batch {keyed_batch}, \
+         {keyed_shards} keyed shards, {restarts} restarts, duplicates {duplicates})"
     );
     println!(
-        "joined pairs: {}, buffered: {}, duplicates ignored: {}, unmatched: {}",
-        totals.joined, totals.buffered, totals.duplicates, totals.unmatched
+        "joined pairs: {}, impressions forwarded: {}, duplicates ignored: {}, unmatched: {}, \
+         keyed records skipped: {}",
+        totals.joined, totals.forwarded, totals.duplicates, totals.unmatched, totals.skipped
+    );
+    println!(
+        "state log: {} bytes written ({:.1} bytes per input event)",
+        usage.write_bytes.load(Ordering::Relaxed),
+        usage.write_bytes.load(Ordering::Relaxed) as f64 / events as f64
     );
     println!("| measure | total | per input event | per 1,000 events |");
     println!("|---|---|---|---|");
@@ -152,23 +232,68 @@ async fn main() -> anyhow::Result<()> {
         per_event(total),
         per_event(total) * 1000.0
     );
-    // Kinesis PUT payload units the joiner puts (its output stream; the producers' own puts of
-    // the input events are the same for any design and not counted): one per started 25 KiB.
     let ddb: u64 = counter
         .snapshot()
         .into_iter()
         .filter(|((service, _), _)| service.eq_ignore_ascii_case("dynamodb"))
         .map(|(_, n)| n)
         .sum();
+    // Kinesis PUT payload units the path puts: the router's keyed records and the joiner's
+    // joined records (the producers' own puts of the input events are the same for any
+    // design and not counted): one per started 25 KiB.
+    let keyed = read_stream(&setup, &keyed_stream).await?;
     let output = read_stream(&setup, &joined_stream).await?;
-    let put_units: u64 = output.iter().map(|r| put_payload_units(r.len())).sum();
+    let keyed_units: u64 = keyed.iter().map(|r| put_payload_units(r.len())).sum();
+    let output_units: u64 = output.iter().map(|r| put_payload_units(r.len())).sum();
     println!(
-        "joiner output: {} records, {} bytes, {put_units} PUT payload units",
+        "keyed stream: {} records, {} bytes, {keyed_units} PUT payload units",
+        keyed.len(),
+        keyed.iter().map(Vec::len).sum::<usize>()
+    );
+    println!(
+        "joiner output: {} records, {} bytes, {output_units} PUT payload units",
         output.len(),
         output.iter().map(Vec::len).sum::<usize>()
     );
-    println!("{}", summary_line(events as u64, wcu, rcu, ddb, put_units));
+    println!(
+        "{}",
+        summary_line(events as u64, wcu, rcu, ddb, keyed_units + output_units)
+    );
     Ok(())
+}
+
+/// Runs the joiner over every keyed record not yet done, in batches of `batch` per shard.
+async fn drain_keyed(
+    setup: &Clients,
+    function: &adpipe_joiner::AwsFunction,
+    stream: &str,
+    done: &mut BTreeMap<String, String>,
+    batch: usize,
+    now_ms: i64,
+    totals: &mut Counts,
+) -> anyhow::Result<()> {
+    loop {
+        let records = read_records(setup, stream, done, batch).await?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut by_shard: BTreeMap<String, Vec<adpipe_core::model::InputRecord>> = BTreeMap::new();
+        for r in records {
+            by_shard
+                .entry(r.position.shard.clone())
+                .or_default()
+                .push(r);
+        }
+        for (shard, records) in by_shard {
+            let report = function.keyed.process(&records, now_ms).await;
+            add(totals, &report.counts);
+            let upto = report.first_failure.unwrap_or(records.len());
+            if upto == 0 {
+                anyhow::bail!("keyed batch failed: {:?}", report.failures);
+            }
+            done.insert(shard, records[upto - 1].position.sequence_number.clone());
+        }
+    }
 }
 
 /// Kinesis bills PUTs in payload units of 25 KiB, each record at least one.
@@ -191,9 +316,11 @@ fn summary_line(events: u64, wcu: u64, rcu: u64, ddb_requests: u64, put_units: u
 
 fn add(t: &mut Counts, c: &Counts) {
     t.joined += c.joined;
+    t.forwarded += c.forwarded;
     t.buffered += c.buffered;
     t.duplicates += c.duplicates;
     t.unmatched += c.unmatched;
+    t.skipped += c.skipped;
 }
 
 #[cfg(test)]
@@ -221,6 +348,9 @@ mod tests {
             a.impressions == 20_000
                 && a.ctr == 0.02
                 && a.batch == 100
+                && a.keyed_batch == 100
+                && a.keyed_shards == 1
+                && a.restarts == 1
                 && a.duplicates == 0.0
                 && a.seed == 7,
             "{a:?}"

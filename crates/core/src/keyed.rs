@@ -1,0 +1,420 @@
+//! The keyed stream: both input streams re-keyed by `impression_id` into one stream, so every
+//! event of one impression id reaches one shard, in order, and one writer decides it.
+//!
+//! The router validates each input record (dead-lettering what is invalid, exactly as the
+//! per-event joiner did), maps its `impression_id` to one of [`HASH_BUCKETS`] fixed buckets and
+//! packs the events of one bucket into keyed records. Each keyed record carries an
+//! `ExplicitHashKey` in the middle of its bucket's slice of Kinesis' 128-bit hash space, so a
+//! whole bucket lives on exactly one shard whatever the shard count, and a shard owns a
+//! contiguous [`BucketRange`]. The join state is keyed by that range, never by a shard id, so it
+//! outlives resharding.
+
+use std::collections::BTreeMap;
+
+use futures::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{parse_input, BatchReport, FUNCTION};
+use crate::config::JoinerConfig;
+use crate::dead_letter;
+use crate::emit;
+use crate::metrics::Counts;
+use crate::model::{Click, Event, Impression, InputRecord, SourcePosition};
+use crate::ports::{DeadLetterSink, OutRecord, RecordSink};
+use crate::validate::{RejectReason, Rejection};
+
+/// Bits of the fixed bucket space.
+pub const BUCKET_BITS: u32 = 6;
+/// The fixed number of state buckets (64). More shards than buckets would leave shards idle,
+/// so this is also the largest useful shard count of the keyed stream (64 shards take about
+/// 64 MB/s of keyed records, several hundred thousand events a second). Few buckets let the
+/// router pack many events into one keyed record: a batch of 500 input records makes about
+/// 64 keyed records, not 500, which is what Kinesis bills (PUT payload units) and what the
+/// joiner's batch size counts.
+pub const HASH_BUCKETS: u32 = 1 << BUCKET_BITS;
+/// Largest keyed record the router writes (data bytes). Far below Kinesis' 1 MiB record limit
+/// and a 6 MB Lambda payload; a bucket's events beyond it go into further records.
+pub const MAX_KEYED_RECORD_BYTES: usize = 64 * 1024;
+/// The keyed record format's version.
+pub const KEYED_FORMAT: u32 = 1;
+
+/// The bucket of an impression id: the top [`BUCKET_BITS`] bits of its SHA-256.
+pub fn bucket_of(impression_id: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(impression_id.as_bytes());
+    (u32::from(d[0]) << 8 | u32::from(d[1])) >> (16 - BUCKET_BITS)
+}
+
+/// The `ExplicitHashKey` of a bucket: the middle of its slice of the 128-bit hash space.
+pub fn explicit_hash_key(bucket: u32) -> String {
+    let mid = (2 * u128::from(bucket) + 1) << (128 - BUCKET_BITS - 1);
+    mid.to_string()
+}
+
+/// The explicit hash key of a keyed record from its partition key (`b<bucket>`), so a record
+/// put back on the keyed stream (a redrive) lands on its bucket's shard again.
+pub fn explicit_hash_key_of(partition_key: &str) -> Option<String> {
+    let bucket: u32 = partition_key.strip_prefix('b')?.parse().ok()?;
+    (bucket < HASH_BUCKETS).then(|| explicit_hash_key(bucket))
+}
+
+/// The buckets a shard owns: those whose explicit hash key lies in the shard's hash key range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BucketRange {
+    pub lo: u32,
+    pub hi: u32,
+}
+
+impl BucketRange {
+    /// Every bucket (a stream with one shard).
+    pub const ALL: BucketRange = BucketRange {
+        lo: 0,
+        hi: HASH_BUCKETS - 1,
+    };
+
+    /// From a shard's `HashKeyRange` (decimal strings). `None` if no bucket's key falls in it.
+    pub fn from_hash_range(start: &str, end: &str) -> Option<BucketRange> {
+        let start: u128 = start.trim().parse().ok()?;
+        let end: u128 = end.trim().parse().ok()?;
+        let key = |b: u32| (2 * u128::from(b) + 1) << (128 - BUCKET_BITS - 1);
+        let buckets: Vec<u32> = (0..HASH_BUCKETS)
+            .filter(|&b| (start..=end).contains(&key(b)))
+            .collect();
+        Some(BucketRange {
+            lo: *buckets.first()?,
+            hi: *buckets.last()?,
+        })
+    }
+
+    pub fn contains(&self, bucket: u32) -> bool {
+        (self.lo..=self.hi).contains(&bucket)
+    }
+
+    pub fn overlaps(&self, other: &BucketRange) -> bool {
+        self.lo <= other.hi && other.lo <= self.hi
+    }
+
+    /// The id of the state log of this range (`r0000-0063`).
+    pub fn log_id(&self) -> String {
+        format!("r{:04}-{:04}", self.lo, self.hi)
+    }
+
+    /// The range a log id names.
+    pub fn from_log_id(id: &str) -> Option<BucketRange> {
+        let (lo, hi) = id.strip_prefix('r')?.split_once('-')?;
+        let (lo, hi) = (lo.parse().ok()?, hi.parse().ok()?);
+        (lo <= hi && hi < HASH_BUCKETS).then_some(BucketRange { lo, hi })
+    }
+}
+
+/// One validated input event on the keyed stream, with where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyedEvent {
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub impression: Option<Impression>,
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub click: Option<Click>,
+    /// The input record's position (for dead letters and orphan records).
+    #[serde(rename = "s")]
+    pub source: SourcePosition,
+    /// The input record's arrival on its stream, epoch ms.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub arrival_ms: Option<i64>,
+}
+
+impl KeyedEvent {
+    pub fn new(event: Event, source: SourcePosition, arrival_ms: Option<i64>) -> Self {
+        let (impression, click) = match event {
+            Event::Impression(i) => (Some(i), None),
+            Event::Click(c) => (None, Some(c)),
+        };
+        KeyedEvent {
+            impression,
+            click,
+            source,
+            arrival_ms,
+        }
+    }
+
+    /// The event, if the record holds exactly one side.
+    pub fn event(&self) -> Option<Event> {
+        match (&self.impression, &self.click) {
+            (Some(i), None) => Some(Event::Impression(i.clone())),
+            (None, Some(c)) => Some(Event::Click(c.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// One record of the keyed stream: events of one bucket, in input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct KeyedRecord {
+    v: u32,
+    b: u32,
+    e: Vec<KeyedEvent>,
+}
+
+/// Packs the events of each bucket into keyed records of at most [`MAX_KEYED_RECORD_BYTES`]
+/// (one event is always a record of its own, whatever its size). Returns each record with the
+/// indexes of the input records it carries.
+pub fn pack(events: Vec<(usize, KeyedEvent)>) -> Vec<(OutRecord, Vec<usize>)> {
+    let mut by_bucket: BTreeMap<u32, Vec<(usize, KeyedEvent, Vec<u8>)>> = BTreeMap::new();
+    for (index, event) in events {
+        let bucket = match (&event.impression, &event.click) {
+            (Some(i), _) => bucket_of(&i.impression_id),
+            (None, Some(c)) => bucket_of(&c.impression_id),
+            (None, None) => continue,
+        };
+        let bytes = serde_json::to_vec(&event).expect("a keyed event always encodes");
+        by_bucket
+            .entry(bucket)
+            .or_default()
+            .push((index, event, bytes));
+    }
+    let mut out = Vec::new();
+    for (bucket, events) in by_bucket {
+        let mut chunk: Vec<KeyedEvent> = Vec::new();
+        let mut indexes = Vec::new();
+        let mut size = 0;
+        let flush = |chunk: &mut Vec<KeyedEvent>,
+                     indexes: &mut Vec<usize>,
+                     out: &mut Vec<(OutRecord, Vec<usize>)>| {
+            if chunk.is_empty() {
+                return;
+            }
+            let record = KeyedRecord {
+                v: KEYED_FORMAT,
+                b: bucket,
+                e: std::mem::take(chunk),
+            };
+            out.push((
+                OutRecord {
+                    partition_key: format!("b{bucket}"),
+                    data: serde_json::to_vec(&record).expect("a keyed record always encodes"),
+                    explicit_hash_key: Some(explicit_hash_key(bucket)),
+                },
+                std::mem::take(indexes),
+            ));
+        };
+        for (index, event, bytes) in events {
+            if size + bytes.len() + 1 > MAX_KEYED_RECORD_BYTES {
+                flush(&mut chunk, &mut indexes, &mut out);
+                size = 0;
+            }
+            size += bytes.len() + 1;
+            chunk.push(event);
+            indexes.push(index);
+        }
+        flush(&mut chunk, &mut indexes, &mut out);
+    }
+    out
+}
+
+/// Decodes a keyed record into its events.
+pub fn unpack(data: &[u8]) -> Result<Vec<KeyedEvent>, Rejection> {
+    let record: KeyedRecord = serde_json::from_slice(data).map_err(|e| {
+        Rejection::new(
+            RejectReason::InvalidKeyedRecord,
+            format!("not a keyed record: {e}"),
+        )
+    })?;
+    if record.v != KEYED_FORMAT {
+        return Err(Rejection::new(
+            RejectReason::InvalidKeyedRecord,
+            format!("keyed record format {} is not {KEYED_FORMAT}", record.v),
+        ));
+    }
+    if let Some(bad) = record.e.iter().find(|e| e.event().is_none()) {
+        return Err(Rejection::new(
+            RejectReason::InvalidKeyedRecord,
+            format!(
+                "an event from {:?} holds neither exactly one impression nor one click",
+                bad.source
+            ),
+        ));
+    }
+    Ok(record.e)
+}
+
+/// The router: input records in, keyed records out. Stateless; it touches no join state.
+pub struct BatchRouter<K, D> {
+    /// The keyed stream.
+    pub sink: K,
+    pub dead_letters: D,
+    pub config: JoinerConfig,
+}
+
+impl<K: RecordSink, D: DeadLetterSink> BatchRouter<K, D> {
+    pub fn new(sink: K, dead_letters: D, config: JoinerConfig) -> Self {
+        BatchRouter {
+            sink,
+            dead_letters,
+            config,
+        }
+    }
+
+    /// Routes one batch of one input shard. A record is finished when it is dead-lettered or
+    /// its keyed record was accepted; the first unfinished one is reported for redelivery.
+    /// A redelivery may put an event on the keyed stream twice: the joiner recognises it.
+    pub async fn process(&self, records: &[InputRecord], now_ms: i64) -> BatchReport {
+        let cfg = &self.config;
+        let mut counts = Counts {
+            records_in: records.len() as u64,
+            ..Counts::default()
+        };
+        let mut failures: BTreeMap<usize, String> = BTreeMap::new();
+        let mut letters = Vec::new();
+        let mut events = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            match parse_input(cfg, record) {
+                Ok(event) => {
+                    match &event {
+                        Event::Impression(_) => counts.impressions += 1,
+                        Event::Click(_) => counts.clicks += 1,
+                    }
+                    events.push((
+                        i,
+                        KeyedEvent::new(event, record.position.clone(), record.arrival_ms),
+                    ));
+                }
+                Err(rejection) => {
+                    counts.reject(rejection.reason);
+                    letters.push((
+                        i,
+                        dead_letter::rejected(
+                            &cfg.dead_letter_prefix,
+                            FUNCTION,
+                            &record.position,
+                            &record.data,
+                            &rejection,
+                            now_ms,
+                        ),
+                    ));
+                }
+            }
+        }
+        let packed = pack(events);
+        let out: Vec<OutRecord> = packed.iter().map(|(r, _)| r.clone()).collect();
+        // A keyed record that may have been written is sent again as it is: the joiner
+        // recognises the repeated events from its state, so no flag is needed here.
+        let (emitted, letter_results) = futures::join!(
+            emit::send_all(&self.sink, &out, &cfg.emit_retry, Clone::clone),
+            stream::iter(letters.iter())
+                .map(|(i, letter)| async move { (*i, self.dead_letters.put(letter).await) })
+                .buffer_unordered(cfg.max_in_flight.max(1))
+                .collect::<Vec<_>>()
+        );
+        counts.emit_retries = u64::from(emitted.retried_entries);
+        for ((_, indexes), error) in packed.iter().zip(&emitted.errors) {
+            if let Some(e) = error {
+                for &i in indexes {
+                    failures
+                        .entry(i)
+                        .or_insert_with(|| format!("keyed record not accepted: {e}"));
+                }
+            }
+        }
+        for (i, result) in letter_results {
+            if let Err(e) = result {
+                failures.entry(i).or_insert_with(|| e.to_string());
+            }
+        }
+        let first_failure = failures.keys().next().copied();
+        counts.failed = first_failure.map_or(0, |f| (records.len() - f) as u64);
+        BatchReport {
+            first_failure,
+            failures,
+            counts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_bucket_key_lies_in_its_own_slice_and_ranges_round_trip() {
+        let max = u128::MAX.to_string();
+        assert_eq!(
+            BucketRange::from_hash_range("0", &max),
+            Some(BucketRange::ALL)
+        );
+        // Two shards split at the middle, as Kinesis' even split does.
+        let mid = 1u128 << 127;
+        let low = BucketRange::from_hash_range("0", &(mid - 1).to_string()).unwrap();
+        let high = BucketRange::from_hash_range(&mid.to_string(), &max).unwrap();
+        let half = HASH_BUCKETS / 2;
+        assert_eq!(
+            (low.lo, low.hi, high.lo, high.hi),
+            (0, half - 1, half, HASH_BUCKETS - 1)
+        );
+        assert!(!low.overlaps(&high) && low.overlaps(&BucketRange::ALL));
+        // Three shards: uneven boundaries still give each bucket exactly one owner.
+        let third = u128::MAX / 3;
+        let ranges = [
+            BucketRange::from_hash_range("0", &third.to_string()).unwrap(),
+            BucketRange::from_hash_range(&(third + 1).to_string(), &(2 * third).to_string())
+                .unwrap(),
+            BucketRange::from_hash_range(&(2 * third + 1).to_string(), &max).unwrap(),
+        ];
+        for b in 0..HASH_BUCKETS {
+            assert_eq!(ranges.iter().filter(|r| r.contains(b)).count(), 1, "{b}");
+        }
+        for r in ranges {
+            assert_eq!(BucketRange::from_log_id(&r.log_id()), Some(r));
+        }
+        assert_eq!(BucketRange::from_hash_range("5", "6"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn packing_keeps_every_event_once_in_its_bucket_and_within_the_record_limit(
+            ids in proptest::collection::vec("[a-z0-9]{1,40}", 1..200),
+            pad in 0usize..300,
+        ) {
+            let events: Vec<(usize, KeyedEvent)> = ids.iter().enumerate().map(|(i, id)| {
+                let imp = Impression {
+                    ad_id: "a".repeat(pad.max(1)), impression_id: id.clone(),
+                    campaign_id: "c".into(), publisher_id: "p".into(), event_time_ms: i as i64,
+                    device_type: "mobile".into(), geo_location: "US".into(), platform: "ios".into(),
+                    ad_type: "banner".into(), bid_price: 1.0,
+                };
+                let pos = SourcePosition { stream: "s".into(), shard: "shardId-0".into(), sequence_number: i.to_string() };
+                (i, KeyedEvent::new(Event::Impression(imp), pos, Some(i as i64)))
+            }).collect();
+            let packed = pack(events.clone());
+            let mut seen = Vec::new();
+            for (record, indexes) in &packed {
+                prop_assert!(record.data.len() <= MAX_KEYED_RECORD_BYTES);
+                let decoded = unpack(&record.data).unwrap();
+                prop_assert_eq!(decoded.len(), indexes.len());
+                let bucket: u32 = record.partition_key[1..].parse().unwrap();
+                prop_assert_eq!(record.explicit_hash_key.clone(), Some(explicit_hash_key(bucket)));
+                for (e, &i) in decoded.iter().zip(indexes) {
+                    prop_assert_eq!(e, &events[i].1);
+                    prop_assert_eq!(bucket_of(&e.impression.as_ref().unwrap().impression_id), bucket);
+                    seen.push(i);
+                }
+                // Input order is kept within a bucket.
+                prop_assert!(indexes.windows(2).all(|w| w[0] < w[1]));
+            }
+            seen.sort_unstable();
+            prop_assert_eq!(seen, (0..ids.len()).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_record_that_is_not_a_keyed_record_is_refused_with_its_reason() {
+        for data in [&b"{}"[..], b"not json", br#"{"v":2,"b":0,"e":[]}"#] {
+            let err = unpack(data).unwrap_err();
+            assert_eq!(err.reason, RejectReason::InvalidKeyedRecord, "{data:?}");
+        }
+        let both = br#"{"v":1,"b":0,"e":[{"s":{"stream":"x","shard":"y","sequence_number":"1"}}]}"#;
+        assert_eq!(
+            unpack(both).unwrap_err().reason,
+            RejectReason::InvalidKeyedRecord
+        );
+    }
+}

@@ -1,0 +1,484 @@
+//! One batch of the keyed stream through the joiner: decide every event from memory, write the
+//! batch as one fenced log slot, then emit. See [`crate::packed`] for the state and its fence.
+//!
+//! Failure contract: nothing is emitted before the batch's slot is written. If the slot cannot
+//! be written (a throttle, another writer took the number), the memory is dropped and the batch
+//! fails from its first record; the redelivery rebuilds the state from the log. If outputs were
+//! not all accepted, they stay pending (in memory and in the log) and the batch reports its
+//! last record failed: the redelivery finds every record in the log, skips them, and emits the
+//! pending outputs again, flagged `recovered` where they may be on the stream already.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+
+use crate::batch::{flag_recovered, BatchReport, FUNCTION};
+use crate::config::JoinerConfig;
+use crate::dead_letter;
+use crate::emit;
+use crate::keyed::{unpack, BucketRange};
+use crate::metrics::Counts;
+use crate::model::{Event, InputRecord};
+use crate::packed::{
+    slots_for_batch, JoinMemory, Outcome, Pending, PutSlot, ShardRanges, StateLog, StateRules,
+    Stored,
+};
+use crate::ports::{DeadLetter, DeadLetterSink, OutRecord, PortError, RecordSink};
+use crate::validate::{encode_click, encode_impression, RejectReason, Rejection};
+
+/// A range's memory and the outputs that may already be on the stream.
+struct Held {
+    memory: JoinMemory,
+    maybe_sent: BTreeSet<Pending>,
+}
+
+/// The joiner over the keyed stream.
+pub struct KeyedJoiner<L, R, K, D> {
+    pub log: L,
+    pub ranges: R,
+    pub sink: K,
+    pub dead_letters: D,
+    pub config: JoinerConfig,
+    pub rules: StateRules,
+    held: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Held>>>>>,
+    shard_ranges: tokio::sync::Mutex<HashMap<String, BucketRange>>,
+}
+
+/// Why a batch stopped before its slot was written.
+enum Abort {
+    Port(PortError),
+    Taken(u64),
+}
+
+impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<L, R, K, D> {
+    pub fn new(log: L, ranges: R, sink: K, dead_letters: D, config: JoinerConfig) -> Self {
+        let rules = StateRules {
+            join: config.rules,
+            dedup_horizon_ms: config.dedup_horizon_ms,
+            max_ahead_ms: config.time_bounds.max_ahead_ms,
+            ttl_grace_ms: config.ttl_grace_ms,
+        };
+        KeyedJoiner {
+            log,
+            ranges,
+            sink,
+            dead_letters,
+            config,
+            rules,
+            held: Default::default(),
+            shard_ranges: Default::default(),
+        }
+    }
+
+    /// Forgets every range's memory (as a new execution environment would start).
+    pub async fn forget(&self) {
+        self.held.lock().await.clear();
+    }
+
+    async fn range_of(&self, stream: &str, shard: &str) -> Result<BucketRange, PortError> {
+        if let Some(r) = self.shard_ranges.lock().await.get(shard) {
+            return Ok(*r);
+        }
+        let r = self.ranges.range(stream, shard).await?;
+        self.shard_ranges.lock().await.insert(shard.to_owned(), r);
+        Ok(r)
+    }
+
+    async fn rebuild(&self, range: BucketRange, shard: &str) -> Result<Held, PortError> {
+        let own = range.log_id();
+        let logs = self.log.logs().await?;
+        if !logs.contains(&own) {
+            self.log.register(&own).await?;
+        }
+        let mut others = Vec::new();
+        for log in logs.iter().filter(|l| **l != own) {
+            if BucketRange::from_log_id(log).is_some_and(|r| r.overlaps(&range)) {
+                others.push((log.clone(), self.log.read(log, 0).await?));
+            }
+        }
+        let slots = self.log.read(&own, 0).await?;
+        let acked = self.log.acked(&own).await?;
+        let memory = JoinMemory::rebuild(range, shard, &self.rules, &slots, &others, acked)?;
+        let maybe_sent = memory.pending().cloned().collect();
+        Ok(Held { memory, maybe_sent })
+    }
+
+    /// Reads what other writers added to this range's log since this memory's head.
+    async fn catch_up(&self, held: &mut Held) -> Result<(), PortError> {
+        let from = held.memory.head.map_or(0, |h| h + 1);
+        let mut slots = self.log.read(&held.memory.log, from).await?;
+        // A batch that spans several slots is read from its first.
+        if let Some(last) = slots.last() {
+            let first = crate::packed::decode_body(&last.body)?.batch_first;
+            if first < from {
+                slots = self.log.read(&held.memory.log, first).await?;
+            }
+        }
+        let acked = self.log.acked(&held.memory.log).await?;
+        held.memory.catch_up(&self.rules, &slots, acked)?;
+        held.maybe_sent = held.memory.pending().cloned().collect();
+        Ok(())
+    }
+
+    fn ttl_epoch_s(&self, now_ms: i64) -> i64 {
+        (now_ms + self.rules.dedup_horizon_ms + self.rules.ttl_grace_ms) / 1000
+    }
+
+    /// Processes one batch of one keyed-stream shard, in sequence order.
+    pub async fn process(&self, records: &[InputRecord], now_ms: i64) -> BatchReport {
+        let mut report = BatchReport {
+            counts: Counts {
+                records_in: records.len() as u64,
+                ..Counts::default()
+            },
+            ..BatchReport::default()
+        };
+        let Some(first) = records.first() else {
+            return report;
+        };
+        let (stream, shard) = (&first.position.stream, &first.position.shard);
+        let fail_all = |report: &mut BatchReport, why: String| {
+            report.first_failure = Some(0);
+            report.failures.insert(0, why);
+            report.counts.failed = records.len() as u64;
+        };
+        let range = match self.range_of(stream, shard).await {
+            Ok(r) => r,
+            Err(e) => {
+                fail_all(&mut report, format!("shard's bucket range: {e}"));
+                return report;
+            }
+        };
+        let cell = self
+            .held
+            .lock()
+            .await
+            .entry(shard.clone())
+            .or_default()
+            .clone();
+        let mut guard = cell.lock().await;
+        if guard.as_ref().is_none_or(|h| h.memory.range != range) {
+            match self.rebuild(range, shard).await {
+                Ok(h) => *guard = Some(h),
+                Err(e) => {
+                    fail_all(&mut report, format!("rebuilding the join state: {e}"));
+                    return report;
+                }
+            }
+        }
+        let held = guard.as_mut().expect("just built");
+        // Another writer may have taken the slot this environment's memory expects (Lambda
+        // does not pin a shard to an environment): the attempt is taken back, the memory
+        // catches up from the log, and the batch is decided again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            held.memory.begin();
+            report.counts = Counts {
+                records_in: records.len() as u64,
+                ..Counts::default()
+            };
+            match self
+                .decide_and_write(held, records, now_ms, &mut report)
+                .await
+            {
+                Ok(()) => {
+                    held.memory.commit(&self.rules);
+                    break;
+                }
+                Err(abort) => {
+                    held.memory.rollback();
+                    let why = match abort {
+                        Abort::Taken(n) if attempt < 3 => match self.catch_up(held).await {
+                            Ok(()) => continue,
+                            Err(e) => format!("catching up after slot {n} was taken: {e}"),
+                        },
+                        Abort::Taken(n) => {
+                            format!("log slot {n} was taken by another writer {attempt} times")
+                        }
+                        Abort::Port(e) => format!("batch not written, will be redone: {e}"),
+                    };
+                    *guard = None;
+                    report.counts = Counts {
+                        records_in: records.len() as u64,
+                        ..Counts::default()
+                    };
+                    fail_all(&mut report, why);
+                    return report;
+                }
+            }
+        }
+        self.sweep_orphans(held, &mut report).await;
+        self.emit_pending(held, records.len(), &mut report).await;
+        report
+    }
+
+    /// Records the clicks whose retention ended without a partner (after the batch is written,
+    /// so only written state is judged). A failed write leaves them for the next batch.
+    async fn sweep_orphans(&self, held: &mut Held, report: &mut BatchReport) {
+        let rules = self.rules;
+        let orphans = held.memory.orphans(&rules);
+        if orphans.is_empty() {
+            return;
+        }
+        let letters: Vec<DeadLetter> = orphans
+            .iter()
+            .map(|o| {
+                dead_letter::orphan(
+                    &self.config.late_prefix,
+                    FUNCTION,
+                    &o.click,
+                    o.arrival_ms,
+                    rules.join.retention_ms,
+                    held.memory.now_ms(),
+                )
+            })
+            .collect();
+        let results: Vec<Result<(), PortError>> = stream::iter(letters.iter())
+            .map(|l| self.dead_letters.put(l))
+            .buffer_unordered(self.config.max_in_flight.max(1))
+            .collect()
+            .await;
+        match results.into_iter().find(Result::is_err) {
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "orphan records not written; retried with the next batch")
+            }
+            _ => {
+                report.counts.orphaned += orphans.len() as u64;
+                held.memory.swept(&rules);
+            }
+        }
+    }
+
+    async fn decide_and_write(
+        &self,
+        held: &mut Held,
+        records: &[InputRecord],
+        now_ms: i64,
+        report: &mut BatchReport,
+    ) -> Result<(), Abort> {
+        let cfg = &self.config;
+        let rules = self.rules;
+        let memory = &mut held.memory;
+        let progress_before = memory.progress().map(str::to_owned);
+        let mut new_events: Vec<Stored> = Vec::new();
+        let mut new_outputs: Vec<Pending> = Vec::new();
+        let mut letters: BTreeMap<String, DeadLetter> = BTreeMap::new();
+        let counts = &mut report.counts;
+        let mut clock = now_ms;
+        for record in records {
+            if memory.is_done(&record.position.sequence_number) {
+                counts.skipped += 1;
+                continue;
+            }
+            let record_now = record.arrival_ms.unwrap_or(now_ms);
+            clock = clock.max(record_now);
+            memory.advance(record_now);
+            let events = match unpack(&record.data) {
+                Ok(events) => events,
+                Err(rejection) => {
+                    counts.reject(rejection.reason);
+                    let letter = dead_letter::rejected(
+                        &cfg.dead_letter_prefix,
+                        FUNCTION,
+                        &record.position,
+                        &record.data,
+                        &rejection,
+                        record_now,
+                    );
+                    letters.insert(letter.key.clone(), letter);
+                    memory.set_progress(&record.position.sequence_number);
+                    continue;
+                }
+            };
+            for keyed in events {
+                let Some(event) = keyed.event() else { continue };
+                // Impressions and clicks are counted once, by the router.
+                let arrival = keyed.arrival_ms.unwrap_or(record_now);
+                let step = memory.decide(&event, arrival, &rules);
+                let refusal = match step.outcome {
+                    Outcome::New => {
+                        counts.buffered += u64::from(step.buffered);
+                        new_events.push(match &event {
+                            Event::Impression(i) => Stored::Impression(i.clone(), arrival),
+                            Event::Click(c) => Stored::Click(c.clone(), arrival),
+                        });
+                        None
+                    }
+                    Outcome::Duplicate => {
+                        counts.duplicates += 1;
+                        None
+                    }
+                    Outcome::Conflicting => Some(Rejection::new(
+                        RejectReason::ConflictingDuplicate,
+                        "an event with this id and different content is already stored; nothing was overwritten",
+                    )),
+                    Outcome::TooManyClicks => Some(Rejection::new(
+                        RejectReason::TooManyClicks,
+                        format!(
+                            "this impression id already holds {} clicks; nothing was stored",
+                            crate::join::MAX_CLICKS_PER_IMPRESSION
+                        ),
+                    )),
+                    Outcome::PastHorizon => Some(Rejection::new(
+                        RejectReason::PastDedupHorizon,
+                        format!(
+                            "event time is before {}, the earliest the {} h deduplication horizon can still check; it may repeat an event already delivered",
+                            crate::time::format_millis(rules.checkable_from(memory.now_ms())),
+                            rules.dedup_horizon_ms / 3_600_000
+                        ),
+                    )),
+                };
+                counts.unmatched += u64::from(step.unmatched);
+                if let Some(rejection) = refusal {
+                    counts.reject(rejection.reason);
+                    let data = match &event {
+                        Event::Impression(i) => encode_impression(i),
+                        Event::Click(c) => encode_click(c),
+                    };
+                    let letter = dead_letter::rejected(
+                        &cfg.dead_letter_prefix,
+                        FUNCTION,
+                        &keyed.source,
+                        &data,
+                        &rejection,
+                        record_now,
+                    );
+                    letters.insert(letter.key.clone(), letter);
+                }
+                for late in step.late {
+                    counts.late += 1;
+                    let letter = dead_letter::late(
+                        &cfg.late_prefix,
+                        FUNCTION,
+                        &late,
+                        rules.join.retention_ms,
+                        record_now,
+                    );
+                    letters.insert(letter.key.clone(), letter);
+                }
+                for output in step.outputs {
+                    memory.add_pending(output.clone());
+                    new_outputs.push(output);
+                }
+            }
+            memory.set_progress(&record.position.sequence_number);
+        }
+
+        // Letters first: once the slot is written these records are never redone.
+        let results: Vec<Result<(), PortError>> = stream::iter(letters.values())
+            .map(|l| self.dead_letters.put(l))
+            .buffer_unordered(cfg.max_in_flight.max(1))
+            .collect()
+            .await;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            return Err(Abort::Port(e));
+        }
+        if new_events.is_empty() && new_outputs.is_empty() {
+            // Nothing to write, so no slot write can reveal a stale memory. A batch of
+            // repeats is typically the redelivery of a batch whose outputs were not all
+            // accepted, perhaps by another environment: check the log before trusting that
+            // nothing is pending.
+            let next = memory.head.map_or(0, |h| h + 1);
+            match self.log.read(&memory.log, next).await {
+                Ok(newer) if newer.is_empty() => return Ok(()),
+                Ok(_) => return Err(Abort::Taken(next)),
+                Err(e) => return Err(Abort::Port(e)),
+            }
+        }
+        let first = memory.head.map_or(0, |h| h + 1);
+        let slots = slots_for_batch(
+            first,
+            &memory_shard(records),
+            progress_before.as_deref(),
+            memory.progress(),
+            clock.max(memory.now_ms()),
+            memory.swept_ms(),
+            new_events,
+            memory.pending().cloned().collect(),
+            self.ttl_epoch_s(clock),
+        );
+        for slot in &slots {
+            match self.log.put(&memory.log, slot).await {
+                Ok(PutSlot::Written) => memory.head = Some(slot.n),
+                Ok(PutSlot::Taken) => return Err(Abort::Taken(slot.n)),
+                Err(e) => return Err(Abort::Port(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit_pending(&self, held: &mut Held, len: usize, report: &mut BatchReport) {
+        let pending: Vec<Pending> = held.memory.pending().cloned().collect();
+        if pending.is_empty() {
+            return;
+        }
+        let head = held.memory.head;
+        let mut sendable = Vec::new();
+        let mut out = Vec::new();
+        for p in pending {
+            let recovered = held.maybe_sent.contains(&p);
+            match held.memory.materialize(&p, recovered) {
+                Some(record) => {
+                    out.push(OutRecord {
+                        partition_key: record.partition_key().to_owned(),
+                        data: serde_json::to_vec(&record).expect("a joined record always encodes"),
+                        explicit_hash_key: None,
+                    });
+                    sendable.push(p);
+                }
+                None => {
+                    // Its events left the state (past the horizon): nothing can rebuild it.
+                    tracing::error!(output = ?p, "pending output's events are past the horizon; dropped");
+                    held.memory.accepted(&p);
+                }
+            }
+        }
+        let emitted =
+            emit::send_all(&self.sink, &out, &self.config.emit_retry, flag_recovered).await;
+        report.counts.emit_retries = u64::from(emitted.retried_entries);
+        let mut unsent = None;
+        for (p, error) in sendable.into_iter().zip(emitted.errors) {
+            match error {
+                None => {
+                    match p {
+                        Pending::Pair(..) => report.counts.joined += 1,
+                        Pending::Forward(_) => report.counts.forwarded += 1,
+                    }
+                    held.memory.accepted(&p);
+                    held.maybe_sent.remove(&p);
+                }
+                Some(e) => {
+                    held.maybe_sent.insert(p);
+                    unsent.get_or_insert(e);
+                }
+            }
+        }
+        if unsent.is_none() {
+            // Every output up to the head is on the stream: a writer that catches up later
+            // need not send them again. Losing this write only costs flagged repeats.
+            if let Some(n) = head {
+                if let Err(e) = self.log.ack(&held.memory.log, n).await {
+                    tracing::warn!(error = %e, "acknowledgement not written");
+                }
+            }
+        }
+        if let Some(e) = unsent {
+            // Every record is in the log; the redelivery of the last one re-emits.
+            let last = len - 1;
+            report.first_failure = Some(last);
+            report
+                .failures
+                .insert(last, format!("joined records pending, not accepted: {e}"));
+            report.counts.failed = 1;
+        }
+    }
+}
+
+fn memory_shard(records: &[InputRecord]) -> String {
+    records
+        .first()
+        .map(|r| r.position.shard.clone())
+        .unwrap_or_default()
+}

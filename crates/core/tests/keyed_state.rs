@@ -1,0 +1,445 @@
+//! The keyed joiner's state, case by case: item limits, the deduplication horizon, orphans,
+//! replays of records whose outputs were pending, and the fence.
+
+use std::sync::Arc;
+
+use adpipe_core::config::JoinerConfig;
+use adpipe_core::keyed::BatchRouter;
+use adpipe_core::keyed_batch::KeyedJoiner;
+use adpipe_core::memory::{MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::model::{Click, Impression, InputRecord, SourcePosition};
+use adpipe_core::packed::{
+    decode_body, slot_item_size, slots_for_batch, FixedShardRanges, MemoryStateLog, Pending,
+    StateLog, Stored, DYNAMODB_ITEM_LIMIT,
+};
+use adpipe_core::ports::{EntryResult, OutRecord, PortError, RecordSink};
+use adpipe_core::testkit::{decode_stream, MemoryKeyedStream};
+use adpipe_core::validate::{encode_click, encode_impression};
+
+const T0: i64 = 1_795_169_800_000;
+const HOUR: i64 = 3_600_000;
+
+fn config() -> JoinerConfig {
+    JoinerConfig::from_lookup(|k| {
+        Some(
+            match k {
+                "IMPRESSIONS_STREAM_NAME" => "impressions",
+                "CLICKS_STREAM_NAME" => "clicks",
+                "JOINED_STREAM_NAME" => "joined",
+                "STATE_TABLE_NAME" => "state",
+                "DEAD_LETTER_BUCKET" => "bucket",
+                "EMIT_MAX_ATTEMPTS" => "1",
+                _ => return None,
+            }
+            .to_owned(),
+        )
+    })
+    .expect("valid test config")
+}
+
+fn impression(id: &str, t: i64) -> Impression {
+    Impression {
+        ad_id: "ad-1".into(),
+        impression_id: id.into(),
+        campaign_id: "camp-1".into(),
+        publisher_id: "pub-1".into(),
+        event_time_ms: t,
+        device_type: "mobile".into(),
+        geo_location: "US".into(),
+        platform: "ios".into(),
+        ad_type: "banner".into(),
+        bid_price: 1.5,
+    }
+}
+
+fn click(imp: &str, id: &str, t: i64) -> Click {
+    Click {
+        ad_id: "ad-1".into(),
+        impression_id: imp.into(),
+        campaign_id: "camp-1".into(),
+        publisher_id: "pub-1".into(),
+        event_time_ms: t,
+        device_type: "mobile".into(),
+        geo_location: "US".into(),
+        platform: "ios".into(),
+        click_price: 0.2,
+        click_id: id.into(),
+        click_id_derived: false,
+    }
+}
+
+fn input(stream: &str, seq: u64, data: Vec<u8>, arrival: i64) -> InputRecord {
+    InputRecord {
+        position: SourcePosition {
+            stream: stream.into(),
+            shard: "shardId-000000000000".into(),
+            sequence_number: format!("{seq:030}"),
+        },
+        data,
+        invalid_base64: None,
+        arrival_ms: Some(arrival),
+    }
+}
+
+/// An output stream that refuses everything while `down` is set.
+#[derive(Default)]
+struct Switchable {
+    inner: MemoryRecordSink,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl RecordSink for Switchable {
+    async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<EntryResult>, PortError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(records
+                .iter()
+                .map(|_| EntryResult::Failed {
+                    code: "ProvisionedThroughputExceededException".into(),
+                    message: "down".into(),
+                })
+                .collect());
+        }
+        self.inner.put_records(records).await
+    }
+}
+
+type Joiner =
+    KeyedJoiner<Arc<MemoryStateLog>, FixedShardRanges, Arc<Switchable>, Arc<MemoryDeadLetterSink>>;
+
+struct World {
+    keyed: Arc<MemoryKeyedStream>,
+    router: BatchRouter<Arc<MemoryKeyedStream>, Arc<MemoryDeadLetterSink>>,
+    joiner: Joiner,
+    log: Arc<MemoryStateLog>,
+    sink: Arc<Switchable>,
+    letters: Arc<MemoryDeadLetterSink>,
+    cursor: usize,
+    seq: u64,
+}
+
+impl World {
+    fn new() -> Self {
+        let keyed = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
+        let letters = Arc::new(MemoryDeadLetterSink::default());
+        let log = Arc::new(MemoryStateLog::default());
+        let sink = Arc::new(Switchable::default());
+        World {
+            router: BatchRouter::new(keyed.clone(), letters.clone(), config()),
+            joiner: KeyedJoiner::new(
+                log.clone(),
+                keyed.ranges(),
+                sink.clone(),
+                letters.clone(),
+                config(),
+            ),
+            keyed,
+            log,
+            sink,
+            letters,
+            cursor: 0,
+            seq: 0,
+        }
+    }
+
+    /// Routes records at `at` and runs the joiner over every new keyed record.
+    async fn send(&mut self, at: i64, records: Vec<(&str, Vec<u8>)>) -> Option<usize> {
+        let batch: Vec<InputRecord> = records
+            .into_iter()
+            .map(|(stream, data)| {
+                self.seq += 1;
+                input(stream, self.seq, data, at)
+            })
+            .collect();
+        self.keyed.set_clock(at);
+        assert_eq!(self.router.process(&batch, at).await.first_failure, None);
+        self.drain(at).await
+    }
+
+    async fn drain(&mut self, now: i64) -> Option<usize> {
+        let batch = self.keyed.read(0, self.cursor, 1000);
+        if batch.is_empty() {
+            return None;
+        }
+        let report = self.joiner.process(&batch, now).await;
+        self.cursor += report.first_failure.unwrap_or(batch.len());
+        report.first_failure
+    }
+
+    fn outputs(&self) -> Vec<adpipe_core::model::JoinedStreamRecord> {
+        decode_stream(&self.sink.inner.records())
+    }
+
+    fn letters_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.letters
+            .letters()
+            .values()
+            .map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap())
+            .filter(|v| v["kind"] == kind)
+            .collect()
+    }
+}
+
+#[test]
+fn a_batch_too_large_for_one_item_is_split_into_slots_below_the_limit() {
+    // 3,000 impressions with every string at its 256-byte limit and random content, so
+    // compression cannot hide the size.
+    let mut seed = 7u64;
+    let mut noise = |n: usize| {
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'!' + (seed >> 58) as u8 + (seed >> 40) as u8 % 30)
+            })
+            .collect::<String>()
+    };
+    let events: Vec<Stored> = (0..3000)
+        .map(|i| {
+            let mut imp = impression(&format!("imp-{i}-{}", noise(200)), T0);
+            imp.campaign_id = noise(256);
+            imp.publisher_id = noise(256);
+            imp.device_type = noise(256);
+            imp.geo_location = noise(256);
+            Stored::Impression(imp, T0)
+        })
+        .collect();
+    let pending: Vec<Pending> = events
+        .iter()
+        .map(|e| match e {
+            Stored::Impression(i, _) => Pending::Forward(i.impression_id.clone()),
+            Stored::Click(..) => unreachable!(),
+        })
+        .collect();
+    let slots = slots_for_batch(
+        5,
+        "shardId-0",
+        Some("10"),
+        Some("20"),
+        T0,
+        T0,
+        events.clone(),
+        pending.clone(),
+        0,
+    );
+    assert!(slots.len() > 3, "{} slots", slots.len());
+    let mut back_events = Vec::new();
+    let mut back_pending = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        assert_eq!(slot.n, 5 + i as u64);
+        let size = slot_item_size("r0000-0063", slot);
+        assert!(size <= DYNAMODB_ITEM_LIMIT, "slot {i}: {size} bytes");
+        let body = decode_body(&slot.body).unwrap();
+        assert_eq!(body.batch_first, 5);
+        let want = if i + 1 == slots.len() { "20" } else { "10" };
+        assert_eq!(
+            body.progress.as_deref(),
+            Some(want),
+            "only the last slot advances"
+        );
+        back_events.extend(body.events);
+        back_pending.extend(body.pending);
+    }
+    assert_eq!(back_events, events);
+    assert_eq!(back_pending, pending);
+}
+
+#[tokio::test]
+async fn an_event_past_the_deduplication_horizon_is_dead_lettered_never_emitted() {
+    let mut w = World::new();
+    let now = T0 + 100 * HOUR;
+    // 48 h horizon, 1 h allowed lead: anything before now − 47 h cannot be checked.
+    let old = now - 47 * HOUR - 1;
+    let ok = now - 47 * HOUR;
+    w.send(
+        now,
+        vec![
+            (
+                "impressions",
+                encode_impression(&impression("imp-old", old)),
+            ),
+            ("impressions", encode_impression(&impression("imp-ok", ok))),
+        ],
+    )
+    .await;
+    let forwarded: Vec<String> = w
+        .outputs()
+        .into_iter()
+        .map(|r| r.key().0.to_owned())
+        .collect();
+    assert_eq!(forwarded, vec!["imp-ok".to_owned()]);
+    let refused: Vec<serde_json::Value> = w
+        .letters_of("rejected")
+        .into_iter()
+        .filter(|l| l["reason"] == "past_dedup_horizon")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0]["data"].as_str().unwrap().contains("imp-old"));
+}
+
+#[tokio::test]
+async fn a_redelivery_inside_the_horizon_is_recognised_after_a_restart_and_dynamodb_ttl() {
+    let mut w = World::new();
+    w.send(
+        T0,
+        vec![("impressions", encode_impression(&impression("imp-1", T0)))],
+    )
+    .await;
+    assert_eq!(w.outputs().len(), 1);
+    // 40 hours later, a fresh execution environment; DynamoDB's TTL has deleted nothing it
+    // may not (slots live for the horizon plus the grace).
+    let later = T0 + 40 * HOUR;
+    w.joiner.forget().await;
+    w.log.expire(later / 1000);
+    assert_eq!(w.log.slot_count(), 1);
+    w.send(
+        later,
+        vec![("impressions", encode_impression(&impression("imp-1", T0)))],
+    )
+    .await;
+    // The repeat is recognised. The fresh environment cannot know whether the last batch's
+    // outputs were accepted, so it sends them once more, flagged (the lake drops the copy).
+    let unflagged = |w: &World| w.outputs().iter().filter(|r| !r.recovered()).count();
+    assert_eq!(unflagged(&w), 1, "{:?}", w.outputs());
+    let sent = w.outputs().len();
+    // Past the horizon and the TTL, the slot is gone and the repeat is refused, not emitted.
+    let much_later = T0 + 100 * HOUR;
+    w.log.expire(much_later / 1000);
+    assert_eq!(w.log.slot_count(), 0, "TTL deleted the slot");
+    w.joiner.forget().await;
+    w.send(
+        much_later,
+        vec![("impressions", encode_impression(&impression("imp-1", T0)))],
+    )
+    .await;
+    assert_eq!(unflagged(&w), 1);
+    assert_eq!(w.outputs().len(), sent, "nothing more was emitted");
+    assert_eq!(
+        w.letters_of("rejected")
+            .iter()
+            .filter(|l| l["reason"] == "past_dedup_horizon")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_orphan_click_is_recorded_when_its_retention_ends() {
+    let mut w = World::new();
+    w.send(
+        T0,
+        vec![("clicks", encode_click(&click("imp-never", "clk-1", T0)))],
+    )
+    .await;
+    assert!(w.letters_of("orphan").is_empty());
+    // A later record moves the clock past the 24 h retention.
+    w.send(
+        T0 + 25 * HOUR,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-2", T0 + 25 * HOUR)),
+        )],
+    )
+    .await;
+    let orphans = w.letters_of("orphan");
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert_eq!(orphans[0]["click"]["click_id"], "clk-1");
+    // A restart does not record it again (the sweep's progress is in the log).
+    w.joiner.forget().await;
+    w.send(
+        T0 + 26 * HOUR,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-3", T0 + 26 * HOUR)),
+        )],
+    )
+    .await;
+    assert_eq!(w.letters_of("orphan").len(), 1);
+}
+
+#[tokio::test]
+async fn a_replayed_record_delivers_a_pair_whose_emission_had_failed() {
+    let mut w = World::new();
+    w.send(
+        T0,
+        vec![("impressions", encode_impression(&impression("imp-1", T0)))],
+    )
+    .await;
+    // The output stream is down when the click decides the pair: the batch is in the log,
+    // its outputs pending, and the batch reports failure.
+    w.sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = w
+        .send(
+            T0 + 1000,
+            vec![("clicks", encode_click(&click("imp-1", "clk-1", T0 + 500)))],
+        )
+        .await;
+    assert!(failed.is_some());
+    // Lambda gives up on it (skips the record) and an operator replays the click onto its
+    // input stream: a new record with a new sequence number, in a fresh environment.
+    w.cursor += 1;
+    w.joiner.forget().await;
+    w.sink
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    w.send(
+        T0 + 60_000,
+        vec![("clicks", encode_click(&click("imp-1", "clk-1", T0 + 500)))],
+    )
+    .await;
+    let pairs: Vec<_> = w
+        .outputs()
+        .into_iter()
+        .filter(|r| r.key().1 == "clk-1")
+        .collect();
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    assert!(
+        pairs[0].recovered(),
+        "may repeat an earlier attempt, so flagged"
+    );
+}
+
+#[tokio::test]
+async fn a_writer_with_stale_memory_loses_the_slot_catches_up_and_repeats_nothing() {
+    let mut w = World::new();
+    w.send(
+        T0,
+        vec![("impressions", encode_impression(&impression("imp-1", T0)))],
+    )
+    .await;
+    // Another instance (a duplicate invocation) writes the next slot behind this one's back.
+    let other = KeyedJoiner::new(
+        w.log.clone(),
+        w.keyed.ranges(),
+        w.sink.clone(),
+        w.letters.clone(),
+        config(),
+    );
+    let batch_records = vec![input(
+        "clicks",
+        99,
+        encode_click(&click("imp-1", "clk-1", T0 + 10)),
+        T0 + 10,
+    )];
+    w.keyed.set_clock(T0 + 10);
+    w.router.process(&batch_records, T0 + 10).await;
+    let keyed_batch = w.keyed.read(0, w.cursor, 10);
+    assert_eq!(
+        other.process(&keyed_batch, T0 + 10).await.first_failure,
+        None
+    );
+    // This environment's memory is stale: its write of the next slot finds it taken, it takes
+    // its attempt back, catches up from the log, finds the record done, and emits nothing:
+    // the other writer acknowledged its outputs.
+    let stale = w.joiner.process(&keyed_batch, T0 + 10).await;
+    assert_eq!(stale.first_failure, None);
+    assert_eq!(stale.counts.skipped, 1);
+    assert_eq!(stale.counts.joined, 0);
+    let pairs = w
+        .outputs()
+        .into_iter()
+        .filter(|r| r.key().1 == "clk-1")
+        .count();
+    assert_eq!(pairs, 1, "{:?}", w.outputs());
+    assert_eq!(w.log.read("r0000-0063", 0).await.unwrap().len(), 2);
+}
