@@ -161,37 +161,7 @@ pub async fn create_state_table(clients: &Clients, name: &str) -> Result<()> {
 /// Creates the keyed joiner's state log table: `pk` (S) + `sk` (N), TTL on `ttl`, as the
 /// template's StateLogTable.
 pub async fn create_log_table(clients: &Clients, name: &str) -> Result<()> {
-    clients
-        .dynamodb
-        .create_table()
-        .table_name(name)
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()?,
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("sk")
-                .key_type(KeyType::Range)
-                .build()?,
-        )
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()?,
-        )
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("sk")
-                .attribute_type(ScalarAttributeType::N)
-                .build()?,
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await?;
+    adpipe_local::provision::create_ttl_table(clients, name, true).await?;
     Ok(())
 }
 

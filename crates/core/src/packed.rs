@@ -633,18 +633,13 @@ impl JoinMemory {
                 Some((ia - ca).abs() <= rules.join.retention_ms)
             }
         };
+        let checkable_from = rules.checkable_from(self.now_ms);
         match event {
             Event::Impression(imp) => {
-                if let Some((stored, _)) = entry.and_then(|e| e.impression.as_ref()) {
-                    step.outcome = if stored == imp {
-                        Outcome::Duplicate
-                    } else {
-                        Outcome::Conflicting
-                    };
-                    return step;
-                }
-                if event_time < rules.checkable_from(self.now_ms) {
-                    step.outcome = Outcome::PastHorizon;
+                let stored = entry.and_then(|e| e.impression.as_ref()).map(|(s, _)| s);
+                if let Some(outcome) = repeat_or_unchecked(stored, imp, event_time, checkable_from)
+                {
+                    step.outcome = outcome;
                     return step;
                 }
                 let clicks: Vec<(Click, i64)> = entry
@@ -674,16 +669,13 @@ impl JoinMemory {
                 self.store(Stored::Impression(imp.clone(), arrival_ms));
             }
             Event::Click(click) => {
-                if let Some((stored, _)) = entry.and_then(|e| e.clicks.get(&click.click_id)) {
-                    step.outcome = if stored == click {
-                        Outcome::Duplicate
-                    } else {
-                        Outcome::Conflicting
-                    };
-                    return step;
-                }
-                if event_time < rules.checkable_from(self.now_ms) {
-                    step.outcome = Outcome::PastHorizon;
+                let stored = entry
+                    .and_then(|e| e.clicks.get(&click.click_id))
+                    .map(|(s, _)| s);
+                if let Some(outcome) =
+                    repeat_or_unchecked(stored, click, event_time, checkable_from)
+                {
+                    step.outcome = outcome;
                     return step;
                 }
                 if entry.is_some_and(|e| e.clicks.len() >= MAX_CLICKS_PER_IMPRESSION) {
@@ -737,6 +729,22 @@ impl JoinMemory {
                 Some(JoinedStreamRecord::Click(record))
             }
         }
+    }
+}
+
+/// A stored event with the arriving one's id is a duplicate (same content) or a conflict; an
+/// event not stored but older than the horizon can no longer be checked. `None`: it is new.
+fn repeat_or_unchecked<T: PartialEq>(
+    stored: Option<&T>,
+    arriving: &T,
+    event_time_ms: i64,
+    checkable_from_ms: i64,
+) -> Option<Outcome> {
+    match stored {
+        Some(s) if s == arriving => Some(Outcome::Duplicate),
+        Some(_) => Some(Outcome::Conflicting),
+        None if event_time_ms < checkable_from_ms => Some(Outcome::PastHorizon),
+        None => None,
     }
 }
 

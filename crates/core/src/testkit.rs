@@ -873,3 +873,24 @@ pub fn check_exactly_once(
     }
     check_forwarded_impressions(records, scenario)
 }
+
+/// A joiner configuration for tests: streams `impressions`, `clicks` and `joined`, table
+/// `state`, bucket `bucket`, and `emit_max_attempts` attempts per output entry.
+pub fn test_config(emit_max_attempts: u32) -> crate::config::JoinerConfig {
+    let attempts = emit_max_attempts.to_string();
+    crate::config::JoinerConfig::from_lookup(|k| {
+        Some(
+            match k {
+                "IMPRESSIONS_STREAM_NAME" => "impressions",
+                "CLICKS_STREAM_NAME" => "clicks",
+                "JOINED_STREAM_NAME" => "joined",
+                "STATE_TABLE_NAME" => "state",
+                "DEAD_LETTER_BUCKET" => "bucket",
+                "EMIT_MAX_ATTEMPTS" => attempts.as_str(),
+                _ => return None,
+            }
+            .to_owned(),
+        )
+    })
+    .expect("valid test config")
+}

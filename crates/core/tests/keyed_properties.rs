@@ -17,21 +17,7 @@ use adpipe_core::testkit::{
 use proptest::prelude::*;
 
 fn config() -> JoinerConfig {
-    JoinerConfig::from_lookup(|k| {
-        Some(
-            match k {
-                "IMPRESSIONS_STREAM_NAME" => "impressions",
-                "CLICKS_STREAM_NAME" => "clicks",
-                "JOINED_STREAM_NAME" => "joined",
-                "STATE_TABLE_NAME" => "state",
-                "DEAD_LETTER_BUCKET" => "bucket",
-                "EMIT_MAX_ATTEMPTS" => "2",
-                _ => return None,
-            }
-            .to_owned(),
-        )
-    })
-    .expect("valid test config")
+    adpipe_core::testkit::test_config(2)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

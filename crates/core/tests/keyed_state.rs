@@ -20,21 +20,7 @@ const T0: i64 = 1_795_169_800_000;
 const HOUR: i64 = 3_600_000;
 
 fn config() -> JoinerConfig {
-    JoinerConfig::from_lookup(|k| {
-        Some(
-            match k {
-                "IMPRESSIONS_STREAM_NAME" => "impressions",
-                "CLICKS_STREAM_NAME" => "clicks",
-                "JOINED_STREAM_NAME" => "joined",
-                "STATE_TABLE_NAME" => "state",
-                "DEAD_LETTER_BUCKET" => "bucket",
-                "EMIT_MAX_ATTEMPTS" => "1",
-                _ => return None,
-            }
-            .to_owned(),
-        )
-    })
-    .expect("valid test config")
+    adpipe_core::testkit::test_config(1)
 }
 
 fn impression(id: &str, t: i64) -> Impression {

@@ -77,15 +77,28 @@ where
     let is_keyed = records
         .first()
         .is_some_and(|r| r.position.stream == keyed.config.keyed_stream);
-    let report = if is_keyed {
-        keyed.process(&records, now_ms).await
+    let (report, role) = if is_keyed {
+        (keyed.process(&records, now_ms).await, "join")
     } else {
-        router.process(&records, now_ms).await
+        (router.process(&records, now_ms).await, "route")
     };
+    answer(event, report, &keyed.config, role, now_ms, invocation)
+}
+
+/// Prints a batch's EMF metrics line and log line, and builds the batch response.
+fn answer(
+    event: &impl KinesisInput,
+    report: BatchReport,
+    config: &JoinerConfig,
+    role: &str,
+    now_ms: i64,
+    invocation: &Invocation,
+) -> (KinesisEventResponse, BatchReport) {
+    // EMF must reach CloudWatch Logs as a bare JSON line, so it bypasses the log formatter.
     println!(
         "{}",
         emf_line(
-            &keyed.config.metrics_namespace,
+            &config.metrics_namespace,
             FUNCTION,
             &report.counts,
             now_ms,
@@ -93,7 +106,7 @@ where
         )
     );
     tracing::info!(
-        role = if is_keyed { "join" } else { "route" },
+        role,
         records = report.counts.records_in,
         joined = report.counts.joined,
         rejected = report.counts.rejected_total(),
@@ -276,25 +289,14 @@ pub async fn handle_invocation<S: JoinState, K: RecordSink, D: DeadLetterSink>(
 ) -> (KinesisEventResponse, BatchReport) {
     let records = input_records(event);
     let report = joiner.process(&records, now_ms).await;
-    // EMF must reach CloudWatch Logs as a bare JSON line, so it bypasses the log formatter.
-    println!(
-        "{}",
-        emf_line(
-            &joiner.config.metrics_namespace,
-            FUNCTION,
-            &report.counts,
-            now_ms,
-            invocation
-        )
-    );
-    tracing::info!(
-        records = report.counts.records_in,
-        joined = report.counts.joined,
-        rejected = report.counts.rejected_total(),
-        first_failure = ?report.first_failure,
-        "batch processed"
-    );
-    (batch_response(event, report.first_failure), report)
+    answer(
+        event,
+        report,
+        &joiner.config,
+        "per-event",
+        now_ms,
+        invocation,
+    )
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

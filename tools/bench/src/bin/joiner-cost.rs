@@ -150,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
     let mut restarted = 0;
     // Both streams' batches alternate, clicks interleaved with impressions as in production;
     // the keyed stream is drained after each round, shard by shard, as its mapping would.
-    while pollers.iter().any(|p| !p.drained()) {
+    loop {
         for p in pollers.iter_mut().filter(|p| !p.drained()) {
             let records = p.next_batch(batch);
             now_ms += 100;
@@ -169,6 +169,9 @@ async fn main() -> anyhow::Result<()> {
             &mut totals,
         )
         .await?;
+        if pollers.iter().all(|p| p.drained()) {
+            break;
+        }
         if restarted < restarts && done >= next_restart {
             function.keyed.forget().await;
             restarted += 1;
@@ -178,16 +181,6 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("  {done}/{events} records");
         }
     }
-    drain_keyed(
-        &setup,
-        &function,
-        &keyed_stream,
-        &mut keyed_done,
-        keyed_batch as usize,
-        now_ms,
-        &mut totals,
-    )
-    .await?;
 
     let usage = &function.keyed.log.usage;
     let wcu = usage.write_units.load(Ordering::Relaxed);
