@@ -294,6 +294,32 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             };
             for keyed in events {
                 let Some(event) = keyed.event() else { continue };
+                // Only this shard's buckets: an event of another bucket would have a second
+                // writer (a record put on the keyed stream without its bucket's hash key).
+                let bucket = crate::keyed::bucket_of(event.impression_id());
+                if !memory.range.contains(bucket) {
+                    let rejection = Rejection::new(
+                        RejectReason::InvalidKeyedRecord,
+                        format!(
+                            "bucket {bucket} of this event is not in this shard's range {}",
+                            memory.log
+                        ),
+                    );
+                    counts.reject(rejection.reason);
+                    let letter = dead_letter::rejected(
+                        &cfg.dead_letter_prefix,
+                        FUNCTION,
+                        &keyed.source,
+                        &match &event {
+                            Event::Impression(i) => encode_impression(i),
+                            Event::Click(c) => encode_click(c),
+                        },
+                        &rejection,
+                        record_now,
+                    );
+                    letters.insert(letter.key.clone(), letter);
+                    continue;
+                }
                 // Impressions and clicks are counted once, by the router.
                 let arrival = keyed.arrival_ms.unwrap_or(record_now);
                 let step = memory.decide(&event, arrival, &rules);

@@ -429,3 +429,60 @@ async fn a_writer_with_stale_memory_loses_the_slot_catches_up_and_repeats_nothin
     assert_eq!(pairs, 1, "{:?}", w.outputs());
     assert_eq!(w.log.read("r0000-0063", 0).await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn an_event_on_a_shard_that_does_not_own_its_bucket_is_dead_lettered_not_joined() {
+    // Two shards: a record of a low bucket put (by hand) on the high shard.
+    let keyed = Arc::new(MemoryKeyedStream::new("keyed", 2, T0));
+    let letters = Arc::new(MemoryDeadLetterSink::default());
+    let sink = Arc::new(Switchable::default());
+    let joiner = KeyedJoiner::new(
+        Arc::new(MemoryStateLog::default()),
+        keyed.ranges(),
+        sink.clone(),
+        letters.clone(),
+        config(),
+    );
+    let imp = impression("imp-stray", T0);
+    let bucket = adpipe_core::keyed::bucket_of("imp-stray");
+    let (record, _) = adpipe_core::keyed::pack(vec![(
+        0,
+        adpipe_core::keyed::KeyedEvent::new(
+            adpipe_core::model::Event::Impression(imp),
+            SourcePosition {
+                stream: "impressions".into(),
+                shard: "shardId-000000000000".into(),
+                sequence_number: "1".into(),
+            },
+            Some(T0),
+        ),
+    )])
+    .remove(0);
+    let wrong = if bucket < adpipe_core::keyed::HASH_BUCKETS / 2 {
+        1
+    } else {
+        0
+    };
+    let batch = vec![InputRecord {
+        position: SourcePosition {
+            stream: "keyed".into(),
+            shard: MemoryKeyedStream::shard_id(wrong),
+            sequence_number: "1".into(),
+        },
+        data: record.data,
+        invalid_base64: None,
+        arrival_ms: Some(T0),
+    }];
+    let report = joiner.process(&batch, T0).await;
+    assert_eq!(report.first_failure, None);
+    assert!(
+        sink.inner.records().is_empty(),
+        "nothing joined or forwarded"
+    );
+    let reasons: Vec<String> = letters
+        .letters()
+        .values()
+        .map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap()["reason"].to_string())
+        .collect();
+    assert_eq!(reasons, vec!["\"invalid_keyed_record\"".to_owned()]);
+}
