@@ -440,9 +440,12 @@ mod tests {
             "q",
             "--out",
             "o",
+            "--rate",
+            "2000",
         ]) else {
             panic!()
         };
+        assert_eq!(d.rate, Some(2000.0));
         let cfg = d.traffic.config(0);
         assert_eq!(
             cfg,
@@ -626,7 +629,7 @@ mod tests {
             &["query", "--out", "x"],
             &["chart", "--file", "x.sql"],
             &["export", "--sql-dir", "sql"],
-            &["demo", "--rate", "5"],
+            &["demo", "--follow"],
             &["up", "--follow"],
             &["provision", "extra"],
         ] {
