@@ -94,7 +94,8 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         let mut others = Vec::new();
         for log in logs.iter().filter(|l| **l != own) {
             if BucketRange::from_log_id(log).is_some_and(|r| r.overlaps(&range)) {
-                others.push((log.clone(), self.log.read(log, 0).await?));
+                let slots = self.log.read(log, 0).await?;
+                others.push((log.clone(), slots, self.log.acked(log).await?));
             }
         }
         let slots = self.log.read(&own, 0).await?;

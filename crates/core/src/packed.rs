@@ -338,7 +338,7 @@ impl JoinMemory {
         if !bodies.is_empty() {
             // The newest batch's slots carry every output still pending.
             self.pending.clear();
-            self.absorb(&bodies, true);
+            self.absorb(&bodies, true, acked);
             let ids: BTreeSet<String> = bodies
                 .iter()
                 .flat_map(|(_, b)| b.events.iter().map(|e| e.impression_id().to_owned()))
@@ -352,44 +352,44 @@ impl JoinMemory {
         Ok(())
     }
 
-    /// Rebuilds the state of `range` from its own log and the logs of ranges it overlaps
-    /// (parents before a reshard). Returns the state and whether any output was pending (to be
-    /// re-emitted flagged, since it may be on the stream already).
+    /// Rebuilds the state of `range` from its own log (with its acknowledgement) and the logs of
+    /// ranges it overlaps (parents before a reshard, each with its acknowledgement). Outputs
+    /// still pending in any of them, within this range's buckets, are pending here.
     pub fn rebuild(
         range: BucketRange,
         shard: &str,
         rules: &StateRules,
         own: &[Slot],
-        others: &[(String, Vec<Slot>)],
+        others: &[(String, Vec<Slot>, Option<u64>)],
         acked: Option<u64>,
     ) -> Result<Self, PortError> {
         let mut memory = JoinMemory::empty(range, shard);
         // Other ranges' events first: they are older (a parent is read to its end before its
         // children start).
-        for (_, slots) in others {
+        for (_, slots, their_ack) in others {
             let mut bodies = Vec::new();
             for slot in slots {
                 bodies.push((slot.n, decode_body(&slot.body)?));
             }
-            memory.absorb(&bodies, false);
+            memory.absorb(&bodies, false, *their_ack);
         }
         let mut bodies = Vec::new();
         for slot in own {
             bodies.push((slot.n, decode_body(&slot.body)?));
         }
-        memory.absorb(&bodies, true);
-        if acked.is_some_and(|a| Some(a) >= memory.head) {
-            memory.pending.clear();
-        }
+        memory.absorb(&bodies, true, acked);
         memory.expire(rules);
         memory.rebuild_unmatched(rules);
         Ok(memory)
     }
 
-    fn absorb(&mut self, bodies: &[(u64, SlotBody)], own: bool) {
+    /// Takes in a log's slots (in order). Their newest batch's pending outputs are pending here
+    /// unless the log's acknowledgement covers them.
+    fn absorb(&mut self, bodies: &[(u64, SlotBody)], own: bool, acked: Option<u64>) {
         let Some((head_n, head)) = bodies.last() else {
             return;
         };
+        let all_sent = acked.is_some_and(|a| a >= *head_n);
         for (_, body) in bodies {
             for event in &body.events {
                 if self.range.contains(bucket_of(event.impression_id())) {
@@ -398,7 +398,7 @@ impl JoinMemory {
             }
         }
         for (n, body) in bodies {
-            if *n >= head.batch_first {
+            if *n >= head.batch_first && !all_sent {
                 for p in &body.pending {
                     if self.range.contains(bucket_of(p.impression_id())) {
                         self.pending.insert(p.clone());
@@ -407,14 +407,12 @@ impl JoinMemory {
             }
         }
         self.now_ms = self.now_ms.max(head.now_ms);
+        self.swept_ms = self.swept_ms.max(head.swept_ms);
         if own {
             self.head = Some(*head_n);
-            self.swept_ms = head.swept_ms;
             if head.shard == self.shard {
                 self.progress = head.progress.clone();
             }
-        } else {
-            self.swept_ms = self.swept_ms.max(head.swept_ms);
         }
     }
 

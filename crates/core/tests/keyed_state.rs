@@ -486,3 +486,147 @@ async fn an_event_on_a_shard_that_does_not_own_its_bucket_is_dead_lettered_not_j
         .collect();
     assert_eq!(reasons, vec!["\"invalid_keyed_record\"".to_owned()]);
 }
+
+/// Routes `records` through `router` onto `keyed` and joins every shard's new records.
+async fn route_and_join<L, R, D>(
+    router: &BatchRouter<Arc<MemoryKeyedStream>, Arc<MemoryDeadLetterSink>>,
+    keyed: &MemoryKeyedStream,
+    joiner: &KeyedJoiner<L, R, Arc<Switchable>, D>,
+    cursors: &mut [usize],
+    records: Vec<(&str, Vec<u8>)>,
+    at: i64,
+) where
+    L: StateLog,
+    R: adpipe_core::packed::ShardRanges,
+    D: adpipe_core::ports::DeadLetterSink,
+{
+    keyed.set_clock(at);
+    let batch: Vec<InputRecord> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, (stream, data))| input(stream, at as u64 + i as u64, data, at))
+        .collect();
+    assert_eq!(router.process(&batch, at).await.first_failure, None);
+    for (i, cursor) in cursors.iter_mut().enumerate() {
+        let batch = keyed.read(i, *cursor, 1000);
+        if !batch.is_empty() {
+            let report = joiner.process(&batch, at).await;
+            *cursor += report.first_failure.unwrap_or(batch.len());
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_a_split_the_children_know_their_parents_events_and_send_what_it_left_pending() {
+    let log = Arc::new(MemoryStateLog::default());
+    let sink = Arc::new(Switchable::default());
+    let letters = Arc::new(MemoryDeadLetterSink::default());
+    // The parent: one keyed shard owning every bucket.
+    let parent_stream = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
+    let parent_router = BatchRouter::new(parent_stream.clone(), letters.clone(), config());
+    let parent = KeyedJoiner::new(
+        log.clone(),
+        parent_stream.ranges(),
+        sink.clone(),
+        letters.clone(),
+        config(),
+    );
+    let mut cursors = vec![0];
+    route_and_join(
+        &parent_router,
+        &parent_stream,
+        &parent,
+        &mut cursors,
+        vec![
+            ("impressions", encode_impression(&impression("imp-a", T0))),
+            ("clicks", encode_click(&click("imp-b", "clk-b", T0 + 5))),
+        ],
+        T0,
+    )
+    .await;
+    // Its last batch's output is never accepted: pending in its log, not acknowledged.
+    sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    route_and_join(
+        &parent_router,
+        &parent_stream,
+        &parent,
+        &mut cursors,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-c", T0 + 10)),
+        )],
+        T0 + 10,
+    )
+    .await;
+    sink.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let forwarded = |sink: &Switchable| -> Vec<(String, bool)> {
+        decode_stream(&sink.inner.records())
+            .into_iter()
+            .map(|r| (r.key().0.to_owned(), r.recovered()))
+            .collect()
+    };
+    assert_eq!(forwarded(&sink), vec![("imp-a".to_owned(), false)]);
+
+    // The split: two child shards, new environments, their own logs.
+    let children = Arc::new(MemoryKeyedStream::new("keyed", 2, T0 + 20));
+    let child_router = BatchRouter::new(children.clone(), letters.clone(), config());
+    let child = KeyedJoiner::new(
+        log.clone(),
+        children.ranges(),
+        sink.clone(),
+        letters.clone(),
+        config(),
+    );
+    let mut cursors = vec![0, 0];
+    route_and_join(
+        &child_router,
+        &children,
+        &child,
+        &mut cursors,
+        vec![
+            // A repeat of a parent's impression, the partner of a parent's click, and one
+            // event per child so both children run.
+            ("impressions", encode_impression(&impression("imp-a", T0))),
+            ("impressions", encode_impression(&impression("imp-b", T0))),
+            (
+                "impressions",
+                encode_impression(&impression("imp-d0", T0 + 20)),
+            ),
+            (
+                "impressions",
+                encode_impression(&impression("imp-d1", T0 + 20)),
+            ),
+            (
+                "impressions",
+                encode_impression(&impression("imp-d2", T0 + 20)),
+            ),
+            (
+                "impressions",
+                encode_impression(&impression("imp-d3", T0 + 20)),
+            ),
+        ],
+        T0 + 20,
+    )
+    .await;
+    let got = forwarded(&sink);
+    let count = |id: &str| got.iter().filter(|(k, _)| k == id).count();
+    assert_eq!(
+        count("imp-a"),
+        1,
+        "the repeat is recognised across the split: {got:?}"
+    );
+    assert_eq!(
+        count("imp-b"),
+        2,
+        "imp-b forwarded and its pair with the parent's click"
+    );
+    assert!(
+        got.contains(&("imp-c".to_owned(), true)),
+        "the parent's pending output is sent by the child that owns it, flagged: {got:?}"
+    );
+    assert_eq!(
+        log.logs().await.unwrap().len(),
+        3,
+        "the parent's log and two children's"
+    );
+}
