@@ -43,7 +43,8 @@ def event(stream, payloads, shard="shardId-000000000000", base_seq=4965685346523
     records = []
     for n, p in enumerate(payloads):
         data = p if isinstance(p, bytes) else json.dumps(p, separators=(",", ":")).encode()
-        key = p.get("impression_id", "x") if isinstance(p, dict) else "malformed"
+        key = (("b0" if "impressions" in p else p.get("impression_id", "x"))
+               if isinstance(p, dict) else "malformed")
         records.append(record(stream, shard, str(base_seq + n * 10), str(key), data, arrival + n))
     return {"Records": records}
 
@@ -113,6 +114,11 @@ def joined_impression(i, ad, camp, t, device, bid, recovered=False):
             "bid_price": bid}
 
 
+def pack(impressions):
+    return {"type": "impressions",
+            "impressions": [{k: v for k, v in i.items() if k != "type"} for i in impressions]}
+
+
 # The joined stream as the joiner writes it: impressions forwarded for the lake, attributed
 # clicks, a recovered repeat, a malformed record, and campaign ids that try to leave the table.
 joined = [
@@ -122,10 +128,14 @@ joined = [
     joined_impression("imp-1003", "ad-3", "camp-2", "2026-11-20T10:15:10.500Z", " desktop ", 12.75),
     joined_click("imp-1003", "ad-3", "camp-2", "2026-11-20T10:15:10.500Z", "2026-11-20T10:15:08.500Z", " desktop ", 12.75, "clk-3", 1.0),
     joined_click("imp-1001", "ad-1", "camp-1", "2026-11-20T10:15:00.000Z", "2026-11-20T10:15:12.000Z", "mobile", 62.5, "clk-1", 0.5, recovered=True),
-    joined_impression("imp-1004", "ad-1", "../x", "2026-11-20T10:15:20.123Z", "SmartTV", 80),
-    joined_impression("imp-1005", "ad-1", "a/b", "2026-11-20T10:16:20Z", "iPad", 51),
-    joined_impression("imp-1006", "ad-1", "%2F", "2026-11-20T10:16:40Z", "PC", 5),
-    joined_impression("imp-1007", "ad-1", "kampagne-ü", "2026-11-20T23:59:59.999Z", "android", 0),
+    # Forwarded impressions travel packed, several to a record (the joiner packs one bucket's;
+    # the enricher takes any).
+    pack([
+        joined_impression("imp-1004", "ad-1", "../x", "2026-11-20T10:15:20.123Z", "SmartTV", 80),
+        joined_impression("imp-1005", "ad-1", "a/b", "2026-11-20T10:16:20Z", "iPad", 51),
+        joined_impression("imp-1006", "ad-1", "%2F", "2026-11-20T10:16:40Z", "PC", 5),
+        joined_impression("imp-1007", "ad-1", "kampagne-ü", "2026-11-20T23:59:59.999Z", "android", 0),
+    ]),
     b'{"type":"click","schema_version":1}',
 ]
 

@@ -363,14 +363,9 @@ pub fn parse_input(config: &JoinerConfig, record: &InputRecord) -> Result<Event,
 /// The same joined-stream record flagged `recovered`: it may already be on the stream (a
 /// `PutRecords` that failed without an answer may have been written).
 pub(crate) fn flag_recovered(record: &OutRecord) -> OutRecord {
-    let data = match serde_json::from_slice::<JoinedStreamRecord>(&record.data) {
-        Ok(mut r) => {
-            r.set_recovered();
-            serde_json::to_vec(&r).unwrap_or_else(|_| record.data.clone())
-        }
-        // Only records this module encoded get here; keep the bytes if one ever does not decode.
-        Err(_) => record.data.clone(),
-    };
+    // Only records this crate encoded get here; keep the bytes if one ever does not decode.
+    let data =
+        crate::model::flag_recovered_bytes(&record.data).unwrap_or_else(|| record.data.clone());
     OutRecord {
         partition_key: record.partition_key.clone(),
         data,

@@ -90,6 +90,31 @@ pub fn rejected(
     }
 }
 
+/// The entry for one record of a pack (a joined-stream record carrying several): keyed by the
+/// pack's position and the record's place in it, so each is its own entry and a redelivery
+/// rewrites the same ones. `data` is the record alone.
+pub fn rejected_part(
+    prefix: &str,
+    function: &str,
+    position: &SourcePosition,
+    part: usize,
+    data: &[u8],
+    rejection: &Rejection,
+    now_ms: i64,
+) -> DeadLetter {
+    let mut letter = rejected(prefix, function, position, data, rejection, now_ms);
+    let stem = letter
+        .key
+        .strip_suffix(".json")
+        .expect("a rejected entry's key ends in .json");
+    letter.key = format!("{stem}-{part}.json");
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&letter.body).expect("the entry is JSON");
+    body["part"] = json!(part);
+    letter.body = body.to_string().into_bytes();
+    letter
+}
+
 /// The entry for a pair whose partners met only after the retention.
 pub fn late(
     prefix: &str,

@@ -15,7 +15,7 @@ use crate::enrich::{
 };
 use crate::lake::{clicks_batch, impressions_batch};
 use crate::metrics::Counts;
-use crate::model::{InputRecord, JoinedStreamRecord, JOINED_SCHEMA_VERSION};
+use crate::model::{InputRecord, JoinedStreamRecord, JoinedWire, JOINED_SCHEMA_VERSION};
 use crate::ports::{
     AppendReport, DeadLetterSink, InputRange, LakeAppend, LakeTable, PortError, TableWriter,
 };
@@ -74,31 +74,35 @@ pub struct BatchEnricher<T, D> {
     pub settings: EnricherSettings,
 }
 
-/// Decodes one joined-stream record.
-pub fn decode_joined(data: &[u8]) -> Result<JoinedStreamRecord, Rejection> {
+/// Decodes one joined-stream record into the records it carries (one, or a pack of forwarded
+/// impressions).
+pub fn decode_joined(data: &[u8]) -> Result<Vec<JoinedStreamRecord>, Rejection> {
     let text = std::str::from_utf8(data).map_err(|e| {
         Rejection::new(
             RejectReason::InvalidUtf8,
             format!("record is not UTF-8: {e}"),
         )
     })?;
-    let record: JoinedStreamRecord = serde_json::from_str(text).map_err(|e| {
+    let wire: JoinedWire = serde_json::from_str(text).map_err(|e| {
         Rejection::new(
             RejectReason::InvalidJson,
             format!("not a joined-stream record: {e}"),
         )
     })?;
-    let version = match &record {
-        JoinedStreamRecord::Click(c) => c.schema_version,
-        JoinedStreamRecord::Impression(i) => i.schema_version,
-    };
-    if version != JOINED_SCHEMA_VERSION {
-        return Err(Rejection::new(
-            RejectReason::WrongType,
-            format!("schema_version {version} is not {JOINED_SCHEMA_VERSION}"),
-        ));
+    let records = wire.into_records();
+    for record in &records {
+        let version = match record {
+            JoinedStreamRecord::Click(c) => c.schema_version,
+            JoinedStreamRecord::Impression(i) => i.schema_version,
+        };
+        if version != JOINED_SCHEMA_VERSION {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("schema_version {version} is not {JOINED_SCHEMA_VERSION}"),
+            ));
+        }
     }
-    Ok(record)
+    Ok(records)
 }
 
 enum Row {
@@ -165,40 +169,77 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
         let mut days: HashSet<i64> = HashSet::new();
         let mut rows = Vec::new();
         let mut rejected = Vec::new();
-        for (i, record) in records.iter().enumerate() {
+        for record in records {
             let decoded = match &record.invalid_base64 {
                 Some(detail) => Err(Rejection::new(RejectReason::InvalidBase64, detail.clone())),
                 None => decode_joined(&record.data),
             };
-            let decoded = decoded.and_then(|r| {
+            let inner = match decoded {
+                Ok(inner) => inner,
+                Err(rejection) => {
+                    report.counts.reject(rejection.reason);
+                    rejected.push(dead_letter::rejected(
+                        &self.settings.dead_letter_prefix,
+                        FUNCTION,
+                        &record.position,
+                        &record.data,
+                        &rejection,
+                        now_ms,
+                    ));
+                    continue;
+                }
+            };
+            let packed = inner.len() > 1;
+            for (part, r) in inner.into_iter().enumerate() {
+                // A pack's record is dead-lettered on its own, with its place in the pack.
+                let data = packed.then(|| serde_json::to_vec(&r).expect("a record encodes"));
                 let recovered = r.recovered();
-                match r {
+                let row = match r {
                     JoinedStreamRecord::Click(c) => enrich_click(&self.settings.rules, c, now_ms)
                         .map(|e| Row::Click(e, recovered)),
                     JoinedStreamRecord::Impression(imp) => {
                         enrich_impression(&self.settings.rules, imp, now_ms)
                             .map(|e| Row::Impression(e, recovered))
                     }
-                }
-            });
-            let decoded =
-                decoded.and_then(|row| self.within_bounds(row, record.arrival_ms, &mut days));
-            match decoded {
-                Err(rejection) => {
-                    report.counts.reject(rejection.reason);
-                    rejected.push((i, rejection));
-                }
-                Ok(row) => {
-                    let key = match &row {
-                        Row::Click(c, _) => (c.pair.impression_id.clone(), c.pair.click_id.clone()),
-                        Row::Impression(imp, _) => {
-                            (imp.impression.impression_id.clone(), String::new())
+                };
+                let row = row.and_then(|row| self.within_bounds(row, record.arrival_ms, &mut days));
+                match row {
+                    Err(rejection) => {
+                        report.counts.reject(rejection.reason);
+                        rejected.push(match &data {
+                            Some(data) => dead_letter::rejected_part(
+                                &self.settings.dead_letter_prefix,
+                                FUNCTION,
+                                &record.position,
+                                part,
+                                data,
+                                &rejection,
+                                now_ms,
+                            ),
+                            None => dead_letter::rejected(
+                                &self.settings.dead_letter_prefix,
+                                FUNCTION,
+                                &record.position,
+                                &record.data,
+                                &rejection,
+                                now_ms,
+                            ),
+                        });
+                    }
+                    Ok(row) => {
+                        let key = match &row {
+                            Row::Click(c, _) => {
+                                (c.pair.impression_id.clone(), c.pair.click_id.clone())
+                            }
+                            Row::Impression(imp, _) => {
+                                (imp.impression.impression_id.clone(), String::new())
+                            }
+                        };
+                        if seen.insert(key) {
+                            rows.push(row);
+                        } else {
+                            report.counts.duplicates += 1;
                         }
-                    };
-                    if seen.insert(key) {
-                        rows.push(row);
-                    } else {
-                        report.counts.duplicates += 1;
                     }
                 }
             }
@@ -206,17 +247,7 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
 
         // Dead letters first: their keys are positions, so a redelivery rewrites them.
         let dlq: Vec<Result<(), PortError>> = stream::iter(rejected.iter())
-            .map(|(i, rejection)| {
-                let letter = dead_letter::rejected(
-                    &self.settings.dead_letter_prefix,
-                    FUNCTION,
-                    &records[*i].position,
-                    &records[*i].data,
-                    rejection,
-                    now_ms,
-                );
-                async move { self.dead_letters.put(&letter).await }
-            })
+            .map(|letter| async move { self.dead_letters.put(letter).await })
             .buffer_unordered(self.settings.max_in_flight.max(1))
             .collect()
             .await;
@@ -353,6 +384,51 @@ mod tests {
             invalid_base64: None,
             arrival_ms: Some(crate::validate::DEFAULT_EARLIEST_EVENT_MS + 4_000 * DAY_MS),
         }
+    }
+
+    #[tokio::test]
+    async fn a_packs_bad_record_is_dead_lettered_alone_with_its_place_and_the_rest_land() {
+        let enricher = BatchEnricher::new(
+            Rows::default(),
+            MemoryDeadLetterSink::default(),
+            EnricherSettings {
+                rules: EnrichRules::default(),
+                dead_letter_prefix: "dead-letter/".into(),
+                max_in_flight: 4,
+                time_bounds: TimeBounds::default(),
+                max_days_per_batch: 3,
+            },
+        );
+        let mut record = impression_on_day(0, 0);
+        let one: serde_json::Value = serde_json::from_slice(&record.data).unwrap();
+        let mut bad = one.clone();
+        bad["bid_price"] = serde_json::json!(-1.0);
+        let inner: Vec<serde_json::Value> = [one.clone(), bad, one]
+            .into_iter()
+            .enumerate()
+            .map(|(n, mut v)| {
+                v["impression_id"] = serde_json::json!(format!("imp-pack-{n}"));
+                v.as_object_mut().unwrap().remove("type");
+                v
+            })
+            .collect();
+        record.data =
+            serde_json::to_vec(&serde_json::json!({"type": "impressions", "impressions": inner}))
+                .unwrap();
+        let report = enricher.process(&[record], 0).await;
+        assert_eq!(report.failed, None);
+        assert_eq!(
+            *enricher.lake.0.lock().unwrap(),
+            2,
+            "the two good records land"
+        );
+        let letters = enricher.dead_letters.letters();
+        assert_eq!(letters.len(), 1);
+        let (key, body) = letters.iter().next().unwrap();
+        assert!(key.ends_with("-1.json"), "{key}");
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(body["part"], 1);
+        assert!(body["data"].as_str().unwrap().contains("imp-pack-1"));
     }
 
     #[tokio::test]

@@ -51,11 +51,27 @@ pub fn explicit_hash_key(bucket: u32) -> String {
     mid.to_string()
 }
 
-/// The explicit hash key of a keyed record from its partition key (`b<bucket>`), so a record
-/// put back on the keyed stream (a redrive) lands on its bucket's shard again.
-pub fn explicit_hash_key_of(partition_key: &str) -> Option<String> {
-    let bucket: u32 = partition_key.strip_prefix('b')?.parse().ok()?;
-    (bucket < HASH_BUCKETS).then(|| explicit_hash_key(bucket))
+/// The explicit hash key a record must be put back with (a redrive, a replay), read from its
+/// content: a keyed record goes to its bucket's shard, and so does a joined-stream pack of
+/// forwarded impressions (every copy of an impression on one shard, in order). `None` for
+/// anything else, which the partition key alone placed when it was first put.
+pub fn home_hash_key(data: &[u8]) -> Option<String> {
+    let id = if let Ok(events) = unpack(data) {
+        let first = events.into_iter().next()?;
+        match (first.impression, first.click) {
+            (Some(i), _) => i.impression_id,
+            (None, Some(c)) => c.impression_id,
+            (None, None) => return None,
+        }
+    } else {
+        match serde_json::from_slice::<crate::model::JoinedWire>(data).ok()? {
+            crate::model::JoinedWire::Impressions(p) => {
+                p.impressions.into_iter().next()?.impression_id
+            }
+            _ => return None,
+        }
+    };
+    Some(explicit_hash_key(bucket_of(&id)))
 }
 
 /// The buckets a shard owns: those whose explicit hash key lies in the shard's hash key range.
@@ -392,6 +408,8 @@ mod tests {
                 prop_assert_eq!(decoded.len(), indexes.len());
                 let bucket: u32 = record.partition_key[1..].parse().unwrap();
                 prop_assert_eq!(record.explicit_hash_key.clone(), Some(explicit_hash_key(bucket)));
+                // Put back by a redrive, it goes to the same shard.
+                prop_assert_eq!(home_hash_key(&record.data), Some(explicit_hash_key(bucket)));
                 for (e, &i) in decoded.iter().zip(indexes) {
                     prop_assert_eq!(e, &events[i].1);
                     prop_assert_eq!(bucket_of(&e.impression.as_ref().unwrap().impression_id), bucket);
@@ -403,6 +421,37 @@ mod tests {
             seen.sort_unstable();
             prop_assert_eq!(seen, (0..ids.len()).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn only_keyed_records_and_joined_packs_are_put_back_by_hash_key() {
+        let imp = crate::model::Impression {
+            ad_id: "a".into(),
+            impression_id: "b5".into(),
+            campaign_id: "c".into(),
+            publisher_id: "p".into(),
+            event_time_ms: 0,
+            device_type: "mobile".into(),
+            geo_location: "US".into(),
+            platform: "ios".into(),
+            ad_type: "banner".into(),
+            bid_price: 1.0,
+        };
+        let record = crate::model::ImpressionRecord::new(&imp, false);
+        let (pack, _) = crate::model::pack_impressions(std::slice::from_ref(&record))
+            .pop()
+            .unwrap();
+        assert_eq!(
+            home_hash_key(&pack),
+            Some(explicit_hash_key(bucket_of("b5")))
+        );
+        // A single record (a pair, an input event) keeps its partition key's placement, even
+        // with an id that looks like a bucket's key.
+        let single =
+            serde_json::to_vec(&crate::model::JoinedStreamRecord::Impression(record)).unwrap();
+        assert_eq!(home_hash_key(&single), None);
+        assert_eq!(home_hash_key(&serde_json::to_vec(&imp).unwrap()), None);
+        assert_eq!(home_hash_key(b"not json"), None);
     }
 
     #[test]

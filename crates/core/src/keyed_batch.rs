@@ -17,9 +17,9 @@ use crate::batch::{flag_recovered, BatchReport, FUNCTION};
 use crate::config::JoinerConfig;
 use crate::dead_letter;
 use crate::emit;
-use crate::keyed::{unpack, BucketRange};
+use crate::keyed::{bucket_of, explicit_hash_key, unpack, BucketRange};
 use crate::metrics::Counts;
-use crate::model::{Event, InputRecord};
+use crate::model::{pack_impressions, Event, ImpressionRecord, InputRecord, JoinedStreamRecord};
 use crate::packed::{
     slots_for_batch, JoinMemory, Outcome, Pending, PutSlot, ShardRanges, StateLog, StateRules,
     Stored,
@@ -442,18 +442,25 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             return;
         }
         let head = held.memory.head;
-        let mut sendable = Vec::new();
+        // Pairs travel one per record; forwarded impressions in packs, one bucket per pack, so
+        // every copy of an impression lands on its bucket's shard.
+        let mut sendable: Vec<Vec<Pending>> = Vec::new();
         let mut out = Vec::new();
+        let mut forwards: BTreeMap<u32, Vec<(Pending, ImpressionRecord)>> = BTreeMap::new();
         for p in pending {
             let recovered = held.maybe_sent.contains(&p);
             match held.memory.materialize(&p, recovered) {
+                Some(JoinedStreamRecord::Impression(record)) => forwards
+                    .entry(bucket_of(&record.impression_id))
+                    .or_default()
+                    .push((p, record)),
                 Some(record) => {
                     out.push(OutRecord {
                         partition_key: record.partition_key().to_owned(),
                         data: serde_json::to_vec(&record).expect("a joined record always encodes"),
                         explicit_hash_key: None,
                     });
-                    sendable.push(p);
+                    sendable.push(vec![p]);
                 }
                 None => {
                     // Its events left the state (past the horizon): nothing can rebuild it.
@@ -462,23 +469,37 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
                 }
             }
         }
+        for (bucket, items) in forwards {
+            let (ps, records): (Vec<Pending>, Vec<ImpressionRecord>) = items.into_iter().unzip();
+            let mut ps = ps.into_iter();
+            for (data, count) in pack_impressions(&records) {
+                out.push(OutRecord {
+                    partition_key: format!("b{bucket}"),
+                    data,
+                    explicit_hash_key: Some(explicit_hash_key(bucket)),
+                });
+                sendable.push(ps.by_ref().take(count).collect());
+            }
+        }
         let emitted =
             emit::send_all(&self.sink, &out, &self.config.emit_retry, flag_recovered).await;
         report.counts.emit_retries = u64::from(emitted.retried_entries);
         let mut unsent = None;
-        for (p, error) in sendable.into_iter().zip(emitted.errors) {
-            match error {
-                None => {
-                    match p {
-                        Pending::Pair(..) => report.counts.joined += 1,
-                        Pending::Forward(_) => report.counts.forwarded += 1,
+        for (ps, error) in sendable.into_iter().zip(emitted.errors) {
+            for p in ps {
+                match &error {
+                    None => {
+                        match p {
+                            Pending::Pair(..) => report.counts.joined += 1,
+                            Pending::Forward(_) => report.counts.forwarded += 1,
+                        }
+                        held.memory.accepted(&p);
+                        held.maybe_sent.remove(&p);
                     }
-                    held.memory.accepted(&p);
-                    held.maybe_sent.remove(&p);
-                }
-                Some(e) => {
-                    held.maybe_sent.insert(p);
-                    unsent.get_or_insert(e);
+                    Some(e) => {
+                        held.maybe_sent.insert(p);
+                        unsent.get_or_insert(e.clone());
+                    }
                 }
             }
         }

@@ -152,6 +152,71 @@ impl JoinedStreamRecord {
     }
 }
 
+/// Forwarded impressions travel packed: one joined-stream record holds the impressions a batch
+/// forwards in one bucket (at most [`MAX_PACK_BYTES`]), so the stream carries about one record
+/// per 70 impressions instead of one each. A pack's impressions share a bucket and the pack is
+/// put with that bucket's explicit hash key, so every copy of one impression (the original and
+/// any recovered copy) lands on the same shard, in order, as a partition key would place it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImpressionPack {
+    pub impressions: Vec<ImpressionRecord>,
+}
+
+/// The largest pack's data: one Kinesis PUT payload unit (25 KB) with room for the key.
+pub const MAX_PACK_BYTES: usize = 24_000;
+
+/// What one joined-stream record carries on the wire: a single record, or a pack of forwarded
+/// impressions (`"type": "impressions"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JoinedWire {
+    Click(JoinedRecord),
+    Impression(ImpressionRecord),
+    Impressions(ImpressionPack),
+}
+
+impl JoinedWire {
+    /// The records it carries, in order.
+    pub fn into_records(self) -> Vec<JoinedStreamRecord> {
+        match self {
+            JoinedWire::Click(c) => vec![JoinedStreamRecord::Click(c)],
+            JoinedWire::Impression(i) => vec![JoinedStreamRecord::Impression(i)],
+            JoinedWire::Impressions(p) => p
+                .impressions
+                .into_iter()
+                .map(JoinedStreamRecord::Impression)
+                .collect(),
+        }
+    }
+}
+
+/// Encodes forwarded impressions into packs of at most [`MAX_PACK_BYTES`], in order. Returns
+/// each pack's bytes and how many impressions it holds (a record too large to share a pack
+/// travels alone).
+pub fn pack_impressions(records: &[ImpressionRecord]) -> Vec<(Vec<u8>, usize)> {
+    const HEAD: &[u8] = br#"{"type":"impressions","impressions":["#;
+    const TAIL: &[u8] = b"]}";
+    let mut packs = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    let mut count = 0;
+    for record in records {
+        let bytes = serde_json::to_vec(record).expect("an impression record always encodes");
+        if count > 0 && current.len() + 1 + bytes.len() + TAIL.len() > MAX_PACK_BYTES {
+            current.extend_from_slice(TAIL);
+            packs.push((std::mem::take(&mut current), count));
+            count = 0;
+        }
+        current.extend_from_slice(if count == 0 { HEAD } else { b"," });
+        current.extend_from_slice(&bytes);
+        count += 1;
+    }
+    if count > 0 {
+        current.extend_from_slice(TAIL);
+        packs.push((current, count));
+    }
+    packs
+}
+
 /// A joined-stream record as it must be put back on the stream by a redrive or an operator's
 /// replay: flagged `recovered`, so the enricher lands each of its rows only if the row's key is
 /// not in the table yet.
@@ -159,16 +224,24 @@ impl JoinedStreamRecord {
 /// A record put back gets new sequence numbers, so nothing else tells the enricher that it may
 /// already have landed (in one table or in both: the two appends commit independently). The
 /// record is edited as JSON, so a field this version does not know is kept. `None` for bytes
-/// that are not a click or impression record (they are put back as they are, and dead-lettered
+/// that are not a click, impression or pack record (they are put back as they are, and dead-lettered
 /// again by the enricher).
 pub fn flag_recovered_bytes(data: &[u8]) -> Option<Vec<u8>> {
     let mut value: serde_json::Value = serde_json::from_slice(data).ok()?;
     let object = value.as_object_mut()?;
     match object.get("type").and_then(serde_json::Value::as_str) {
-        Some("click" | "impression") => {}
+        Some("click" | "impression") => {
+            object.insert("recovered".to_owned(), serde_json::Value::Bool(true));
+        }
+        Some("impressions") => {
+            for inner in object.get_mut("impressions")?.as_array_mut()? {
+                inner
+                    .as_object_mut()?
+                    .insert("recovered".to_owned(), serde_json::Value::Bool(true));
+            }
+        }
         _ => return None,
     }
-    object.insert("recovered".to_owned(), serde_json::Value::Bool(true));
     serde_json::to_vec(&value).ok()
 }
 
@@ -341,12 +414,50 @@ mod tests {
     }
 
     #[test]
+    fn packs_hold_every_impression_in_order_within_the_size_limit_and_flag_as_a_whole() {
+        let records: Vec<ImpressionRecord> = (0..500)
+            .map(|n| {
+                let mut imp = impression();
+                imp.impression_id = format!("imp-{n}");
+                ImpressionRecord::new(&imp, n % 7 == 0)
+            })
+            .collect();
+        let packs = pack_impressions(&records);
+        assert!(packs.len() > 1, "500 impressions need more than one pack");
+        let mut back = Vec::new();
+        for (bytes, count) in &packs {
+            assert!(bytes.len() <= MAX_PACK_BYTES, "{}", bytes.len());
+            let wire: JoinedWire = serde_json::from_slice(bytes).unwrap();
+            let inner = wire.into_records();
+            assert_eq!(inner.len(), *count);
+            let flagged: JoinedWire =
+                serde_json::from_slice(&flag_recovered_bytes(bytes).unwrap()).unwrap();
+            assert!(flagged
+                .into_records()
+                .iter()
+                .all(JoinedStreamRecord::recovered));
+            back.extend(inner);
+        }
+        let want: Vec<JoinedStreamRecord> = records
+            .into_iter()
+            .map(JoinedStreamRecord::Impression)
+            .collect();
+        assert_eq!(back, want);
+        // A single record is still a record on the wire.
+        let one = serde_json::to_vec(&want[3]).unwrap();
+        let wire: JoinedWire = serde_json::from_slice(&one).unwrap();
+        assert_eq!(wire.into_records(), vec![want[3].clone()]);
+    }
+
+    #[test]
     fn bytes_that_are_not_a_joined_record_are_left_alone() {
         for data in [
             &b"not json"[..],
             b"[1,2]",
             br#"{"impression_id":"imp-1"}"#,
             br#"{"type":"view","impression_id":"imp-1"}"#,
+            br#"{"type":"impressions","impressions":[1]}"#,
+            br#"{"type":"impressions"}"#,
             b"\xff\xfe",
         ] {
             assert_eq!(flag_recovered_bytes(data), None, "{data:?}");

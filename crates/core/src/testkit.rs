@@ -222,7 +222,11 @@ pub fn sorted(mut v: Vec<JoinedRecord>) -> Vec<JoinedRecord> {
 pub fn decode_stream(records: &[OutRecord]) -> Vec<JoinedStreamRecord> {
     records
         .iter()
-        .map(|r| serde_json::from_slice(&r.data).expect("joined-stream record is valid JSON"))
+        .flat_map(|r| {
+            serde_json::from_slice::<crate::model::JoinedWire>(&r.data)
+                .expect("joined-stream record is valid JSON")
+                .into_records()
+        })
         .collect()
 }
 

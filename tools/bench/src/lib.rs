@@ -107,12 +107,13 @@ pub fn enriched_batches(data: &[Vec<u8>]) -> anyhow::Result<(RecordBatch, Record
     let rules = EnrichRules::default();
     let (mut clicks, mut imps) = (Vec::new(), Vec::new());
     for d in data {
-        match decode_joined(d).map_err(|r| anyhow::anyhow!("{r:?}"))? {
-            JoinedStreamRecord::Click(c) => {
-                clicks.push(enrich_click(&rules, c, 0).map_err(|r| anyhow::anyhow!("{r:?}"))?)
-            }
-            JoinedStreamRecord::Impression(i) => {
-                imps.push(enrich_impression(&rules, i, 0).map_err(|r| anyhow::anyhow!("{r:?}"))?)
+        for record in decode_joined(d).map_err(|r| anyhow::anyhow!("{r:?}"))? {
+            match record {
+                JoinedStreamRecord::Click(c) => {
+                    clicks.push(enrich_click(&rules, c, 0).map_err(|r| anyhow::anyhow!("{r:?}"))?)
+                }
+                JoinedStreamRecord::Impression(i) => imps
+                    .push(enrich_impression(&rules, i, 0).map_err(|r| anyhow::anyhow!("{r:?}"))?),
             }
         }
     }

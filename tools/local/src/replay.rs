@@ -175,11 +175,11 @@ impl StreamWriter {
             let entries = pending
                 .iter()
                 .map(|(key, data)| {
-                    // A keyed-stream record goes back on its bucket's shard (its partition key
-                    // names the bucket); on the input streams this only picks a shard.
+                    // A keyed record or a joined pack goes back on its bucket's shard; any
+                    // other record where its partition key puts it, as when first put.
                     PutRecordsRequestEntry::builder()
                         .partition_key(key)
-                        .set_explicit_hash_key(adpipe_core::keyed::explicit_hash_key_of(key))
+                        .set_explicit_hash_key(adpipe_core::keyed::home_hash_key(data))
                         .data(Blob::new(data.clone()))
                         .build()
                         .map_err(|e| LocalError::aws("Kinesis PutRecords entry", e))
