@@ -265,7 +265,7 @@ async fn s3_and_glue_failures_and_iceberg_commit_conflicts() {
     let t = hostile_traffic(303, "f-lake-");
     let (p, proxy) = faulty_pipeline(&t).await;
     let rules = json!([
-        rule("s3-put-5xx", "s3", "PUT", "server_error", 0.1),
+        every("s3-put-5xx", "s3", "PUT", "server_error", 8),
         every("s3-get-throttle", "s3", "GET", "throttle", 10),
         every("glue-commit-conflict", "glue", "UpdateTable", "conflict", 3),
         every(
@@ -308,7 +308,9 @@ async fn everything_at_once() {
             "lost_response",
             8
         ),
-        rule("s3-put-5xx", "s3", "PUT", "server_error", 0.05),
+        // Every 12th: the enricher now puts few objects (impressions travel packed, so it
+        // runs fewer, larger batches), too few for a 5 % draw to be sure to hit one.
+        every("s3-put-5xx", "s3", "PUT", "server_error", 12),
         every("glue-commit-conflict", "glue", "UpdateTable", "conflict", 4),
     ]);
     run_under(&p, &proxy, &t, rules, Some(0.15)).await;
