@@ -824,6 +824,17 @@ class Functions(unittest.TestCase):
         self.assertGreaterEqual(int(p["DedupHorizonHours"]["MinValue"]) * 3600, int(p["StateRetentionSeconds"]["Default"]) + int(p["MaxEventTimeAheadSeconds"]["Default"]))
         self.assertEqual(contract()["env"]["joiner"]["DEDUP_HORIZON_HOURS"], {"parameter": "DedupHorizonHours", "default": p["DedupHorizonHours"]["Default"] and str(p["DedupHorizonHours"]["Default"])})
 
+    def test_the_warm_window_serves_every_on_time_event_from_memory(self) -> None:
+        # An on-time event's partners and repeats arrived at most the clock lead plus the join
+        # window before it; a warm window longer than that needs no cold page for them, and the
+        # joiner refuses a shorter one at start-up (config.rs). It is also within the horizon.
+        p = template()["Parameters"]
+        warm = int(p["WarmWindowSeconds"]["Default"])
+        reach = int(p["MaxEventTimeAheadSeconds"]["Default"]) + int(p["JoinWindowMs"]["Default"]) // 1000
+        self.assertGreater(warm, reach)
+        self.assertLess(warm, int(p["DedupHorizonHours"]["Default"]) * 3600)
+        self.assertEqual(contract()["env"]["joiner"]["WARM_WINDOW_SECONDS"], {"parameter": "WarmWindowSeconds", "default": str(p["WarmWindowSeconds"]["Default"])})
+
     def test_the_keyed_stream_has_no_more_shards_than_state_buckets(self) -> None:
         # Each state bucket lives on exactly one keyed shard (crates/core/src/keyed.rs); a shard
         # beyond the bucket count would own none and the joiner would refuse its batches.

@@ -59,7 +59,12 @@ fn property_the_keyed_joiner_on_dynamodb_matches_the_reference_join_under_faults
         1usize..8,
         1usize..3,
         0.0f64..0.3,
-        (0.0f64..0.3, 0.0f64..0.3, 0.0f64..0.5),
+        (
+            0.0f64..0.3,
+            0.0f64..0.3,
+            0.0f64..0.5,
+            prop_oneof![Just(0i64), 300i64..3_000],
+        ),
     );
     runner
         .run(
@@ -71,7 +76,7 @@ fn property_the_keyed_joiner_on_dynamodb_matches_the_reference_join_under_faults
                 max_batch,
                 shards,
                 fault_rate,
-                (restart, duplicate, switch),
+                (restart, duplicate, switch, warm_ms),
             )| {
                 // A table per case: the logs are keyed by bucket range, which cases share.
                 let table = unique("keyed-log");
@@ -112,6 +117,15 @@ fn property_the_keyed_joiner_on_dynamodb_matches_the_reference_join_under_faults
                     letters.clone(),
                     cfg.clone(),
                 );
+                // Half the cases with a warm window of a few hundred ms of arrival: entries
+                // move to cold pages in DynamoDB, and late events and rebuilds read them back.
+                // (The scenarios' event times are at most ~9 min ahead of arrival.)
+                let (mut joiner, mut twin) = (joiner, twin);
+                for j in [&mut joiner, &mut twin] {
+                    j.rules.warm_ms = warm_ms;
+                    j.rules.evict_min_entries = 1;
+                    j.rules.max_ahead_ms = 700_000;
+                }
                 let disturb = Disturbance {
                     restart,
                     duplicate,

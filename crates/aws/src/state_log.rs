@@ -5,7 +5,12 @@
 //!   body, `ttl` (N) epoch seconds;
 //! - the directory of logs: `pk = "dir"`, `sk = 0`, `logs` (SS);
 //! - a log's acknowledgement: `pk = "ack#r0000-0063"`, `sk = 0`, `n` (N), the last slot whose
-//!   outputs are all on the joined stream (written after each fully accepted emission).
+//!   outputs are all on the joined stream (written after each fully accepted emission);
+//! - cold pages, events that left the warm window: `pk = "cold#<bucket>"`, `sk` a number that
+//!   orders them by level and event-time window, then writer (see `adpipe_core::packed`), `d`,
+//!   `ttl`;
+//! - ledger items, evicted clicks still waiting for a partner: `pk = "orph#<log>"`, `sk` the
+//!   eviction time then writer, `d`, `ttl`.
 //!
 //! A slot is written with `PutItem` on the condition `attribute_not_exists(pk)`: of two writers
 //! of one slot number exactly one succeeds (the fence). A log is read with strongly consistent
@@ -77,20 +82,85 @@ impl DynamoDbStateLog {
     }
 }
 
+impl DynamoDbStateLog {
+    /// An item of a key, a compressed body and a TTL, and its size (counted as written).
+    fn body_item(
+        &self,
+        pk: AttributeValue,
+        sk: String,
+        body: &[u8],
+        ttl_epoch_s: i64,
+    ) -> (HashMap<String, AttributeValue>, usize) {
+        let item: HashMap<String, AttributeValue> = [
+            (PK.to_owned(), pk),
+            (SK.to_owned(), AttributeValue::N(sk)),
+            (BODY.to_owned(), AttributeValue::B(Blob::new(body.to_vec()))),
+            (TTL.to_owned(), AttributeValue::N(ttl_epoch_s.to_string())),
+        ]
+        .into_iter()
+        .collect();
+        let size = item_size(&item);
+        self.usage
+            .write_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        (item, size)
+    }
+
+    /// Every item a strongly consistent `Query` finds, page after page.
+    async fn query_all(
+        &self,
+        condition: &str,
+        values: Vec<(&str, AttributeValue)>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression(condition)
+                .expression_attribute_names("#pk", PK)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take());
+            if condition.contains("#sk") {
+                query = query.expression_attribute_names("#sk", SK);
+            }
+            for (name, value) in &values {
+                query = query.expression_attribute_values(*name, value.clone());
+            }
+            let page = query.send().await.map_err(|e| port_error("Query", e))?;
+            let items = page.items();
+            let bytes: usize = items.iter().map(item_size).sum();
+            self.usage.add(1, 0, bytes.div_ceil(4096).max(1) as u64);
+            out.extend(items.iter().cloned());
+            match page.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn log_key(log: &str) -> AttributeValue {
     AttributeValue::S(format!("log#{log}"))
 }
 
-fn slot_of(item: &HashMap<String, AttributeValue>) -> Result<Slot, PortError> {
-    let n = item
+/// An item's numeric sort key, compressed body and TTL.
+fn parts_of(
+    item: &HashMap<String, AttributeValue>,
+    what: &str,
+) -> Result<(u128, Vec<u8>, i64), PortError> {
+    let sk = item
         .get(SK)
         .and_then(|v| v.as_n().ok())
-        .and_then(|n| n.parse::<u64>().ok())
-        .ok_or_else(|| PortError::Corrupt("log slot without a numeric sk".into()))?;
+        .and_then(|n| n.parse::<u128>().ok())
+        .ok_or_else(|| PortError::Corrupt(format!("{what} without a numeric sk")))?;
     let body = item
         .get(BODY)
         .and_then(|v| v.as_b().ok())
-        .ok_or_else(|| PortError::Corrupt(format!("log slot {n} without a body")))?
+        .ok_or_else(|| PortError::Corrupt(format!("{what} {sk} without a body")))?
         .as_ref()
         .to_vec();
     let ttl_epoch_s = item
@@ -98,6 +168,13 @@ fn slot_of(item: &HashMap<String, AttributeValue>) -> Result<Slot, PortError> {
         .and_then(|v| v.as_n().ok())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
+    Ok((sk, body, ttl_epoch_s))
+}
+
+fn slot_of(item: &HashMap<String, AttributeValue>) -> Result<Slot, PortError> {
+    let (sk, body, ttl_epoch_s) = parts_of(item, "log slot")?;
+    let n = u64::try_from(sk)
+        .map_err(|_| PortError::Corrupt(format!("log slot number {sk} out of range")))?;
     Ok(Slot {
         n,
         body,
@@ -107,56 +184,26 @@ fn slot_of(item: &HashMap<String, AttributeValue>) -> Result<Slot, PortError> {
 
 impl StateLog for DynamoDbStateLog {
     async fn read(&self, log: &str, from: u64) -> Result<Vec<Slot>, PortError> {
-        let mut out = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("#pk = :pk AND #sk >= :from")
-                .expression_attribute_names("#pk", PK)
-                .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":pk", log_key(log))
-                .expression_attribute_values(":from", AttributeValue::N(from.to_string()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| port_error("Query", e))?;
-            let items = page.items();
-            let bytes: usize = items.iter().map(item_size).sum();
-            self.usage.add(1, 0, bytes.div_ceil(4096).max(1) as u64);
-            for item in items {
-                out.push(slot_of(item)?);
-            }
-            match page.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => break,
-            }
-        }
-        Ok(out)
+        self.query_all(
+            "#pk = :pk AND #sk >= :from",
+            vec![
+                (":pk", log_key(log)),
+                (":from", AttributeValue::N(from.to_string())),
+            ],
+        )
+        .await?
+        .iter()
+        .map(slot_of)
+        .collect()
     }
 
     async fn put(&self, log: &str, slot: &Slot) -> Result<PutSlot, PortError> {
-        let item: HashMap<String, AttributeValue> = [
-            (PK.to_owned(), log_key(log)),
-            (SK.to_owned(), AttributeValue::N(slot.n.to_string())),
-            (
-                BODY.to_owned(),
-                AttributeValue::B(Blob::new(slot.body.clone())),
-            ),
-            (
-                TTL.to_owned(),
-                AttributeValue::N(slot.ttl_epoch_s.to_string()),
-            ),
-        ]
-        .into_iter()
-        .collect();
-        let size = item_size(&item);
-        self.usage
-            .write_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
+        let (item, size) = self.body_item(
+            log_key(log),
+            slot.n.to_string(),
+            &slot.body,
+            slot.ttl_epoch_s,
+        );
         let result = self
             .client
             .put_item()
@@ -250,6 +297,72 @@ impl StateLog for DynamoDbStateLog {
             .and_then(|i| i.get(ACKED))
             .and_then(|v| v.as_n().ok())
             .and_then(|n| n.parse().ok()))
+    }
+
+    async fn last(&self, log: &str) -> Result<Option<Slot>, PortError> {
+        let page = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":pk", log_key(log))
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| port_error("Query", e))?;
+        let bytes: usize = page.items().iter().map(item_size).sum();
+        self.usage.add(1, 0, bytes.div_ceil(4096).max(1) as u64);
+        page.items().first().map(slot_of).transpose()
+    }
+
+    async fn put_blob(&self, blob: &adpipe_core::packed::Blob) -> Result<(), PortError> {
+        let (item, size) = self.body_item(
+            AttributeValue::S(blob.pk.clone()),
+            blob.sk.to_string(),
+            &blob.body,
+            blob.ttl_epoch_s,
+        );
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| port_error("PutItem", e))?;
+        self.usage.add(1, size.div_ceil(1024).max(1) as u64, 0);
+        Ok(())
+    }
+
+    async fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> Result<Vec<adpipe_core::packed::Blob>, PortError> {
+        let items = self
+            .query_all(
+                "#pk = :pk AND #sk BETWEEN :lo AND :hi",
+                vec![
+                    (":pk", AttributeValue::S(pk.to_owned())),
+                    (":lo", AttributeValue::N(lo.to_string())),
+                    (":hi", AttributeValue::N(hi.to_string())),
+                ],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for item in &items {
+            let (sk, body, ttl_epoch_s) = parts_of(item, pk)?;
+            out.push(adpipe_core::packed::Blob {
+                pk: pk.to_owned(),
+                sk,
+                body,
+                ttl_epoch_s,
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -33,6 +33,12 @@ pub const LATE_PREFIX: &str = "LATE_PREFIX";
 pub const JOIN_WINDOW_MS: &str = "JOIN_WINDOW_MS";
 /// How long one side waits for its partner, in seconds. Default 86400.
 pub const STATE_RETENTION_SECONDS: &str = "STATE_RETENTION_SECONDS";
+/// How long the keyed joiner keeps an entry in memory after its latest arrival, in seconds
+/// (the warm window); older entries live in cold pages in the log table, read by bucket and
+/// event time when a late event needs them. Memory holds about this many seconds of a shard's
+/// events. It must be longer than the allowed event-time lead plus the join window, or
+/// on-time events would need the pages too. Default: that plus 600 (4230 with the defaults).
+pub const WARM_WINDOW_SECONDS: &str = "WARM_WINDOW_SECONDS";
 /// How long DynamoDB keeps an item after its retention, so that a partner arriving then is
 /// recognised as late instead of being buffered as new. Default 86400.
 pub const STATE_TTL_GRACE_SECONDS: &str = "STATE_TTL_GRACE_SECONDS";
@@ -94,6 +100,7 @@ pub const JOINER_ENV: &[&str] = &[
     LATE_PREFIX,
     JOIN_WINDOW_MS,
     STATE_RETENTION_SECONDS,
+    WARM_WINDOW_SECONDS,
     STATE_TTL_GRACE_SECONDS,
     RECOVERY_LEASE_SECONDS,
     MAX_IN_FLIGHT,
@@ -125,6 +132,8 @@ pub struct JoinerConfig {
     pub keyed_stream: String,
     /// See [`DEDUP_HORIZON_HOURS`].
     pub dedup_horizon_ms: i64,
+    /// See [`WARM_WINDOW_SECONDS`].
+    pub warm_window_ms: i64,
     pub state_table: String,
     pub state_log_table: String,
     pub dead_letter_bucket: String,
@@ -179,12 +188,29 @@ impl JoinerConfig {
                 why: "the deduplication horizon must cover the state retention plus the allowed event-time lead",
             });
         }
+        let window_ms = positive(JOIN_WINDOW_MS, 30_000)?;
+        // An on-time event's partners and repeats arrived at most the lead plus the join
+        // window before it: a warm window longer than that serves every on-time event from
+        // memory, and the default adds ten minutes for events a little late.
+        let reach_ms = bounds.max_ahead_ms + window_ms;
+        let warm_window_ms = match lookup(WARM_WINDOW_SECONDS) {
+            None => reach_ms + 600_000,
+            Some(_) => positive(WARM_WINDOW_SECONDS, 0)? * 1000,
+        };
+        if warm_window_ms <= reach_ms {
+            return Err(ConfigError::Invalid {
+                name: WARM_WINDOW_SECONDS,
+                value: (warm_window_ms / 1000).to_string(),
+                why: "the warm window must be longer than the allowed event-time lead plus the join window",
+            });
+        }
         Ok(JoinerConfig {
             impressions_stream: stream_name(&required(IMPRESSIONS_STREAM_NAME)?).to_owned(),
             clicks_stream: stream_name(&required(CLICKS_STREAM_NAME)?).to_owned(),
             joined_stream,
             keyed_stream,
             dedup_horizon_ms,
+            warm_window_ms,
             state_log_table: match lookup(STATE_LOG_TABLE_NAME).filter(|v| !v.trim().is_empty()) {
                 Some(v) => v,
                 None => format!("{}-log", required(STATE_TABLE_NAME)?),
@@ -194,7 +220,7 @@ impl JoinerConfig {
             dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
             late_prefix: text(LATE_PREFIX, "late/"),
             rules: JoinRules {
-                window_ms: positive(JOIN_WINDOW_MS, 30_000)?,
+                window_ms,
                 retention_ms,
                 recovery_lease_ms: positive(RECOVERY_LEASE_SECONDS, 900)? * 1000,
             },
@@ -475,5 +501,50 @@ impl TablesConfig {
             self.lake_bucket,
             self.lake_prefix.trim_matches('/')
         )
+    }
+}
+
+#[cfg(test)]
+mod warm_window_tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Result<JoinerConfig, ConfigError> {
+        JoinerConfig::from_lookup(|k| {
+            let base = [
+                (IMPRESSIONS_STREAM_NAME, "i"),
+                (CLICKS_STREAM_NAME, "c"),
+                (JOINED_STREAM_NAME, "j"),
+                (STATE_TABLE_NAME, "t"),
+                (DEAD_LETTER_BUCKET, "b"),
+            ];
+            vars.iter()
+                .chain(base.iter())
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    #[test]
+    fn the_warm_window_defaults_past_the_clock_lead_and_refuses_less() {
+        assert_eq!(with(&[]).unwrap().warm_window_ms, 4_230_000);
+        assert_eq!(
+            with(&[(MAX_EVENT_TIME_AHEAD_SECONDS, "60")])
+                .unwrap()
+                .warm_window_ms,
+            690_000
+        );
+        assert_eq!(
+            with(&[(WARM_WINDOW_SECONDS, "7200")])
+                .unwrap()
+                .warm_window_ms,
+            7_200_000
+        );
+        assert!(matches!(
+            with(&[(WARM_WINDOW_SECONDS, "3630")]),
+            Err(ConfigError::Invalid {
+                name: WARM_WINDOW_SECONDS,
+                ..
+            })
+        ));
     }
 }

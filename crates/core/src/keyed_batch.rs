@@ -21,11 +21,15 @@ use crate::keyed::{bucket_of, explicit_hash_key, unpack, BucketRange};
 use crate::metrics::Counts;
 use crate::model::{pack_impressions, Event, ImpressionRecord, InputRecord, JoinedStreamRecord};
 use crate::packed::{
-    slots_for_batch, JoinMemory, Outcome, Pending, PutSlot, ShardRanges, StateLog, StateRules,
-    Stored,
+    slots_for_batch, JoinMemory, Lookup, Outcome, Pending, PutSlot, ShardRanges, StateLog,
+    StateRules, Stored,
 };
 use crate::ports::{DeadLetter, DeadLetterSink, OutRecord, PortError, RecordSink};
 use crate::validate::{encode_click, encode_impression, RejectReason, Rejection};
+
+/// An eviction pass waits for this many old entries (or for two warm windows), so its pages
+/// are full.
+pub const EVICT_MIN_ENTRIES: usize = 4_096;
 
 /// A range's memory and the outputs that may already be on the stream.
 struct Held {
@@ -58,6 +62,8 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             dedup_horizon_ms: config.dedup_horizon_ms,
             max_ahead_ms: config.time_bounds.max_ahead_ms,
             ttl_grace_ms: config.ttl_grace_ms,
+            warm_ms: config.warm_window_ms,
+            evict_min_entries: EVICT_MIN_ENTRIES,
         };
         KeyedJoiner {
             log,
@@ -76,6 +82,18 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         self.held.lock().await.clear();
     }
 
+    /// How many impression ids the environment's memory holds, over every range it holds.
+    pub async fn entries_in_memory(&self) -> usize {
+        let cells: Vec<_> = self.held.lock().await.values().cloned().collect();
+        let mut n = 0;
+        for cell in cells {
+            if let Some(held) = cell.lock().await.as_ref() {
+                n += held.memory.events();
+            }
+        }
+        n
+    }
+
     async fn range_of(&self, stream: &str, shard: &str) -> Result<BucketRange, PortError> {
         if let Some(r) = self.shard_ranges.lock().await.get(shard) {
             return Ok(*r);
@@ -83,6 +101,35 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         let r = self.ranges.range(stream, shard).await?;
         self.shard_ranges.lock().await.insert(shard.to_owned(), r);
         Ok(r)
+    }
+
+    /// The slots a rebuild reads from a log: from the `warm_from` its newest slot names (every
+    /// earlier event is in the cold pages), or all of them.
+    async fn warm_slots(&self, log: &str) -> Result<Vec<crate::packed::Slot>, PortError> {
+        let Some(last) = self.log.last(log).await? else {
+            return Ok(Vec::new());
+        };
+        let from = crate::packed::decode_body(&last.body)?
+            .warm_from
+            .unwrap_or(0)
+            .min(last.n);
+        self.log.read(log, from).await
+    }
+
+    /// Reads the ledger items of `log` newer than `after` (not yet swept) into memory.
+    async fn read_ledger(
+        &self,
+        memory: &mut JoinMemory,
+        log: &str,
+        after: Option<u128>,
+    ) -> Result<(), PortError> {
+        let (lo, hi) = memory.ledger_span(&self.rules);
+        let lo = after.map_or(lo, |a| lo.max(a + 1));
+        let items = self
+            .log
+            .blobs(&crate::packed::ledger_pk(log), lo, hi)
+            .await?;
+        memory.absorb_ledger(&items)
     }
 
     async fn rebuild(&self, range: BucketRange, shard: &str) -> Result<Held, PortError> {
@@ -94,13 +141,17 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         let mut others = Vec::new();
         for log in logs.iter().filter(|l| **l != own) {
             if BucketRange::from_log_id(log).is_some_and(|r| r.overlaps(&range)) {
-                let slots = self.log.read(log, 0).await?;
+                let slots = self.warm_slots(log).await?;
                 others.push((log.clone(), slots, self.log.acked(log).await?));
             }
         }
-        let slots = self.log.read(&own, 0).await?;
+        let slots = self.warm_slots(&own).await?;
         let acked = self.log.acked(&own).await?;
-        let memory = JoinMemory::rebuild(range, shard, &self.rules, &slots, &others, acked)?;
+        let mut memory = JoinMemory::rebuild(range, shard, &self.rules, &slots, &others, acked)?;
+        for (log, _, _) in &others {
+            self.read_ledger(&mut memory, log, None).await?;
+        }
+        self.read_ledger(&mut memory, &own, None).await?;
         let maybe_sent = memory.pending().cloned().collect();
         Ok(Held { memory, maybe_sent })
     }
@@ -118,8 +169,50 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         }
         let acked = self.log.acked(&held.memory.log).await?;
         held.memory.catch_up(&self.rules, &slots, acked)?;
+        // The other writer may have evicted entries and recorded their waiting clicks.
+        let log = held.memory.log.clone();
+        let known = held.memory.ledger_last(&crate::packed::ledger_pk(&log));
+        self.read_ledger(&mut held.memory, &log, known).await?;
         held.maybe_sent = held.memory.pending().cloned().collect();
         Ok(())
+    }
+
+    /// Reads the cold pages of these lookups into memory.
+    async fn load_cold(
+        &self,
+        memory: &mut JoinMemory,
+        lookups: BTreeSet<Lookup>,
+    ) -> Result<(), PortError> {
+        for lookup in lookups {
+            let (lo, hi) = lookup.key_span();
+            let pages = self.log.blobs(&lookup.pk(), lo, hi).await?;
+            memory.absorb_pages(&lookup, &pages)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the entries a warm window old to cold pages (after this writer wrote a slot,
+    /// which proves it holds the fence). The pages are written before memory forgets anything;
+    /// a failed write leaves memory as it was, for the next batch to try again.
+    async fn evict(&self, held: &mut Held, report: &mut BatchReport) {
+        let Some(head) = held.memory.head else {
+            return;
+        };
+        let ttl = self.ttl_epoch_s(held.memory.now_ms());
+        let Some(eviction) = held.memory.plan_eviction(&self.rules, head, ttl) else {
+            return;
+        };
+        let results: Vec<Result<(), PortError>> = stream::iter(eviction.blobs.iter())
+            .map(|b| self.log.put_blob(b))
+            .buffer_unordered(self.config.max_in_flight.max(1))
+            .collect()
+            .await;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            tracing::warn!(error = %e, "cold pages not written; the entries stay in memory");
+            return;
+        }
+        report.counts.evicted += eviction.entries() as u64;
+        held.memory.apply_eviction(eviction);
     }
 
     fn ttl_epoch_s(&self, now_ms: i64) -> i64 {
@@ -212,6 +305,11 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         }
         self.sweep_orphans(held, &mut report).await;
         self.emit_pending(held, records.len(), &mut report).await;
+        // Only after a slot of this writer's own: a head learnt by catching up is another
+        // writer's, and so would its pages' keys be.
+        if held.memory.wrote_in_batch() {
+            self.evict(held, &mut report).await;
+        }
         report
     }
 
@@ -219,8 +317,28 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
     /// so only written state is judged). A failed write leaves them for the next batch.
     async fn sweep_orphans(&self, held: &mut Held, report: &mut BatchReport) {
         let rules = self.rules;
-        let orphans = held.memory.orphans(&rules);
+        let candidates = held.memory.orphan_candidates(&rules);
+        if candidates.is_empty() {
+            return;
+        }
+        // A partner may be in the cold pages (memory rebuilt from the warm slots): look.
+        let lookups: BTreeSet<Lookup> = candidates
+            .iter()
+            .flat_map(|o| {
+                held.memory
+                    .lookups_for(&o.click.impression_id, o.click.event_time_ms, &rules)
+            })
+            .collect();
+        if let Err(e) = self.load_cold(&mut held.memory, lookups).await {
+            tracing::warn!(error = %e, "cold pages not read; orphans are swept with the next batch");
+            return;
+        }
+        let orphans: Vec<_> = candidates
+            .into_iter()
+            .filter(|o| !held.memory.has_partner(&o.click, o.arrival_ms, &rules))
+            .collect();
         if orphans.is_empty() {
+            held.memory.swept(&rules);
             return;
         }
         let letters: Vec<DeadLetter> = orphans
@@ -266,6 +384,24 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         let mut new_events: Vec<Stored> = Vec::new();
         let mut new_outputs: Vec<Pending> = Vec::new();
         let mut letters: BTreeMap<String, DeadLetter> = BTreeMap::new();
+        if !memory.is_complete() {
+            let mut lookups = BTreeSet::new();
+            for record in records {
+                if memory.is_done(&record.position.sequence_number) {
+                    continue;
+                }
+                for keyed in unpack(&record.data).unwrap_or_default() {
+                    if let Some(event) = keyed.event() {
+                        let t = match &event {
+                            Event::Impression(i) => i.event_time_ms,
+                            Event::Click(c) => c.event_time_ms,
+                        };
+                        lookups.extend(memory.lookups_for(event.impression_id(), t, &rules));
+                    }
+                }
+            }
+            self.load_cold(memory, lookups).await.map_err(Abort::Port)?;
+        }
         let counts = &mut report.counts;
         let mut clock = now_ms;
         for record in records {
@@ -414,6 +550,9 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
                 Err(e) => return Err(Abort::Port(e)),
             }
         }
+        // Events of pending outputs that left the warm slots are written again, so a rebuild
+        // from the warm slots can still build every pending output.
+        new_events.extend(memory.carried());
         let first = memory.head.map_or(0, |h| h + 1);
         let slots = slots_for_batch(
             first,
@@ -424,11 +563,13 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             memory.swept_ms(),
             new_events,
             memory.pending().cloned().collect(),
+            memory.cold_marks(),
             self.ttl_epoch_s(clock),
         );
+        let slot_clock = clock.max(memory.now_ms());
         for slot in &slots {
             match self.log.put(&memory.log, slot).await {
-                Ok(PutSlot::Written) => memory.head = Some(slot.n),
+                Ok(PutSlot::Written) => memory.wrote(slot.n, slot_clock),
                 Ok(PutSlot::Taken) => return Err(Abort::Taken(slot.n)),
                 Err(e) => return Err(Abort::Port(e)),
             }

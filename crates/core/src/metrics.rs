@@ -38,6 +38,8 @@ pub struct Counts {
     pub orphaned: u64,
     /// Keyed records already in the join state's log (a redelivery), skipped.
     pub skipped: u64,
+    /// Impression ids whose events left memory for the cold pages (the warm window).
+    pub evicted: u64,
 }
 
 impl Counts {
@@ -108,6 +110,7 @@ pub fn emf_line(
         ("MarkFailures".into(), counts.mark_failures),
         ("Orphaned".into(), counts.orphaned),
         ("RecordsSkipped".into(), counts.skipped),
+        ("EntriesEvicted".into(), counts.evicted),
     ];
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));

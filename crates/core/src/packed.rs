@@ -17,7 +17,7 @@
 //! Decisions use only the stored events and each record's arrival time on the keyed stream,
 //! never the invocation's clock, so every attempt at a batch decides it the same way.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,14 @@ pub struct SlotBody {
     pub events: Vec<Stored>,
     /// Every output not yet known to be accepted when the batch was written.
     pub pending: Vec<Pending>,
+    /// Every event that arrived before this time and is not in memory is in the cold pages
+    /// (absent: nothing was ever evicted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_from_ms: Option<i64>,
+    /// The first slot a rebuild reads: earlier slots hold only events arrived before
+    /// `cold_from_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_from: Option<u64>,
 }
 
 /// A stored slot: its number, compressed body and TTL.
@@ -130,6 +138,28 @@ pub trait StateLog: Send + Sync {
     fn ack(&self, log: &str, n: u64) -> impl Future<Output = Result<(), PortError>> + Send;
     /// The latest [`StateLog::ack`] of `log`.
     fn acked(&self, log: &str) -> impl Future<Output = Result<Option<u64>, PortError>> + Send;
+    /// The newest slot of `log`, if any.
+    fn last(&self, log: &str) -> impl Future<Output = Result<Option<Slot>, PortError>> + Send;
+    /// Writes a blob (a cold page, a ledger item); its key is unique to its writer.
+    fn put_blob(&self, blob: &Blob) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Every blob of partition `pk` with a key in `lo..=hi`, in key order (strongly
+    /// consistent).
+    fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> impl Future<Output = Result<Vec<Blob>, PortError>> + Send;
+}
+
+/// A stored blob beside the log: a page of evicted events (`cold#<bucket>`) or a ledger item
+/// of evicted clicks still waiting for a partner (`orph#<log>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub pk: String,
+    pub sk: u128,
+    pub body: Vec<u8>,
+    pub ttl_epoch_s: i64,
 }
 
 /// Which bucket range a keyed-stream shard owns (Kinesis `ListShards` in production).
@@ -173,6 +203,13 @@ pub struct StateRules {
     pub max_ahead_ms: i64,
     /// Extra time a slot is kept past the horizon before DynamoDB's TTL may delete it.
     pub ttl_grace_ms: i64,
+    /// How long an event stays in memory after its entry's latest arrival (the warm window);
+    /// older entries move to cold pages, looked up by bucket and event time when a late event
+    /// needs them. `0` keeps everything for the horizon.
+    pub warm_ms: i64,
+    /// An eviction pass waits until it can move at least this many entries (so pages are
+    /// full), or until the oldest entry is two warm windows old.
+    pub evict_min_entries: usize,
 }
 
 impl StateRules {
@@ -234,6 +271,144 @@ pub struct JoinMemory {
     now_ms: i64,
     pending: BTreeSet<Pending>,
     undo: Option<Undo>,
+    /// See [`SlotBody::cold_from_ms`]; `i64::MIN` while memory holds everything.
+    cold_from_ms: i64,
+    /// See [`SlotBody::warm_from`].
+    warm_from: Option<u64>,
+    /// The warm slots' clocks (slot number → `now_ms`), to find `warm_from` at an eviction.
+    slot_times: BTreeMap<u64, i64>,
+    /// Events known to be in the cold pages (read back from them, or written by an eviction
+    /// while their entry stayed warm): an eviction does not write them again.
+    paged: HashSet<(String, Option<String>)>,
+    /// Cold page windows already read into memory: (bucket, level, window).
+    looked_up: HashSet<(u32, u8, i64)>,
+    /// Ledger items not yet swept: clicks evicted while waiting for a partner, by ledger key.
+    ledger: BTreeMap<(u128, String), Vec<Stored>>,
+    /// The last eviction pass's entries, forgotten once a slot records its `cold_from`.
+    to_drop: Vec<String>,
+    drop_before_ms: i64,
+    /// Whether the current batch wrote a slot.
+    wrote_in_batch: bool,
+}
+
+/// One read of cold pages: a bucket's windows `first..=last` at one level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lookup {
+    pub bucket: u32,
+    pub level: u8,
+    pub first: i64,
+    pub last: i64,
+}
+
+impl Lookup {
+    pub fn pk(&self) -> String {
+        page_pk(self.bucket)
+    }
+
+    /// The blob keys of every page of these windows, whoever wrote them.
+    pub fn key_span(&self) -> (u128, u128) {
+        (
+            page_key(self.level, self.first, 0, 0, 0),
+            page_key(
+                self.level,
+                self.last,
+                9_999,
+                PAGE_SLOT_MOD - 1,
+                PAGE_PARTS - 1,
+            ),
+        )
+    }
+}
+
+/// Page levels: a minute window, or an hour window (a sparse bucket-hour).
+pub const LEVEL_MINUTE: u8 = 1;
+pub const LEVEL_HOUR: u8 = 2;
+const LEVELS: [(u8, i64); 2] = [(LEVEL_MINUTE, 60_000), (LEVEL_HOUR, 3_600_000)];
+/// A bucket-minute evicted with at least this many events in one pass gets a page of its own,
+/// so a lookup in a busy bucket reads a minute, not an hour; sparser minutes share their
+/// hour's page, so pages stay full.
+pub const MINUTE_PAGE_MIN_EVENTS: usize = 64;
+const PAGE_SLOT_MOD: u64 = 1_000_000_000_000;
+const PAGE_PARTS: u32 = 1_000;
+
+/// The partition of a bucket's cold pages.
+pub fn page_pk(bucket: u32) -> String {
+    format!("cold#{bucket}")
+}
+
+/// The partition of a log's ledger items.
+pub fn ledger_pk(log: &str) -> String {
+    format!("orph#{log}")
+}
+
+/// A page's key: level, window, its writer (the log's range and the slot the writer had just
+/// written, which no other writer can have written) and its part. 28 digits at most, within
+/// DynamoDB's 38 for a number.
+fn page_key(level: u8, window: i64, range: u32, slot: u64, part: u32) -> u128 {
+    let mut k = u128::from(level);
+    k = k * 100_000_000 + window.clamp(0, 99_999_999) as u128;
+    k = k * 10_000 + u128::from(range.min(9_999));
+    k = k * u128::from(PAGE_SLOT_MOD) + u128::from(slot % PAGE_SLOT_MOD);
+    k * u128::from(PAGE_PARTS) + u128::from(part.min(PAGE_PARTS - 1))
+}
+
+/// A ledger item's key: the eviction boundary, the writer's slot, the part (28 digits at
+/// most).
+fn ledger_key(boundary_ms: i64, slot: u64, part: u32) -> u128 {
+    let k =
+        boundary_ms.max(0) as u128 * u128::from(PAGE_SLOT_MOD) + u128::from(slot % PAGE_SLOT_MOD);
+    k * u128::from(PAGE_PARTS) + u128::from(part.min(PAGE_PARTS - 1))
+}
+
+fn ledger_boundary(key: u128) -> i64 {
+    (key / u128::from(PAGE_SLOT_MOD) / u128::from(PAGE_PARTS)) as i64
+}
+
+/// Above every blob key (and within DynamoDB's 38 digits).
+const KEY_MAX: u128 = 10u128.pow(30);
+
+/// Compresses a page of events (JSON, then zstd).
+pub fn encode_events(events: &[Stored]) -> Vec<u8> {
+    let json = serde_json::to_vec(events).expect("events always encode");
+    zstd::bulk::compress(&json, 3).expect("zstd compresses any input")
+}
+
+/// Reads a page of events back.
+pub fn decode_events(bytes: &[u8]) -> Result<Vec<Stored>, PortError> {
+    let json = zstd::stream::decode_all(bytes)
+        .map_err(|e| PortError::Corrupt(format!("page is not zstd: {e}")))?;
+    serde_json::from_slice(&json)
+        .map_err(|e| PortError::Corrupt(format!("page is not a list of events: {e}")))
+}
+
+/// Splits events into compressed bodies of at most [`MAX_SLOT_BODY_BYTES`].
+fn encode_split(events: &[Stored], out: &mut Vec<Vec<u8>>) {
+    let body = encode_events(events);
+    if events.len() <= 1 || body.len() <= MAX_SLOT_BODY_BYTES {
+        out.push(body);
+        return;
+    }
+    let (a, b) = events.split_at(events.len() / 2);
+    encode_split(a, out);
+    encode_split(b, out);
+}
+
+/// What one eviction pass writes and then forgets.
+#[derive(Debug, Clone, Default)]
+pub struct Eviction {
+    pub boundary_ms: i64,
+    /// Cold pages, then the ledger item (if any evicted click still waits for a partner).
+    pub blobs: Vec<Blob>,
+    ids: Vec<String>,
+    ledger: Option<((u128, String), Vec<Stored>)>,
+    newly_paged: Vec<(String, Option<String>)>,
+}
+
+impl Eviction {
+    /// How many entries (impression ids) it moves.
+    pub fn entries(&self) -> usize {
+        self.ids.len()
+    }
 }
 
 /// What a batch changed in memory, so an attempt whose slot was taken can be taken back.
@@ -265,11 +440,21 @@ impl JoinMemory {
             now_ms: i64::MIN,
             pending: BTreeSet::new(),
             undo: None,
+            cold_from_ms: i64::MIN,
+            warm_from: None,
+            slot_times: BTreeMap::new(),
+            paged: HashSet::new(),
+            looked_up: HashSet::new(),
+            ledger: BTreeMap::new(),
+            to_drop: Vec::new(),
+            drop_before_ms: i64::MIN,
+            wrote_in_batch: false,
         }
     }
 
     /// Starts recording a batch's changes.
     pub fn begin(&mut self) {
+        self.wrote_in_batch = false;
         self.undo = Some(Undo {
             progress: self.progress.clone(),
             now_ms: self.now_ms,
@@ -280,6 +465,9 @@ impl JoinMemory {
     /// The batch's slots are written: its changes stay, and what passed the horizon goes.
     pub fn commit(&mut self, rules: &StateRules) {
         self.undo = None;
+        if self.wrote_in_batch {
+            self.drop_evicted();
+        }
         self.expire(rules);
     }
 
@@ -390,12 +578,21 @@ impl JoinMemory {
             return;
         };
         let all_sent = acked.is_some_and(|a| a >= *head_n);
-        for (_, body) in bodies {
+        for (n, body) in bodies {
             for event in &body.events {
                 if self.range.contains(bucket_of(event.impression_id())) {
                     self.store(event.clone());
                 }
             }
+            if own {
+                self.slot_times.insert(*n, body.now_ms);
+            }
+        }
+        if let Some(c) = head.cold_from_ms {
+            self.cold_from_ms = self.cold_from_ms.max(c);
+        }
+        if own && head.warm_from.is_some() {
+            self.warm_from = head.warm_from;
         }
         for (n, body) in bodies {
             if *n >= head.batch_first && !all_sent {
@@ -438,6 +635,18 @@ impl JoinMemory {
     /// Recomputes which clicks of these impression ids still wait for a partner.
     fn refresh_unmatched(&mut self, ids: &BTreeSet<String>, rules: &StateRules) {
         let from = self.swept_ms.saturating_sub(rules.join.retention_ms);
+        // A click the ledger holds is swept from the ledger, never from memory as well.
+        let ledgered: HashSet<(&str, &str)> = self
+            .ledger
+            .values()
+            .flatten()
+            .filter_map(|e| match e {
+                Stored::Click(c, _) => Some((c.impression_id.as_str(), c.click_id.as_str())),
+                Stored::Impression(..) => None,
+            })
+            .collect();
+        let mut remove = Vec::new();
+        let mut insert = Vec::new();
         for id in ids {
             let Some(entry) = self.entries.get(id) else {
                 continue;
@@ -452,13 +661,19 @@ impl JoinMemory {
                     .impression
                     .as_ref()
                     .is_some_and(|(imp, _)| attributes(&rules.join, imp, click));
-                if matched || *arrival < from {
-                    self.unmatched.remove(&key);
+                let ledgered =
+                    ledgered.contains(&(click.impression_id.as_str(), click.click_id.as_str()));
+                if matched || *arrival < from || ledgered {
+                    remove.push(key);
                 } else {
-                    self.unmatched.insert(key);
+                    insert.push(key);
                 }
             }
         }
+        for key in remove {
+            self.unmatched.remove(&key);
+        }
+        self.unmatched.extend(insert);
     }
 
     fn store(&mut self, event: Stored) {
@@ -506,6 +721,401 @@ impl JoinMemory {
             self.by_arrival.pop_first();
             self.entries.remove(&id);
         }
+    }
+
+    /// The cold page reads an event needs before it can be decided: none while memory holds
+    /// every event that could repeat it or be its partner. Those have its impression id and an
+    /// event time within the join window of its own, so they arrived at or after
+    /// `event_time − window − max_ahead`; memory holds every event that arrived at or after
+    /// `cold_from`.
+    pub fn lookups_for(
+        &self,
+        impression_id: &str,
+        event_time_ms: i64,
+        rules: &StateRules,
+    ) -> Vec<Lookup> {
+        let reach = rules.join.window_ms + rules.max_ahead_ms;
+        if self.cold_from_ms == i64::MIN || event_time_ms - reach >= self.cold_from_ms {
+            return Vec::new();
+        }
+        let bucket = bucket_of(impression_id);
+        let (lo, hi) = (
+            event_time_ms - rules.join.window_ms,
+            event_time_ms + rules.join.window_ms,
+        );
+        LEVELS
+            .iter()
+            .filter_map(|&(level, size)| {
+                let (first, last) = (lo.div_euclid(size), hi.div_euclid(size));
+                let missing = (first..=last).any(|w| !self.looked_up.contains(&(bucket, level, w)));
+                missing.then_some(Lookup {
+                    bucket,
+                    level,
+                    first,
+                    last,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes in the cold pages one lookup read. Their events are stored as they were (not as
+    /// new), outside any batch's undo, and are dropped without being written again when their
+    /// entry leaves memory.
+    pub fn absorb_pages(&mut self, lookup: &Lookup, pages: &[Blob]) -> Result<(), PortError> {
+        let undo = self.undo.take();
+        for page in pages {
+            for event in decode_events(&page.body)? {
+                if !self.range.contains(bucket_of(event.impression_id())) {
+                    continue;
+                }
+                let key = (
+                    event.impression_id().to_owned(),
+                    match &event {
+                        Stored::Impression(..) => None,
+                        Stored::Click(c, _) => Some(c.click_id.clone()),
+                    },
+                );
+                let known = self.entries.get(&key.0).is_some_and(|e| match &key.1 {
+                    None => e.impression.is_some(),
+                    Some(c) => e.clicks.contains_key(c),
+                });
+                if !known {
+                    self.store(event);
+                    self.paged.insert(key);
+                }
+            }
+        }
+        self.undo = undo;
+        for w in lookup.first..=lookup.last {
+            self.looked_up.insert((lookup.bucket, lookup.level, w));
+        }
+        Ok(())
+    }
+
+    /// Events of pending outputs that arrived before `cold_from`: every slot writes them again
+    /// with its events, so a rebuild from the warm slots can build every pending output.
+    pub fn carried(&self) -> Vec<Stored> {
+        if self.cold_from_ms == i64::MIN {
+            return Vec::new();
+        }
+        let ids: BTreeSet<&str> = self.pending.iter().map(Pending::impression_id).collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(entry) = self.entries.get(id) else {
+                continue;
+            };
+            if let Some((imp, a)) = &entry.impression {
+                if *a < self.cold_from_ms {
+                    out.push(Stored::Impression(imp.clone(), *a));
+                }
+            }
+            for (c, a) in entry.clicks.values() {
+                if *a < self.cold_from_ms {
+                    out.push(Stored::Click(c.clone(), *a));
+                }
+            }
+        }
+        out
+    }
+
+    /// Slot `n`, stamped `now_ms`, is written: it is the head.
+    pub fn wrote(&mut self, n: u64, now_ms: i64) {
+        self.head = Some(n);
+        self.slot_times.insert(n, now_ms);
+        self.wrote_in_batch = true;
+    }
+
+    /// Forgets the entries of the last eviction pass (its `cold_from` is now in a written slot),
+    /// except those a pending output or a later event holds.
+    fn drop_evicted(&mut self) {
+        if self.to_drop.is_empty() {
+            return;
+        }
+        let pinned: HashSet<String> = self
+            .pending
+            .iter()
+            .map(|p| p.impression_id().to_owned())
+            .collect();
+        for id in std::mem::take(&mut self.to_drop) {
+            // An event stored since the pass (one that arrived long ago, delivered late) is in
+            // no page yet: its entry waits for the next pass.
+            let droppable = self.entries.get(&id).is_some_and(|e| {
+                e.last_arrival_ms < self.drop_before_ms
+                    && e.impression
+                        .as_ref()
+                        .is_none_or(|_| self.paged.contains(&(id.clone(), None)))
+                    && e.clicks
+                        .keys()
+                        .all(|c| self.paged.contains(&(id.clone(), Some(c.clone()))))
+            });
+            if !droppable || pinned.contains(&id) {
+                continue;
+            }
+            if let Some(entry) = self.entries.remove(&id) {
+                self.by_arrival.remove(&(entry.last_arrival_ms, id.clone()));
+                self.paged.remove(&(id.clone(), None));
+                for (c, a) in entry.clicks.into_values() {
+                    self.unmatched.remove(&(a, id.clone(), c.click_id.clone()));
+                    self.paged.remove(&(id.clone(), Some(c.click_id)));
+                }
+            }
+        }
+        self.looked_up.clear();
+    }
+
+    /// Whether the last batch wrote a slot of its own (which proves this writer holds the
+    /// fence, and gives its eviction pages keys no other writer uses).
+    pub fn wrote_in_batch(&self) -> bool {
+        self.wrote_in_batch
+    }
+
+    /// Whether memory holds every event of the horizon (nothing was ever evicted).
+    pub fn is_complete(&self) -> bool {
+        self.cold_from_ms == i64::MIN
+    }
+
+    /// What the state records about eviction in the next slot.
+    pub fn cold_marks(&self) -> (Option<i64>, Option<u64>) {
+        (
+            (self.cold_from_ms != i64::MIN).then_some(self.cold_from_ms),
+            self.warm_from,
+        )
+    }
+
+    /// Plans an eviction pass (call after a slot of this writer was written, with `slot` its
+    /// number): entries whose latest arrival is a warm window old, except those with pending
+    /// outputs, go to cold pages by bucket and event time; their clicks still waiting for a
+    /// partner also go to a ledger item, swept when their retention ends. `None` while too
+    /// few entries are old enough.
+    pub fn plan_eviction(
+        &self,
+        rules: &StateRules,
+        slot: u64,
+        ttl_epoch_s: i64,
+    ) -> Option<Eviction> {
+        if rules.warm_ms <= 0 || self.now_ms == i64::MIN {
+            return None;
+        }
+        let boundary = self.now_ms - rules.warm_ms;
+        let pinned: BTreeSet<&str> = self.pending.iter().map(Pending::impression_id).collect();
+        let old: Vec<&(i64, String)> = self
+            .by_arrival
+            .iter()
+            .take_while(|(at, _)| *at < boundary)
+            .filter(|(_, id)| !pinned.contains(id.as_str()))
+            .collect();
+        let oldest = old.first()?.0;
+        if old.len() < rules.evict_min_entries.max(1) && oldest >= self.now_ms - 2 * rules.warm_ms {
+            return None;
+        }
+        let ids: Vec<String> = old.iter().map(|(_, id)| id.clone()).collect();
+        // Every event that arrived before the boundary goes to the pages, also in entries that
+        // stay (a later event keeps them warm, or a pending output pins them): a rebuild reads
+        // only the slots after the boundary. So does every click that arrived before it and
+        // still waits for a partner, to the ledger, which sweeps it when its retention ends.
+        let mut groups: BTreeMap<(u32, i64), Vec<Stored>> = BTreeMap::new();
+        let mut waiting = Vec::new();
+        let mut newly_paged = Vec::new();
+        for (id, entry) in &self.entries {
+            let bucket = bucket_of(id);
+            let mut events = Vec::new();
+            if let Some((imp, a)) = &entry.impression {
+                if *a < boundary && !self.paged.contains(&(id.clone(), None)) {
+                    events.push((None, Stored::Impression(imp.clone(), *a)));
+                }
+            }
+            for (c, a) in entry.clicks.values() {
+                if *a >= boundary {
+                    continue;
+                }
+                if !self.paged.contains(&(id.clone(), Some(c.click_id.clone()))) {
+                    events.push((Some(c.click_id.clone()), Stored::Click(c.clone(), *a)));
+                }
+                if self
+                    .unmatched
+                    .contains(&(*a, id.clone(), c.click_id.clone()))
+                {
+                    waiting.push(Stored::Click(c.clone(), *a));
+                }
+            }
+            for (key, e) in events {
+                let t = match &e {
+                    Stored::Impression(i, _) => i.event_time_ms,
+                    Stored::Click(c, _) => c.event_time_ms,
+                };
+                groups
+                    .entry((bucket, t.div_euclid(3_600_000)))
+                    .or_default()
+                    .push(e);
+                newly_paged.push((id.clone(), key));
+            }
+        }
+        let range = self.range.lo * 100 + self.range.hi;
+        let mut blobs = Vec::new();
+        for ((bucket, hour), events) in groups {
+            // A busy minute gets its own page; the rest of the hour shares one.
+            let mut by_minute: BTreeMap<i64, Vec<Stored>> = BTreeMap::new();
+            for e in events {
+                let t = match &e {
+                    Stored::Impression(i, _) => i.event_time_ms,
+                    Stored::Click(c, _) => c.event_time_ms,
+                };
+                by_minute.entry(t.div_euclid(60_000)).or_default().push(e);
+            }
+            let mut pages: Vec<(u8, i64, Vec<Stored>)> = Vec::new();
+            let mut rest = Vec::new();
+            for (minute, events) in by_minute {
+                if events.len() >= MINUTE_PAGE_MIN_EVENTS {
+                    pages.push((LEVEL_MINUTE, minute, events));
+                } else {
+                    rest.extend(events);
+                }
+            }
+            if !rest.is_empty() {
+                pages.push((LEVEL_HOUR, hour, rest));
+            }
+            for (level, window, events) in pages {
+                let mut bodies = Vec::new();
+                encode_split(&events, &mut bodies);
+                for (part, body) in bodies.into_iter().enumerate() {
+                    blobs.push(Blob {
+                        pk: page_pk(bucket),
+                        sk: page_key(level, window, range, slot, part as u32),
+                        body,
+                        ttl_epoch_s,
+                    });
+                }
+            }
+        }
+        let ledger = (!waiting.is_empty()).then(|| {
+            let pk = ledger_pk(&self.log);
+            let mut bodies = Vec::new();
+            encode_split(&waiting, &mut bodies);
+            for (part, body) in bodies.into_iter().enumerate() {
+                blobs.push(Blob {
+                    pk: pk.clone(),
+                    sk: ledger_key(boundary, slot, part as u32),
+                    body,
+                    ttl_epoch_s,
+                });
+            }
+            ((ledger_key(boundary, slot, 0), pk), waiting)
+        });
+        Some(Eviction {
+            boundary_ms: boundary,
+            blobs,
+            ids,
+            ledger,
+            newly_paged,
+        })
+    }
+
+    /// The pass's blobs are written: `cold_from` moves, and its entries leave memory after the
+    /// next slot this writer writes.
+    pub fn apply_eviction(&mut self, eviction: Eviction) {
+        self.paged.extend(eviction.newly_paged);
+        if let Some((_, clicks)) = &eviction.ledger {
+            for e in clicks {
+                if let Stored::Click(c, a) = e {
+                    self.unmatched
+                        .remove(&(*a, c.impression_id.clone(), c.click_id.clone()));
+                }
+            }
+        }
+        // The entries leave memory only once a slot of this writer records the new
+        // `cold_from`: until then another writer that has not seen the eviction may decide an
+        // output from them, and this writer, catching up, must still be able to build it.
+        self.to_drop = eviction.ids;
+        self.drop_before_ms = eviction.boundary_ms;
+        if let Some((key, clicks)) = eviction.ledger {
+            self.ledger.insert(key, clicks);
+        }
+        self.cold_from_ms = self.cold_from_ms.max(eviction.boundary_ms);
+        self.looked_up.clear();
+        let boundary = eviction.boundary_ms;
+        let first_warm = self
+            .slot_times
+            .iter()
+            .find(|(_, t)| **t >= boundary)
+            .map(|(n, _)| *n)
+            .or(self.head.map(|h| h + 1));
+        if let Some(first) = first_warm {
+            self.warm_from = Some(first);
+            self.slot_times = self.slot_times.split_off(&first);
+        }
+    }
+
+    /// Takes in ledger items (read at a rebuild or catch-up): their clicks are swept from the
+    /// ledger, not from memory.
+    pub fn absorb_ledger(&mut self, items: &[Blob]) -> Result<(), PortError> {
+        for item in items {
+            let clicks: Vec<Stored> = decode_events(&item.body)?
+                .into_iter()
+                .filter(|e| self.range.contains(bucket_of(e.impression_id())))
+                .collect();
+            for e in &clicks {
+                if let Stored::Click(c, a) = e {
+                    self.unmatched
+                        .remove(&(*a, c.impression_id.clone(), c.click_id.clone()));
+                }
+            }
+            if !clicks.is_empty() {
+                self.ledger.insert((item.sk, item.pk.clone()), clicks);
+            }
+        }
+        Ok(())
+    }
+
+    /// Where ledger items are read from at a rebuild: those not yet swept.
+    pub fn ledger_span(&self, rules: &StateRules) -> (u128, u128) {
+        let from = if self.swept_ms == i64::MIN {
+            0
+        } else {
+            self.swept_ms - rules.join.retention_ms + 1
+        };
+        (ledger_key(from, 0, 0), KEY_MAX)
+    }
+
+    /// The latest ledger key known (a catch-up reads newer ones).
+    pub fn ledger_last(&self, pk: &str) -> Option<u128> {
+        self.ledger
+            .keys()
+            .filter(|(_, p)| p == pk)
+            .map(|(k, _)| *k)
+            .max()
+    }
+
+    /// The clicks whose retention has ended without a partner in memory, as of the clock:
+    /// those waiting in memory and those of the ledger items now due. Check each with
+    /// [`JoinMemory::has_partner`] after its lookups.
+    pub fn orphan_candidates(&self, rules: &StateRules) -> Vec<OrphanClick> {
+        let mut out = self.orphans(rules);
+        let cutoff = self.now_ms.saturating_sub(rules.join.retention_ms);
+        for ((key, _), clicks) in &self.ledger {
+            if ledger_boundary(*key) >= cutoff {
+                continue;
+            }
+            for e in clicks {
+                if let Stored::Click(c, a) = e {
+                    out.push(OrphanClick {
+                        click: c.clone(),
+                        arrival_ms: *a,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a click has an impression it joins within the retention, in memory.
+    pub fn has_partner(&self, click: &Click, arrival_ms: i64, rules: &StateRules) -> bool {
+        self.entries
+            .get(&click.impression_id)
+            .and_then(|e| e.impression.as_ref())
+            .is_some_and(|(imp, ia)| {
+                attributes(&rules.join, imp, click)
+                    && (ia - arrival_ms).abs() <= rules.join.retention_ms
+            })
     }
 
     /// The keyed-stream progress of `shard` (the last sequence number fully in the log).
@@ -605,6 +1215,8 @@ impl JoinMemory {
         {
             self.unmatched.pop_first();
         }
+        self.ledger
+            .retain(|(key, _), _| ledger_boundary(*key) >= cutoff);
         self.swept_ms = self.now_ms;
     }
 
@@ -759,6 +1371,7 @@ pub fn slots_for_batch(
     swept_ms: i64,
     events: Vec<Stored>,
     pending: Vec<Pending>,
+    cold_marks: (Option<i64>, Option<u64>),
     ttl_epoch_s: i64,
 ) -> Vec<Slot> {
     enum Item {
@@ -798,6 +1411,8 @@ pub fn slots_for_batch(
         swept_ms,
         events: Vec::new(),
         pending: Vec::new(),
+        cold_from_ms: cold_marks.0,
+        warm_from: cold_marks.1,
     };
     let mut chunks = Vec::new();
     split(&items, &base, &mut chunks);
@@ -825,6 +1440,7 @@ pub fn slots_for_batch(
 #[derive(Debug, Default)]
 pub struct MemoryStateLog {
     slots: std::sync::Mutex<BTreeMap<(String, u64), Slot>>,
+    blobs: std::sync::Mutex<BTreeMap<(String, u128), Blob>>,
     logs: std::sync::Mutex<BTreeSet<String>>,
     acks: std::sync::Mutex<BTreeMap<String, u64>>,
     requests: std::sync::atomic::AtomicU64,
@@ -847,6 +1463,15 @@ impl MemoryStateLog {
             .lock()
             .unwrap()
             .retain(|_, s| s.ttl_epoch_s >= now_epoch_s);
+        self.blobs
+            .lock()
+            .unwrap()
+            .retain(|_, b| b.ttl_epoch_s >= now_epoch_s);
+    }
+
+    /// How many cold pages and ledger items are stored.
+    pub fn blob_count(&self) -> usize {
+        self.blobs.lock().unwrap().len()
     }
 
     pub fn slot_count(&self) -> usize {
@@ -931,6 +1556,62 @@ impl StateLog for MemoryStateLog {
         self.read_units_x2.fetch_add(2, Relaxed);
         Ok(self.acks.lock().unwrap().get(log).copied())
     }
+
+    async fn last(&self, log: &str) -> Result<Option<Slot>, PortError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let slot = self
+            .slots
+            .lock()
+            .unwrap()
+            .range((log.to_owned(), 0)..=(log.to_owned(), u64::MAX))
+            .next_back()
+            .map(|(_, s)| s.clone());
+        let bytes = slot.as_ref().map_or(0, |s| slot_item_size(log, s));
+        self.requests.fetch_add(1, Relaxed);
+        self.read_units_x2
+            .fetch_add(bytes.div_ceil(4096).max(1) as u64 * 2, Relaxed);
+        Ok(slot)
+    }
+
+    async fn put_blob(&self, blob: &Blob) -> Result<(), PortError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        let size = blob_item_size(blob);
+        if size > DYNAMODB_ITEM_LIMIT {
+            return Err(PortError::Rejected(format!(
+                "ValidationException: Item size has exceeded the maximum allowed size ({size} bytes)"
+            )));
+        }
+        self.write_units
+            .fetch_add(size.div_ceil(1024) as u64, Relaxed);
+        self.blobs
+            .lock()
+            .unwrap()
+            .insert((blob.pk.clone(), blob.sk), blob.clone());
+        Ok(())
+    }
+
+    async fn blobs(&self, pk: &str, lo: u128, hi: u128) -> Result<Vec<Blob>, PortError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let found: Vec<Blob> = self
+            .blobs
+            .lock()
+            .unwrap()
+            .range((pk.to_owned(), lo)..=(pk.to_owned(), hi))
+            .map(|(_, b)| b.clone())
+            .collect();
+        let bytes: usize = found.iter().map(blob_item_size).sum();
+        self.requests
+            .fetch_add(1 + (bytes / (1024 * 1024)) as u64, Relaxed);
+        self.read_units_x2
+            .fetch_add(bytes.div_ceil(4096).max(1) as u64 * 2, Relaxed);
+        Ok(found)
+    }
+}
+
+/// The size DynamoDB counts for a blob item.
+pub fn blob_item_size(blob: &Blob) -> usize {
+    "pk".len() + blob.pk.len() + "sk".len() + 21 + "ttl".len() + 21 + "d".len() + blob.body.len()
 }
 
 /// A fixed shard-to-range map for tests.
@@ -969,5 +1650,19 @@ impl<T: StateLog> StateLog for std::sync::Arc<T> {
     }
     fn acked(&self, log: &str) -> impl Future<Output = Result<Option<u64>, PortError>> + Send {
         (**self).acked(log)
+    }
+    fn last(&self, log: &str) -> impl Future<Output = Result<Option<Slot>, PortError>> + Send {
+        (**self).last(log)
+    }
+    fn put_blob(&self, blob: &Blob) -> impl Future<Output = Result<(), PortError>> + Send {
+        (**self).put_blob(blob)
+    }
+    fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> impl Future<Output = Result<Vec<Blob>, PortError>> + Send {
+        (**self).blobs(pk, lo, hi)
     }
 }

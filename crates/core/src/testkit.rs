@@ -735,6 +735,35 @@ impl<L: crate::packed::StateLog> crate::packed::StateLog for FaultyLog<L> {
     async fn acked(&self, log: &str) -> Result<Option<u64>, PortError> {
         self.inner.acked(log).await
     }
+
+    async fn last(&self, log: &str) -> Result<Option<crate::packed::Slot>, PortError> {
+        self.inner.last(log).await
+    }
+
+    /// Cold pages and ledger items: throttled, or written with the response lost.
+    async fn put_blob(&self, blob: &crate::packed::Blob) -> Result<(), PortError> {
+        match self.plan.roll() {
+            Some(true) => Err(PortError::Throttled(
+                "injected: ProvisionedThroughputExceededException".into(),
+            )),
+            Some(false) => {
+                self.inner.put_blob(blob).await?;
+                Err(PortError::Unavailable(
+                    "injected: response lost after the write".into(),
+                ))
+            }
+            None => self.inner.put_blob(blob).await,
+        }
+    }
+
+    async fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> Result<Vec<crate::packed::Blob>, PortError> {
+        self.inner.blobs(pk, lo, hi).await
+    }
 }
 
 /// How [`run_keyed`] disturbs the joiner.

@@ -206,6 +206,7 @@ fn a_batch_too_large_for_one_item_is_split_into_slots_below_the_limit() {
         T0,
         events.clone(),
         pending.clone(),
+        (None, None),
         0,
     );
     assert!(slots.len() > 3, "{} slots", slots.len());
@@ -629,4 +630,143 @@ async fn after_a_split_the_children_know_their_parents_events_and_send_what_it_l
         3,
         "the parent's log and two children's"
     );
+}
+
+#[tokio::test]
+async fn a_warm_window_old_entries_leave_memory_and_late_events_find_them_in_the_cold_pages() {
+    let mut w = World::new();
+    w.joiner.rules.evict_min_entries = 1;
+    let warm = w.joiner.rules.warm_ms;
+    let retention = w.joiner.config.rules.retention_ms;
+    // 50 impressions on time, and a click whose impression is not there (yet, or ever).
+    let imps: Vec<Impression> = (0..50)
+        .map(|n| impression(&format!("imp-{n}"), T0 + n))
+        .collect();
+    let mut first: Vec<(&str, Vec<u8>)> = imps
+        .iter()
+        .map(|i| ("impressions", encode_impression(i)))
+        .collect();
+    first.push(("clicks", encode_click(&click("imp-x", "clk-x", T0 + 100))));
+    first.push(("clicks", encode_click(&click("imp-o", "clk-o", T0 + 200))));
+    w.send(T0, first).await;
+    assert_eq!(w.joiner.entries_in_memory().await, 52);
+
+    // Two warm windows later, on-time traffic: everything before leaves memory for the pages.
+    let later = T0 + 2 * warm;
+    w.send(
+        later,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-now", later)),
+        )],
+    )
+    .await;
+    assert!(
+        w.log.blob_count() > 0,
+        "cold pages and the ledger are written"
+    );
+    // They leave memory once a slot records the eviction: the next batch's.
+    w.send(
+        later + 500,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-now-b", later + 500)),
+        )],
+    )
+    .await;
+    assert_eq!(
+        w.joiner.entries_in_memory().await,
+        2,
+        "only the warm entries stay"
+    );
+
+    // Late events: a repeat of imp-3, a click on imp-7, and imp-x, whose click came first.
+    let late = vec![
+        ("impressions", encode_impression(&imps[3])),
+        (
+            "clicks",
+            encode_click(&click("imp-7", "clk-7", T0 + 7 + 10_000)),
+        ),
+        (
+            "impressions",
+            encode_impression(&impression("imp-x", T0 + 90)),
+        ),
+    ];
+    w.send(later + 1_000, late).await;
+    // A new environment rebuilds from the warm slots only, and still knows them.
+    w.joiner.forget().await;
+    w.send(
+        later + 2_000,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-now2", later + 2_000)),
+        )],
+    )
+    .await;
+    assert_eq!(
+        w.joiner.entries_in_memory().await,
+        5,
+        "the rebuild read the warm slots only: imp-now, imp-now-b, imp-7's click, imp-x, imp-now2"
+    );
+    let again = vec![
+        ("impressions", encode_impression(&imps[5])),
+        (
+            "impressions",
+            encode_impression(&impression("imp-x", T0 + 90)),
+        ),
+        (
+            "clicks",
+            encode_click(&click("imp-9", "clk-9", T0 + 9 + 5_000)),
+        ),
+    ];
+    w.send(later + 3_000, again).await;
+
+    let outputs = w.outputs();
+    let mut forwards = std::collections::BTreeMap::new();
+    let mut pairs = Vec::new();
+    for r in &outputs {
+        match r {
+            adpipe_core::model::JoinedStreamRecord::Impression(i) => {
+                assert!(!i.recovered, "{i:?}");
+                *forwards.entry(i.impression_id.clone()).or_insert(0) += 1;
+            }
+            adpipe_core::model::JoinedStreamRecord::Click(c) => {
+                assert!(!c.recovered, "{c:?}");
+                pairs.push((c.impression_id.clone(), c.click_id.clone()));
+            }
+        }
+    }
+    assert_eq!(forwards.len(), 54, "every impression forwarded");
+    assert!(forwards.values().all(|n| *n == 1), "{forwards:?}");
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [("imp-7", "clk-7"), ("imp-9", "clk-9"), ("imp-x", "clk-x")]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    assert!(w.letters_of("rejected").is_empty());
+
+    // When the clicks' retention ends, the one that never met its impression is an orphan,
+    // read from the ledger; the one that met it late is not. Once, across a restart.
+    let end = T0 + retention + 3 * warm;
+    w.send(
+        end,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-end", end)),
+        )],
+    )
+    .await;
+    w.joiner.forget().await;
+    w.send(
+        end + 1_000,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-end2", end + 1_000)),
+        )],
+    )
+    .await;
+    let orphans = w.letters_of("orphan");
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert_eq!(orphans[0]["click"]["click_id"], "clk-o", "{orphans:?}");
 }

@@ -62,6 +62,13 @@ struct Args {
     /// than real ids, so the default is UUIDs
     #[arg(long)]
     sequential_ids: bool,
+    /// The join state's warm window in seconds (`WARM_WINDOW_SECONDS`; default: the
+    /// template's). With it the clock lead is set to 1 s, which the traffic (event times 5 to
+    /// 15 minutes before arrival) respects, so once entries leave memory every event is late
+    /// and decided after reading the cold pages: the worst case for reads, and a check that
+    /// memory stays bounded
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(32..))]
+    warm_window_s: Option<u64>,
 }
 
 #[tokio::main]
@@ -76,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         duplicates,
         seed,
         sequential_ids,
+        warm_window_s,
     } = Args::parse();
     let batch = batch as usize;
 
@@ -94,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     create_stream(&setup, &keyed_stream, keyed_shards as i32).await?;
     create_stream(&setup, &joined_stream, 1).await?;
     create_bucket(&setup, &bucket).await?;
-    let vars = [
+    let mut vars = vec![
         ("IMPRESSIONS_STREAM_NAME", "impressions".to_owned()),
         ("CLICKS_STREAM_NAME", "clicks".to_owned()),
         ("JOINED_STREAM_NAME", joined_stream.clone()),
@@ -103,8 +111,13 @@ async fn main() -> anyhow::Result<()> {
         ("STATE_LOG_TABLE_NAME", log_table),
         ("DEAD_LETTER_BUCKET", bucket),
     ];
+    if let Some(w) = warm_window_s {
+        vars.push(("WARM_WINDOW_SECONDS", w.to_string()));
+        vars.push(("MAX_EVENT_TIME_AHEAD_SECONDS", "1".to_owned()));
+    }
     let config =
         JoinerConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))?;
+    let rules = config.rules;
 
     let counter = RequestCounter::default();
     let clients = Clients::metered(&sdk, &counter);
@@ -148,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let restart_every = (events / (restarts as usize + 1)).max(1);
     let mut next_restart = restart_every;
     let mut restarted = 0;
+    let mut peak = 0usize;
     // Both streams' batches alternate, clicks interleaved with impressions as in production;
     // the keyed stream is drained after each round, shard by shard, as its mapping would.
     loop {
@@ -169,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
             &mut totals,
         )
         .await?;
+        peak = peak.max(function.keyed.entries_in_memory().await);
         if pollers.iter().all(|p| p.drained()) {
             break;
         }
@@ -248,6 +263,44 @@ async fn main() -> anyhow::Result<()> {
         output.len(),
         output.iter().map(Vec::len).sum::<usize>()
     );
+    // The output against the nested-loop join of the same traffic.
+    let mut pairs = std::collections::BTreeSet::new();
+    let mut forwarded = std::collections::BTreeMap::<String, usize>::new();
+    for data in &output {
+        let wire: adpipe_core::model::JoinedWire = serde_json::from_slice(data)?;
+        for r in wire.into_records() {
+            match r {
+                adpipe_core::model::JoinedStreamRecord::Click(c) => {
+                    pairs.insert((c.impression_id, c.click_id));
+                }
+                adpipe_core::model::JoinedStreamRecord::Impression(i) => {
+                    *forwarded.entry(i.impression_id).or_default() += 1;
+                }
+            }
+        }
+    }
+    let reference: std::collections::BTreeSet<(String, String)> = scenario
+        .reference_join(&rules)
+        .into_iter()
+        .map(|r| (r.impression_id, r.click_id))
+        .collect();
+    println!(
+        "memory: at most {peak} impression ids held at once; {} moved to cold pages",
+        totals.evicted
+    );
+    println!(
+        "check: {} pairs (reference join {}, {}), {} impressions forwarded (of {}, each once: {})",
+        pairs.len(),
+        reference.len(),
+        if pairs == reference {
+            "same"
+        } else {
+            "DIFFERENT"
+        },
+        forwarded.len(),
+        scenario.impressions.len(),
+        forwarded.values().all(|n| *n == 1)
+    );
     println!(
         "{}",
         summary_line(events as u64, wcu, rcu, ddb, keyed_units + output_units)
@@ -314,6 +367,7 @@ fn add(t: &mut Counts, c: &Counts) {
     t.duplicates += c.duplicates;
     t.unmatched += c.unmatched;
     t.skipped += c.skipped;
+    t.evicted += c.evicted;
 }
 
 #[cfg(test)]
