@@ -29,7 +29,7 @@ use crate::validate::{encode_click, encode_impression, RejectReason, Rejection};
 
 /// An eviction pass waits for this many old entries (or for two warm windows), so its pages
 /// are full.
-pub const EVICT_MIN_ENTRIES: usize = 4_096;
+pub const EVICT_MIN_ENTRIES: usize = 16_384;
 
 /// A range's memory and the outputs that may already be on the stream.
 struct Held {

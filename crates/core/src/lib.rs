@@ -4,6 +4,7 @@
 //! The join rule is [`join::attributes`]; what each arrival does is in [`join`].
 
 pub mod batch;
+pub mod codec;
 pub mod config;
 pub mod dead_letter;
 pub mod emit;

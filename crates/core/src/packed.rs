@@ -32,8 +32,9 @@ use crate::ports::PortError;
 pub const DYNAMODB_ITEM_LIMIT: usize = 400 * 1024;
 /// Largest compressed slot body written: the rest of the item (keys, TTL) fits in the margin.
 pub const MAX_SLOT_BODY_BYTES: usize = 350 * 1024;
-/// The slot format's version.
-pub const SLOT_FORMAT: u32 = 1;
+/// The slot format's version: 2 is a JSON header with column-wise events and pending outputs
+/// ([`crate::codec`]); 1, still read, was the whole body as JSON.
+pub const SLOT_FORMAT: u32 = 2;
 
 /// One stored event with its arrival on its input stream (epoch ms).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,23 +172,39 @@ pub trait ShardRanges: Send + Sync {
     ) -> impl Future<Output = Result<BucketRange, PortError>> + Send;
 }
 
-/// Compresses a slot body (JSON, then zstd).
+/// Compresses a slot body: its header as JSON, its events and pending outputs column-wise
+/// ([`crate::codec`]), then zstd.
 pub fn encode_body(body: &SlotBody) -> Vec<u8> {
-    let json = serde_json::to_vec(body).expect("a slot body always encodes");
-    zstd::bulk::compress(&json, 3).expect("zstd compresses any input")
+    let header = SlotBody {
+        events: Vec::new(),
+        pending: Vec::new(),
+        ..body.clone()
+    };
+    let json = serde_json::to_vec(&header).expect("a slot header always encodes");
+    crate::codec::encode_slot(&json, &body.events, &body.pending)
 }
 
-/// Reads a slot body back.
+/// Reads a slot body back (either format).
 pub fn decode_body(bytes: &[u8]) -> Result<SlotBody, PortError> {
-    let json = zstd::stream::decode_all(bytes)
+    let raw = zstd::stream::decode_all(bytes)
         .map_err(|e| PortError::Corrupt(format!("slot body is not zstd: {e}")))?;
-    let body: SlotBody = serde_json::from_slice(&json)
+    let (json, events, pending, format) = if raw.starts_with(crate::codec::SLOT_MAGIC) {
+        let (header, events, pending) = crate::codec::decode_slot(&raw)?;
+        (header, Some(events), pending, SLOT_FORMAT)
+    } else {
+        (&raw[..], None, Vec::new(), 1)
+    };
+    let mut body: SlotBody = serde_json::from_slice(json)
         .map_err(|e| PortError::Corrupt(format!("slot body is not a slot: {e}")))?;
-    if body.v != SLOT_FORMAT {
+    if body.v != format {
         return Err(PortError::Corrupt(format!(
-            "slot format {} is not {SLOT_FORMAT}",
+            "slot format {} is not {format}",
             body.v
         )));
+    }
+    if let Some(events) = events {
+        body.events = events;
+        body.pending = pending;
     }
     Ok(body)
 }
@@ -367,17 +384,22 @@ fn ledger_boundary(key: u128) -> i64 {
 /// Above every blob key (and within DynamoDB's 38 digits).
 const KEY_MAX: u128 = 10u128.pow(30);
 
-/// Compresses a page of events (JSON, then zstd).
+/// Compresses a page of events (column-wise, [`crate::codec`], then zstd). Pages are written
+/// once per eviction pass, so they take zstd's stronger levels.
 pub fn encode_events(events: &[Stored]) -> Vec<u8> {
-    let json = serde_json::to_vec(events).expect("events always encode");
-    zstd::bulk::compress(&json, 3).expect("zstd compresses any input")
+    crate::codec::encode_events(events, PAGE_ZSTD_LEVEL)
 }
 
-/// Reads a page of events back.
+const PAGE_ZSTD_LEVEL: i32 = 19;
+
+/// Reads a page of events back (either format: column-wise, or JSON from earlier versions).
 pub fn decode_events(bytes: &[u8]) -> Result<Vec<Stored>, PortError> {
-    let json = zstd::stream::decode_all(bytes)
+    let raw = zstd::stream::decode_all(bytes)
         .map_err(|e| PortError::Corrupt(format!("page is not zstd: {e}")))?;
-    serde_json::from_slice(&json)
+    if raw.starts_with(crate::codec::EVENTS_MAGIC) {
+        return crate::codec::decode_events(&raw);
+    }
+    serde_json::from_slice(&raw)
         .map_err(|e| PortError::Corrupt(format!("page is not a list of events: {e}")))
 }
 
@@ -1446,6 +1468,15 @@ pub struct MemoryStateLog {
     requests: std::sync::atomic::AtomicU64,
     write_units: std::sync::atomic::AtomicU64,
     read_units_x2: std::sync::atomic::AtomicU64,
+    writes_by_kind: std::sync::Mutex<BTreeMap<&'static str, KindWrites>>,
+}
+
+/// Writes of one kind of item: how many, their bytes and write units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindWrites {
+    pub items: u64,
+    pub bytes: u64,
+    pub units: u64,
 }
 
 /// The size DynamoDB counts for a slot item (attribute names and values).
@@ -1476,6 +1507,23 @@ impl MemoryStateLog {
 
     pub fn slot_count(&self) -> usize {
         self.slots.lock().unwrap().len()
+    }
+
+    /// Writes so far by item kind: `slot`, `ack`, `register`, `page` (`cold#`), `ledger`
+    /// (`orph#`).
+    pub fn writes_by_kind(&self) -> BTreeMap<&'static str, KindWrites> {
+        self.writes_by_kind.lock().unwrap().clone()
+    }
+
+    fn count_write(&self, kind: &'static str, bytes: usize) {
+        let units = bytes.div_ceil(1024).max(1) as u64;
+        self.write_units
+            .fetch_add(units, std::sync::atomic::Ordering::Relaxed);
+        let mut by_kind = self.writes_by_kind.lock().unwrap();
+        let k = by_kind.entry(kind).or_default();
+        k.items += 1;
+        k.bytes += bytes as u64;
+        k.units += units;
     }
 
     /// Requests, write units and read units (eventually consistent reads) so far.
@@ -1516,8 +1564,7 @@ impl StateLog for MemoryStateLog {
                 "ValidationException: Item size has exceeded the maximum allowed size ({size} bytes)"
             )));
         }
-        self.write_units
-            .fetch_add(size.div_ceil(1024) as u64, Relaxed);
+        self.count_write("slot", size);
         let mut slots = self.slots.lock().unwrap();
         let key = (log.to_owned(), slot.n);
         if slots.contains_key(&key) {
@@ -1537,7 +1584,10 @@ impl StateLog for MemoryStateLog {
     async fn register(&self, log: &str) -> Result<(), PortError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.requests.fetch_add(1, Relaxed);
-        self.write_units.fetch_add(1, Relaxed);
+        self.count_write(
+            "register",
+            "pk".len() + "logs".len() + "sk".len() + log.len(),
+        );
         self.logs.lock().unwrap().insert(log.to_owned());
         Ok(())
     }
@@ -1545,7 +1595,10 @@ impl StateLog for MemoryStateLog {
     async fn ack(&self, log: &str, n: u64) -> Result<(), PortError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.requests.fetch_add(1, Relaxed);
-        self.write_units.fetch_add(1, Relaxed);
+        self.count_write(
+            "ack",
+            "pk".len() + "ack#".len() + log.len() + "n".len() + 21,
+        );
         self.acks.lock().unwrap().insert(log.to_owned(), n);
         Ok(())
     }
@@ -1582,8 +1635,12 @@ impl StateLog for MemoryStateLog {
                 "ValidationException: Item size has exceeded the maximum allowed size ({size} bytes)"
             )));
         }
-        self.write_units
-            .fetch_add(size.div_ceil(1024) as u64, Relaxed);
+        let kind = if blob.pk.starts_with("cold#") {
+            "page"
+        } else {
+            "ledger"
+        };
+        self.count_write(kind, size);
         self.blobs
             .lock()
             .unwrap()

@@ -231,6 +231,50 @@ fn a_batch_too_large_for_one_item_is_split_into_slots_below_the_limit() {
     assert_eq!(back_pending, pending);
 }
 
+#[test]
+fn slots_and_pages_written_as_json_by_the_previous_version_are_still_read() {
+    let events = vec![
+        Stored::Impression(impression("imp-1", T0), T0 + 5),
+        Stored::Click(click("imp-1", "clk-1", T0 + 10), T0 + 20),
+    ];
+    let pending = vec![
+        Pending::Forward("imp-1".into()),
+        Pending::Pair("imp-1".into(), "clk-1".into()),
+    ];
+    let body = adpipe_core::packed::SlotBody {
+        v: 1,
+        shard: "shardId-0".into(),
+        progress: Some("10".into()),
+        batch_first: 3,
+        now_ms: T0 + 20,
+        swept_ms: T0,
+        events: events.clone(),
+        pending: pending.clone(),
+        cold_from_ms: None,
+        warm_from: None,
+    };
+    let legacy = |json: Vec<u8>| zstd::bulk::compress(&json, 3).unwrap();
+    assert_eq!(
+        decode_body(&legacy(serde_json::to_vec(&body).unwrap())).unwrap(),
+        body
+    );
+    let page = legacy(serde_json::to_vec(&events).unwrap());
+    assert_eq!(adpipe_core::packed::decode_events(&page).unwrap(), events);
+    // The current format reads back the same, and is smaller.
+    let current = adpipe_core::packed::SlotBody {
+        v: adpipe_core::packed::SLOT_FORMAT,
+        ..body.clone()
+    };
+    let bytes = adpipe_core::packed::encode_body(&current);
+    assert_eq!(decode_body(&bytes).unwrap(), current);
+    assert!(bytes.len() < legacy(serde_json::to_vec(&body).unwrap()).len());
+    // A JSON body claiming the current format is refused, not misread.
+    assert!(matches!(
+        decode_body(&legacy(serde_json::to_vec(&current).unwrap())),
+        Err(PortError::Corrupt(_))
+    ));
+}
+
 #[tokio::test]
 async fn an_event_past_the_deduplication_horizon_is_dead_lettered_never_emitted() {
     let mut w = World::new();

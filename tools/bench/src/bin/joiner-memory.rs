@@ -232,6 +232,19 @@ async fn main() -> anyhow::Result<()> {
         "state log and pages: {} items, {requests} requests, {wcu} write units, {rcu:.0} read units",
         log.slot_count() + log.blob_count()
     );
+    let by_kind: Vec<String> = log
+        .writes_by_kind()
+        .iter()
+        .map(|(k, w)| {
+            format!(
+                "{k} {} ({} items, {} bytes each)",
+                w.units,
+                w.items,
+                w.bytes / w.items.max(1)
+            )
+        })
+        .collect();
+    println!("write units by item: {}", by_kind.join(", "));
     println!(
         "check: {} pairs (reference join {}), {} impressions forwarded (of {impressions}), {flagged} flagged, dead letters {}",
         pairs.len(),
