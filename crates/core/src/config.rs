@@ -39,6 +39,19 @@ pub const STATE_RETENTION_SECONDS: &str = "STATE_RETENTION_SECONDS";
 /// events. It must be longer than the allowed event-time lead plus the join window, or
 /// on-time events would need the pages too. Default: that plus 600 (4230 with the defaults).
 pub const WARM_WINDOW_SECONDS: &str = "WARM_WINDOW_SECONDS";
+/// The keyed joiner environment's memory budget, in impression ids. Lambda does not pin a shard
+/// to an environment, so one environment may come to hold the memories of several shards;
+/// when they pass the budget, the memories of the shards not being processed are dropped (a
+/// later batch of theirs rebuilds from the log). Default: [`ENTRIES_PER_MB`] per MB of
+/// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE` (set by Lambda), no bound where that is unset. One
+/// shard's own memory is its warm window, which `JoinerMemorySize` must hold.
+pub const MAX_ENTRIES_IN_MEMORY: &str = "MAX_ENTRIES_IN_MEMORY";
+/// Lambda sets this to the function's memory in MB.
+pub const AWS_LAMBDA_FUNCTION_MEMORY_SIZE: &str = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE";
+/// Entries the memory budget allows per MB of function memory. An entry with its indexes was
+/// measured at about 0.8 KiB (BENCHMARKS.md, "Memory per entry"), so the budget is about a
+/// third of the function's memory, leaving room for a batch, its outputs and the runtime.
+pub const ENTRIES_PER_MB: usize = 400;
 /// How long DynamoDB keeps an item after its retention, so that a partner arriving then is
 /// recognised as late instead of being buffered as new. Default 86400.
 pub const STATE_TTL_GRACE_SECONDS: &str = "STATE_TTL_GRACE_SECONDS";
@@ -134,6 +147,8 @@ pub struct JoinerConfig {
     pub dedup_horizon_ms: i64,
     /// See [`WARM_WINDOW_SECONDS`].
     pub warm_window_ms: i64,
+    /// See [`MAX_ENTRIES_IN_MEMORY`]; `usize::MAX`: no bound.
+    pub max_entries: usize,
     pub state_table: String,
     pub state_log_table: String,
     pub dead_letter_bucket: String,
@@ -204,6 +219,13 @@ impl JoinerConfig {
                 why: "the warm window must be longer than the allowed event-time lead plus the join window",
             });
         }
+        let max_entries = match lookup(MAX_ENTRIES_IN_MEMORY) {
+            Some(_) => positive(MAX_ENTRIES_IN_MEMORY, 0)? as usize,
+            None => match lookup(AWS_LAMBDA_FUNCTION_MEMORY_SIZE) {
+                Some(_) => positive(AWS_LAMBDA_FUNCTION_MEMORY_SIZE, 0)? as usize * ENTRIES_PER_MB,
+                None => usize::MAX,
+            },
+        };
         Ok(JoinerConfig {
             impressions_stream: stream_name(&required(IMPRESSIONS_STREAM_NAME)?).to_owned(),
             clicks_stream: stream_name(&required(CLICKS_STREAM_NAME)?).to_owned(),
@@ -211,6 +233,7 @@ impl JoinerConfig {
             keyed_stream,
             dedup_horizon_ms,
             warm_window_ms,
+            max_entries,
             state_log_table: match lookup(STATE_LOG_TABLE_NAME).filter(|v| !v.trim().is_empty()) {
                 Some(v) => v,
                 None => format!("{}-log", required(STATE_TABLE_NAME)?),
@@ -546,5 +569,26 @@ mod warm_window_tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_memory_budget_follows_the_function_memory_unless_set() {
+        assert_eq!(with(&[]).unwrap().max_entries, usize::MAX);
+        assert_eq!(
+            with(&[(AWS_LAMBDA_FUNCTION_MEMORY_SIZE, "512")])
+                .unwrap()
+                .max_entries,
+            512 * ENTRIES_PER_MB
+        );
+        assert_eq!(
+            with(&[
+                (AWS_LAMBDA_FUNCTION_MEMORY_SIZE, "512"),
+                (MAX_ENTRIES_IN_MEMORY, "1000")
+            ])
+            .unwrap()
+            .max_entries,
+            1000
+        );
+        assert!(with(&[(MAX_ENTRIES_IN_MEMORY, "0")]).is_err());
     }
 }

@@ -64,6 +64,7 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             ttl_grace_ms: config.ttl_grace_ms,
             warm_ms: config.warm_window_ms,
             evict_min_entries: EVICT_MIN_ENTRIES,
+            max_entries: config.max_entries,
         };
         KeyedJoiner {
             log,
@@ -215,6 +216,37 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         held.memory.apply_eviction(eviction);
     }
 
+    /// Lambda does not pin a shard to an environment, so one environment may come to hold the
+    /// memory of several shards. The budget is the environment's: when the memories of the
+    /// other shards and this one's pass it, the idle ones are dropped (a later batch of theirs
+    /// rebuilds from the log, as on a cold start).
+    async fn trim_other_shards(&self, shard: &str, own: usize) {
+        let mut held = self.held.lock().await;
+        let mut total = own;
+        let mut idle = Vec::new();
+        for (other, cell) in held.iter() {
+            if other == shard {
+                continue;
+            }
+            if let Ok(guard) = cell.try_lock() {
+                let n = guard.as_ref().map_or(0, |h| h.memory.events());
+                total = total.saturating_add(n);
+                idle.push(other.clone());
+            }
+        }
+        if total > self.rules.max_entries && !idle.is_empty() {
+            tracing::info!(
+                entries = total,
+                max_entries = self.rules.max_entries,
+                shards = idle.len(),
+                "memory budget passed: dropping the memory of the other shards this environment held"
+            );
+            for other in idle {
+                held.remove(&other);
+            }
+        }
+    }
+
     fn ttl_epoch_s(&self, now_ms: i64) -> i64 {
         (now_ms + self.rules.dedup_horizon_ms + self.rules.ttl_grace_ms) / 1000
     }
@@ -252,6 +284,8 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             .or_default()
             .clone();
         let mut guard = cell.lock().await;
+        self.trim_other_shards(shard, guard.as_ref().map_or(0, |h| h.memory.events()))
+            .await;
         if guard.as_ref().is_none_or(|h| h.memory.range != range) {
             match self.rebuild(range, shard).await {
                 Ok(h) => *guard = Some(h),

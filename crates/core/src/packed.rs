@@ -227,6 +227,10 @@ pub struct StateRules {
     /// An eviction pass waits until it can move at least this many entries (so pages are
     /// full), or until the oldest entry is two warm windows old.
     pub evict_min_entries: usize,
+    /// The environment's memory budget: when the memories of the shards it holds pass this
+    /// many entries, those of the shards not being processed are dropped (`usize::MAX`: no
+    /// budget).
+    pub max_entries: usize,
 }
 
 impl StateRules {

@@ -23,12 +23,25 @@ fn config() -> JoinerConfig {
 /// A joiner whose warm window is `warm_ms` of arrival time (0: memory keeps the horizon), so
 /// the runs evict to cold pages and read them back. The scenarios' event times are at most
 /// about 9 minutes ahead of their arrivals; the lead bound says 700 s, so every event after
-/// the first eviction is looked up in the pages.
+/// the first eviction is looked up in the pages. A negative `warm_ms` keeps the horizon with
+/// an environment budget of that many entries: a joiner moving to another shard drops the
+/// memories of the shards it held, and rebuilds them when it comes back.
 fn warm<L, R, K, D>(mut joiner: KeyedJoiner<L, R, K, D>, warm_ms: i64) -> KeyedJoiner<L, R, K, D> {
-    joiner.rules.warm_ms = warm_ms;
+    if warm_ms < 0 {
+        joiner.rules.warm_ms = 0;
+        joiner.rules.max_entries = warm_ms.unsigned_abs() as usize;
+    } else {
+        joiner.rules.warm_ms = warm_ms;
+    }
     joiner.rules.evict_min_entries = 1;
     joiner.rules.max_ahead_ms = 700_000;
     joiner
+}
+
+/// Half the cases keep the horizon in memory; the rest evict by a short warm window, or drop
+/// other shards' memories by a budget of a few entries.
+fn memory() -> impl Strategy<Value = i64> {
+    prop_oneof![2 => Just(0i64), 1 => 200i64..3_000, 1 => -6i64..=-1]
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -50,7 +63,7 @@ proptest! {
         duplicate_rate in 0.0f64..0.5,
         max_batch in 1usize..9,
         shards in 1usize..4,
-        warm_ms in prop_oneof![Just(0i64), 200i64..3_000],
+        warm_ms in memory(),
     ) {
         let scenario = Scenario::generate(seed, ScenarioSize { impressions, clicks, duplicate_rate }, "");
         let keyed = Arc::new(MemoryKeyedStream::new("keyed", shards, 1_795_169_800_000));
@@ -79,7 +92,7 @@ proptest! {
         restart in 0.0f64..0.3,
         duplicate in 0.0f64..0.3,
         switch in 0.0f64..0.5,
-        warm_ms in prop_oneof![Just(0i64), 200i64..3_000],
+        warm_ms in memory(),
     ) {
         faulty_run(seed, impressions, clicks, max_batch, shards, fault_rate, (restart, duplicate, switch), warm_ms)
             .map_err(TestCaseError::fail)?;
@@ -99,7 +112,7 @@ proptest! {
         max_batch in 1usize..9,
         shards in 1usize..4,
         switch in 0.0f64..0.8,
-        warm_ms in prop_oneof![Just(0i64), 200i64..3_000],
+        warm_ms in memory(),
     ) {
         switching_run(seed, impressions, clicks, max_batch, shards, switch, warm_ms)
             .map_err(TestCaseError::fail)?;

@@ -57,6 +57,13 @@ struct Args {
     keyed_batch: usize,
 }
 
+/// The process's peak resident memory (Linux `VmHWM`), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn minute_traffic(seed: u64, rate: u32, m: u32) -> Scenario {
     let events = rate as usize * 60;
     let clicks = events / 50;
@@ -227,6 +234,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "memory: at most {peak} impression ids held (the warm window holds about {}), {end} at the end",
         u64::from(args.rate) * u64::from(args.warm_window_s)
+    );
+    println!(
+        "process peak memory: {} KiB (VmHWM; the traffic and the joined stream are held too)",
+        peak_rss_kib().unwrap_or(0)
     );
     println!(
         "state log and pages: {} items, {requests} requests, {wcu} write units, {rcu:.0} read units",
