@@ -81,12 +81,7 @@ impl LocalAws {
 
     /// SDK configuration for the endpoint: fixed region and dummy credentials.
     pub async fn sdk_config(&self) -> aws_config::SdkConfig {
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "adpipe-tests"))
-            .endpoint_url(&self.endpoint)
-            .load()
-            .await
+        sdk_config_at(&self.endpoint).await
     }
 
     pub async fn clients(&self) -> Clients {
@@ -102,6 +97,17 @@ fn start() -> Result<LocalAws> {
     Ok(LocalAws {
         endpoint: endpoint.url,
     })
+}
+
+/// SDK configuration for a local endpoint (or a fault proxy in front of one): fixed region and
+/// dummy credentials.
+pub async fn sdk_config_at(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "adpipe-tests"))
+        .endpoint_url(endpoint)
+        .load()
+        .await
 }
 
 /// A name no other test in this run uses (lowercase, valid for buckets, tables and streams).

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adpipe_it::{FaultProxy, LocalAws};
+use adpipe_it::{create_state_table, sdk_config_at, unique, FaultProxy, LocalAws};
+use adpipe_lake::DynamoDbCommitLease;
 use adpipe_local::esm::FunctionError;
 use adpipe_local::generator::{generate, DelayMix, Traffic, TrafficConfig};
 use adpipe_local::pipeline::{Functions, Pipeline};
@@ -205,6 +206,46 @@ fn rule(name: &str, service: &str, operation: &str, fault: &str, probability: f6
 /// A rule for rare operations (a few commits a scenario): every `n`th request it sees.
 fn every(name: &str, service: &str, operation: &str, fault: &str, n: u32) -> Value {
     json!({"name": name, "service": service, "operation": operation, "fault": fault, "every": n})
+}
+
+/// A commit lease whose `PutItem` was applied but whose answer was lost: the SDK's retry finds
+/// the lease held by that same acquisition and takes it. (It used to find it "held by another
+/// writer" and wait out its own 60 s lease, every writer of the table queued behind it, until
+/// the batch gave up; under the DynamoDB faults below, batches then ran out of retries.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_to_the_commit_lease_put_does_not_block_the_table() {
+    let proxy = FaultProxy::start(&LocalAws::shared().endpoint).unwrap();
+    let table = unique("lease");
+    create_state_table(&LocalAws::shared().clients().await, &table)
+        .await
+        .unwrap();
+    let client = aws_sdk_dynamodb::Client::new(&sdk_config_at(&proxy.url).await);
+    let mut lease = DynamoDbCommitLease::new(client, &table);
+    // Without the fix every attempt after the lost answer is refused; 5 attempts of at most
+    // 200 ms are far short of the lease's 60 s.
+    lease.max_attempts = 5;
+    proxy
+        .set_rules(
+            1,
+            json!([{"name": "lease-lost", "service": "dynamodb", "operation": "PutItem",
+                    "fault": "lost_response", "every": 1, "max": 1}]),
+        )
+        .unwrap();
+    let held = lease.acquire("db.clicks", "writer-a").await.unwrap();
+    assert_eq!(proxy.injected().unwrap().get("lease-lost"), Some(&1));
+    proxy.set_rules(0, json!([])).unwrap();
+    // Held: another writer is refused until it is released, then gets it at once.
+    let mut other = lease.clone();
+    other.max_attempts = 2;
+    let refused = other.acquire("db.clicks", "writer-b").await;
+    assert!(refused.is_err(), "two holders: {refused:?}");
+    lease.release(held).await.unwrap();
+    let next = other.acquire("db.clicks", "writer-b").await.unwrap();
+    // A writer that acquires again (a later invocation in the same environment) is refused
+    // while its earlier acquisition holds the lease: the token is per acquisition.
+    let same_writer = other.acquire("db.clicks", "writer-b").await;
+    assert!(same_writer.is_err(), "one writer held it twice");
+    other.release(next).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,24 @@ pub struct DynamoDbCommitLease {
 #[derive(Debug)]
 pub struct Lease {
     key: String,
+    /// The writer's name and a token of this acquisition: no other acquisition, by this
+    /// writer or another, ever holds the same.
     owner: String,
+}
+
+/// `owner#<token>`, unique per acquisition in this process and across processes.
+fn acquisition_token(owner: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(now_ms());
+    h.write_u32(std::process::id());
+    format!(
+        "{owner}#{:016x}-{}",
+        h.finish(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Milliseconds since the epoch.
@@ -56,8 +73,12 @@ impl DynamoDbCommitLease {
     }
 
     /// Waits for the lease on `resource` (bounded), then holds it.
+    ///
+    /// Safe to retry: an attempt whose response was lost (the SDK retries it) finds the lease
+    /// held by this very acquisition and takes it, instead of waiting out its own lease.
     pub async fn acquire(&self, resource: &str, owner: &str) -> Result<Lease, PortError> {
         let key = format!("commit-lease#{resource}");
+        let owner = acquisition_token(owner);
         let mut delay = Duration::from_millis(20);
         for _ in 0..self.max_attempts {
             let now = now_ms();
@@ -67,23 +88,20 @@ impl DynamoDbCommitLease {
                 .put_item()
                 .table_name(&self.table)
                 .item("pk", AttributeValue::S(key.clone()))
-                .item("owner", AttributeValue::S(owner.to_owned()))
+                .item("owner", AttributeValue::S(owner.clone()))
                 .item("expires_at", AttributeValue::N(expires.to_string()))
                 .item(
                     "ttl",
                     AttributeValue::N((expires / 1000 + 3600).to_string()),
                 )
-                .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
+                .condition_expression("attribute_not_exists(pk) OR expires_at < :now OR #o = :me")
+                .expression_attribute_names("#o", "owner")
                 .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+                .expression_attribute_values(":me", AttributeValue::S(owner.clone()))
                 .send()
                 .await;
             match result {
-                Ok(_) => {
-                    return Ok(Lease {
-                        key,
-                        owner: owner.to_owned(),
-                    })
-                }
+                Ok(_) => return Ok(Lease { key, owner }),
                 Err(e)
                     if e.as_service_error()
                         .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
