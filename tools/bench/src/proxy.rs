@@ -8,8 +8,9 @@
 //! Pointing the lake's endpoint at this proxy counts every request the real code sends.
 //!
 //! The service is the SigV4 credential scope's (`Credential=…/<region>/<service>/aws4_request`),
-//! else the `X-Amz-Target` prefix. S3 `GET`s of objects under a `/data/` key (data files, which
-//! only the duplicate-key check reads) are also counted apart.
+//! else the `X-Amz-Target` prefix. S3 `GET`s are also counted by what they read ([`S3Object`]):
+//! data files (which only the duplicate-key check reads), manifests, manifest lists and
+//! `metadata.json` files, so a growth in S3 bytes per commit can be traced to its object kind.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -25,6 +26,42 @@ pub struct Metered {
     pub services: BTreeMap<String, Traffic>,
     /// S3 `GET`s of data files (`…/data/…`): response bytes.
     pub data_file_get_bytes: u64,
+    /// S3 `GET`s of manifests (`…/metadata/…avro`, not `snap-`): response bytes.
+    pub manifest_get_bytes: u64,
+    /// S3 `GET`s of manifest lists (`…/metadata/snap-….avro`): response bytes.
+    pub manifest_list_get_bytes: u64,
+    /// S3 `GET`s of table metadata (`….metadata.json`): response bytes.
+    pub metadata_json_get_bytes: u64,
+}
+
+/// What an S3 request path names, by the Iceberg table layout's file names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Object {
+    DataFile,
+    Manifest,
+    ManifestList,
+    MetadataJson,
+    Other,
+}
+
+impl S3Object {
+    pub fn of_path(path: &str) -> S3Object {
+        let key = path.split('?').next().unwrap_or(path);
+        let name = key.rsplit('/').next().unwrap_or(key);
+        if key.contains("/data/") {
+            S3Object::DataFile
+        } else if name.ends_with(".metadata.json") {
+            S3Object::MetadataJson
+        } else if key.contains("/metadata/") && name.ends_with(".avro") {
+            if name.starts_with("snap-") {
+                S3Object::ManifestList
+            } else {
+                S3Object::Manifest
+            }
+        } else {
+            S3Object::Other
+        }
+    }
 }
 
 impl Metered {
@@ -274,8 +311,15 @@ fn serve(client: TcpStream, upstream: &str, seen: &Mutex<Metered>) -> std::io::R
         let service = service_of(&req);
         {
             let mut m = seen.lock().unwrap_or_else(|p| p.into_inner());
-            if service == "s3" && method == "GET" && path.contains("/data/") {
-                m.data_file_get_bytes += resp_bytes + resp_body;
+            if service == "s3" && method == "GET" {
+                let read = resp_bytes + resp_body;
+                match S3Object::of_path(&path) {
+                    S3Object::DataFile => m.data_file_get_bytes += read,
+                    S3Object::Manifest => m.manifest_get_bytes += read,
+                    S3Object::ManifestList => m.manifest_list_get_bytes += read,
+                    S3Object::MetadataJson => m.metadata_json_get_bytes += read,
+                    S3Object::Other => {}
+                }
             }
             let t = m.services.entry(service).or_default();
             t.requests += 1;
@@ -370,5 +414,29 @@ mod tests {
             (first.len() + second.len()) as u64 + resp1 + resp2
         );
         assert_eq!(m.data_file_get_bytes, resp2);
+        assert_eq!(m.manifest_get_bytes + m.manifest_list_get_bytes, 0);
+    }
+
+    #[test]
+    fn s3_paths_are_told_apart_by_the_iceberg_layout() {
+        let t = "/bucket/warehouse/db.db/clicks";
+        for (path, kind) in [
+            (
+                format!("{t}/data/impression_time_hour=1/00000-0-a.parquet"),
+                S3Object::DataFile,
+            ),
+            (format!("{t}/metadata/5a1b-m0.avro"), S3Object::Manifest),
+            (
+                format!("{t}/metadata/snap-123-1-5a1b.avro"),
+                S3Object::ManifestList,
+            ),
+            (
+                format!("{t}/metadata/00012-5a1b.metadata.json?x-id=GetObject"),
+                S3Object::MetadataJson,
+            ),
+            ("/bucket?list-type=2".to_owned(), S3Object::Other),
+        ] {
+            assert_eq!(S3Object::of_path(&path), kind, "{path}");
+        }
     }
 }

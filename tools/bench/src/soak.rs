@@ -133,6 +133,10 @@ pub struct Window {
     pub key_check_bytes_max: u64,
     /// Bytes of data files read from S3 in the window (only the key check reads data files).
     pub data_file_get_bytes: u64,
+    /// Bytes of manifests, manifest lists and `metadata.json` files read from S3 in the window.
+    pub manifest_get_bytes: u64,
+    pub manifest_list_get_bytes: u64,
+    pub metadata_json_get_bytes: u64,
     pub rows_dropped: u64,
     pub s3: Traffic,
     pub glue: Traffic,
@@ -184,14 +188,15 @@ s3_requests_per_commit,s3_bytes_per_commit,glue_requests_per_commit,glue_bytes_p
 dynamodb_requests_per_commit,manifests_impressions,manifests_clicks,snapshots_impressions,\
 snapshots_clicks,metadata_bytes_impressions,metadata_bytes_clicks,files_per_batch_max_impressions,\
 files_per_batch_mean_impressions,files_per_batch_max_clicks,files_per_batch_mean_clicks,\
-key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped,commits_per_s";
+key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped,commits_per_s,\
+manifest_get_bytes_per_commit,manifest_list_get_bytes_per_commit,metadata_json_get_bytes_per_commit";
 
     pub fn csv_row(&self) -> String {
         let (fi_max, fi_mean) = max_mean(&self.files_impressions);
         let (fc_max, fc_mean) = max_mean(&self.files_clicks);
         let max = percentile(&self.latencies_ms, 1.0).unwrap_or(0.0);
         format!(
-            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.0},{:.1},{:.0},{:.1},{},{},{},{},{},{},{},{:.1},{},{:.1},{},{},{},{},{:.2}",
+            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.0},{:.1},{:.0},{:.1},{},{},{},{},{},{},{},{:.1},{},{:.1},{},{},{},{},{:.2},{:.0},{:.0},{:.0}",
             self.index,
             self.commits_end,
             self.commits(),
@@ -218,6 +223,9 @@ key_checks,key_check_bytes_max,data_file_get_bytes,rows_dropped,commits_per_s";
             self.data_file_get_bytes,
             self.rows_dropped,
             if self.seconds > 0.0 { self.commits() as f64 / self.seconds } else { 0.0 },
+            self.per_commit(self.manifest_get_bytes),
+            self.per_commit(self.manifest_list_get_bytes),
+            self.per_commit(self.metadata_json_get_bytes),
         )
     }
 }

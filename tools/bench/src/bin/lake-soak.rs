@@ -78,6 +78,11 @@ struct Params {
     /// Commits per reported window
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = positive)]
     window: usize,
+    /// Event-time lockstep: no writer starts a batch more than N batches (minutes) ahead of the
+    /// slowest one, as shards fed by one real clock are (0: free-running writers, which drift
+    /// apart as they wait on the leases, so each manifest spans more event hours)
+    #[arg(long = "max-lag", value_name = "N", default_value_t = 0)]
+    max_lag: usize,
     /// Stop starting batches after this many seconds (0: none)
     #[arg(long = "time-budget-s", value_name = "S", default_value_t = 0)]
     time_budget_s: u64,
@@ -382,6 +387,55 @@ async fn timed_append(
     }
 }
 
+/// Every writer's progress (batches done; `usize::MAX` once it stopped), for `--max-lag`.
+struct Pace {
+    done: Vec<std::sync::atomic::AtomicUsize>,
+    max_lag: usize,
+}
+
+impl Pace {
+    fn new(writers: usize, max_lag: usize) -> Pace {
+        Pace {
+            done: (0..writers)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
+            max_lag,
+        }
+    }
+
+    fn slowest(&self) -> usize {
+        self.done
+            .iter()
+            .map(|d| d.load(std::sync::atomic::Ordering::Acquire))
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Waits until batch `b` is at most `max_lag` ahead of the slowest writer.
+    async fn wait_for(&self, b: usize) {
+        if self.max_lag == 0 {
+            return;
+        }
+        while self.slowest().saturating_add(self.max_lag) < b {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn set(&self, writer: usize, done: usize) {
+        self.done[writer].store(done, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Marks a writer stopped however its task ends, so no other waits for it.
+struct Stopped<'a>(&'a Pace, usize);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.1, usize::MAX);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     mut shard: Shard,
     p: Arc<Params>,
@@ -389,8 +443,13 @@ async fn run_shard(
     inspect: Arc<IcebergLake>,
     start: Instant,
     events: mpsc::UnboundedSender<Event>,
+    pace: Arc<Pace>,
+    batches_done: Arc<std::sync::atomic::AtomicUsize>,
 ) -> anyhow::Result<()> {
+    let writer = shard.id * shard.lanes + shard.lane;
+    let _stopped = Stopped(&pace, writer);
     for b in 0..p.batches {
+        pace.wait_for(b).await;
         if p.budget().is_some_and(|budget| start.elapsed() > budget) {
             break;
         }
@@ -441,6 +500,8 @@ async fn run_shard(
             }
         }
         shard.previous = recs;
+        pace.set(writer, b + 1);
+        batches_done.store(b + 1, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(())
 }
@@ -525,6 +586,8 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     let mut seeder = Rng::new(p.seed);
+    let pace = Arc::new(Pace::new(p.shards * p.parallelization, p.max_lag));
+    let mut progress = Vec::new();
     for id in 0..p.shards {
         for lane in 0..p.parallelization {
             let lake = IcebergLake::connect(
@@ -543,6 +606,8 @@ async fn main() -> anyhow::Result<()> {
                 next_seq: 1_000,
                 previous: Vec::new(),
             };
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            progress.push(Arc::clone(&done));
             tasks.push(tokio::spawn(run_shard(
                 shard,
                 Arc::clone(&p),
@@ -550,6 +615,8 @@ async fn main() -> anyhow::Result<()> {
                 Arc::clone(&inspect),
                 start,
                 tx.clone(),
+                Arc::clone(&pace),
+                done,
             )));
         }
     }
@@ -640,6 +707,16 @@ async fn main() -> anyhow::Result<()> {
         adpipe_bench::soak::percentile(&key_check_ms, 1.0).unwrap_or(0.0),
         m.data_file_get_bytes
     );
+    let done: Vec<usize> = progress
+        .iter()
+        .map(|d| d.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    println!(
+        "batches done per writer: min {} max {} (event minutes apart at the end; --max-lag {})",
+        done.iter().min().unwrap_or(&0),
+        done.iter().max().unwrap_or(&0),
+        p.max_lag
+    );
     println!(
         "wall {:.0} s; wrote {} and {}",
         start.elapsed().as_secs_f64(),
@@ -685,6 +762,9 @@ async fn finish_window(
     w.glue = traffic_delta(&now, before, "glue");
     w.dynamodb = traffic_delta(&now, before, "dynamodb");
     w.data_file_get_bytes = now.data_file_get_bytes - before.data_file_get_bytes;
+    w.manifest_get_bytes = now.manifest_get_bytes - before.manifest_get_bytes;
+    w.manifest_list_get_bytes = now.manifest_list_get_bytes - before.manifest_list_get_bytes;
+    w.metadata_json_get_bytes = now.metadata_json_get_bytes - before.metadata_json_get_bytes;
     *before = now;
     for (i, t) in [LakeTable::Impressions, LakeTable::Clicks]
         .into_iter()
@@ -702,6 +782,24 @@ async fn finish_window(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[tokio::test]
+    async fn lockstep_writers_wait_for_the_slowest_and_never_for_a_stopped_one() {
+        let pace = Pace::new(2, 1);
+        pace.set(0, 3);
+        // Writer 1 has done nothing: batch 1 may start, batch 2 waits.
+        pace.wait_for(1).await;
+        let waits = tokio::time::timeout(Duration::from_millis(100), pace.wait_for(2)).await;
+        assert!(waits.is_err(), "batch 2 started two ahead of the slowest");
+        {
+            let _stopped = Stopped(&pace, 1);
+        }
+        tokio::time::timeout(Duration::from_secs(5), pace.wait_for(4))
+            .await
+            .expect("a stopped writer holds nobody back");
+        // Free-running writers never wait.
+        Pace::new(2, 0).wait_for(1_000).await;
+    }
 
     #[test]
     fn options_parse_with_their_defaults_and_refuse_typos_and_bad_values() {
