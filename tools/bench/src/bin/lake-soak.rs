@@ -11,12 +11,16 @@
 //! impressions of one batch appended concurrently as the enricher does. Campaigns follow a
 //! Zipf-like popularity. At stated rates a batch carries flagged (`in_doubt`) repeats of rows
 //! of the shard's previous batch, and a landed batch is re-appended as the two halves of its
-//! range (Lambda's BisectBatchOnFunctionError). Maintenance: none. The stack runs Glue's table
-//! optimizers by default (compaction, snapshot retention), which the local endpoint cannot run,
-//! so this measures a table that nothing maintains: the worst case.
+//! range (Lambda's BisectBatchOnFunctionError). Maintenance: only what the lake's commit does
+//! itself (manifest merges, snapshot expiry). The stack also runs Glue's table optimizers
+//! (compaction), which the local endpoint cannot run, so data files are never compacted here.
+//! A batch is one event minute of its writer. Writers are free-running closed loops unless
+//! `--max-lag N` holds them to one event clock (none more than N minutes ahead of the
+//! slowest), as shards fed by the same producers are.
 //!
 //! Every request of the lake goes through a metering proxy (`adpipe_bench::proxy`): S3, Glue
-//! and DynamoDB requests and bytes per commit are counted from the real traffic.
+//! and DynamoDB requests and bytes per commit are counted from the real traffic, and S3 reads
+//! by object kind (manifests, manifest lists, `metadata.json`, data files).
 //!
 //! The last line on stdout is the summary (`adpipe_bench::soak::summary_line`); keep it stable.
 
