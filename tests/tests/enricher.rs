@@ -1235,7 +1235,8 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
     use adpipe_core::lake::impressions_batch;
     use adpipe_core::model::{Impression, ImpressionRecord};
     use adpipe_core::ports::InputRange;
-    use adpipe_lake::{key_check_plan, KeyScope};
+    use adpipe_lake::KeyScope;
+    use std::collections::BTreeSet;
 
     const ROWS: usize = 40;
     fn mix(mut z: u64) -> u64 {
@@ -1292,7 +1293,14 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
         }
     };
     let ident = e.lake.ident(LakeTable::Impressions);
+    let everything = KeyScope {
+        campaigns: (0..20).map(|c| format!("camp-{c:02}")).collect(),
+        min_time_us: i64::MIN / 2,
+        max_time_us: i64::MAX / 2,
+    };
+    let as_set = |files: &[(String, u64)]| files.iter().cloned().collect::<BTreeSet<_>>();
     let mut plans = Vec::new();
+    let mut fetched_by_check = Vec::new();
     let mut seq = 0;
     for b in 0..40 {
         seq += 1;
@@ -1304,28 +1312,38 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
             "batch {b}"
         );
         if b == 9 || b == 39 {
-            // A later batch repeats three rows of this one, flagged.
-            seq += 1;
-            let repeat = append(seq, (0..3).map(|i| (impression(b, i * 5), true)).collect());
-            let table = e.lake.catalog().load_table(&ident).await.unwrap();
-            let scope = KeyScope::of_rows(&repeat.rows, &repeat.in_doubt)
-                .unwrap()
-                .unwrap();
-            let (files, _) = key_check_plan(&table, LakeTable::Impressions, &repeat.keys, &scope)
-                .await
-                .unwrap();
-            let everything = KeyScope {
-                campaigns: (0..20).map(|c| format!("camp-{c:02}")).collect(),
-                min_time_us: i64::MIN / 2,
-                max_time_us: i64::MAX / 2,
-            };
-            let (all, _) =
-                key_check_plan(&table, LakeTable::Impressions, &repeat.keys, &everything)
-                    .await
+            // A later batch repeats three rows of this one, flagged; then another repeats
+            // three more. The first check fetches the manifests written since this writer's
+            // last check (all of them at batch 9), the second finds them all in its cache.
+            for k in 0..2 {
+                seq += 1;
+                let repeat = append(
+                    seq,
+                    (0..3).map(|i| (impression(b, i * 5 + k), true)).collect(),
+                );
+                let scope = KeyScope::of_rows(&repeat.rows, &repeat.in_doubt)
+                    .unwrap()
                     .unwrap();
-            plans.push((b + 1, files, all));
-            let r = e.lake.append(repeat).await.unwrap();
-            assert_eq!((r.duplicates_dropped, r.rows_written), (3, 0), "batch {b}");
+                let before = e.lake.manifest_reads();
+                let r = e.lake.append(repeat).await.unwrap();
+                assert_eq!((r.duplicates_dropped, r.rows_written), (3, 0), "batch {b}");
+                let after = e.lake.manifest_reads();
+                fetched_by_check.push((b + 1, k, after.fetched - before.fetched));
+                if k == 1 {
+                    assert!(after.cached > before.cached, "batch {b}: the cache served");
+                    continue;
+                }
+                // What the check planned, against iceberg-rust's own planning of the same
+                // scope: the same files (partition and statistics pruning agree).
+                let table = e.lake.catalog().load_table(&ident).await.unwrap();
+                let plan = e.lake.key_check_plan(&table, &scope).await.unwrap();
+                let theirs = adpipe_lake::query_plan(&table, &scope).await.unwrap();
+                assert_eq!(as_set(&plan.files), as_set(&theirs), "batch {b}");
+                let all = e.lake.key_check_plan(&table, &everything).await.unwrap();
+                let theirs = adpipe_lake::query_plan(&table, &everything).await.unwrap();
+                assert_eq!(as_set(&all.files), as_set(&theirs), "batch {b}");
+                plans.push((b + 1, plan.files.len(), all.files.len()));
+            }
         }
     }
     let [(n1, scoped1, all1), (n2, scoped2, all2)] = plans[..] else {
@@ -1338,6 +1356,17 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
         scoped1, scoped2,
         "the scoped check does not grow: {plans:?}"
     );
+    // Manifests fetched by a check: at most the manifests a snapshot lists (merged at 16),
+    // whatever the history, and none when nothing was committed since the writer's last one.
+    let merge = adpipe_lake::CommitSettings::default().manifest_merge_count as u64;
+    for (n, k, fetched) in &fetched_by_check {
+        assert!(*fetched <= merge, "{fetched_by_check:?}");
+        if *k == 1 {
+            assert_eq!(*fetched, 0, "after {n} batches: {fetched_by_check:?}");
+        } else {
+            assert!(*fetched >= 1, "after {n} batches: {fetched_by_check:?}");
+        }
+    }
     let landed = column(&rows(&e, LakeTable::Impressions).await, "impression_id");
     assert_eq!(landed.len(), 40 * ROWS, "every row once");
 
@@ -1349,9 +1378,10 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
         min_time_us: (DAY_START_MS + 10 * 60_000) * 1_000,
         max_time_us: (DAY_START_MS + 20 * 60_000) * 1_000 - 1,
     };
-    let (files, _) = adpipe_lake::query_plan(&table, &ten_minutes).await.unwrap();
+    let files = adpipe_lake::query_plan(&table, &ten_minutes).await.unwrap();
     assert_eq!(
-        files, 10,
+        files.len(),
+        10,
         "a ten-minute query plans its ten minutes' files, of 40"
     );
 

@@ -15,6 +15,7 @@
 //! - commits to one table are serialised by a DynamoDB lease, with bounded retries.
 
 pub mod commit;
+pub mod keycheck;
 pub mod lease;
 pub mod location;
 
@@ -43,6 +44,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 pub use commit::{CommitSettings, CommitStats};
+pub use keycheck::{KeyCheckPlan, ManifestCache, ManifestReads, MANIFEST_CACHE_BYTES};
 pub use lease::DynamoDbCommitLease;
 use location::{partition_path, EscapingLocationGenerator};
 
@@ -174,6 +176,8 @@ pub struct IcebergLake {
     lease: DynamoDbCommitLease,
     owner: String,
     writer_props: WriterProperties,
+    /// What the duplicate-key check has read of each manifest (manifests are immutable).
+    manifests: ManifestCache,
 }
 
 impl std::fmt::Debug for IcebergLake {
@@ -221,6 +225,7 @@ impl IcebergLake {
             lease,
             owner,
             writer_props,
+            manifests: ManifestCache::new(MANIFEST_CACHE_BYTES),
         })
     }
 
@@ -506,6 +511,48 @@ impl IcebergLake {
         Ok(added)
     }
 
+    /// What the duplicate-key check of rows within `scope` plans against `table`: the data
+    /// files left after pruning by partition and column statistics, planned over this writer's
+    /// manifest cache ([`keycheck`]). For a table with delete files, iceberg-rust's plan.
+    pub async fn key_check_plan(
+        &self,
+        table: &Table,
+        scope: &KeyScope,
+    ) -> Result<KeyCheckPlan, PortError> {
+        match keycheck::plan(table, &self.manifests, scope).await? {
+            Some(plan) => Ok(plan),
+            None => Ok(KeyCheckPlan {
+                files: query_plan(table, scope).await?,
+                ..KeyCheckPlan::default()
+            }),
+        }
+    }
+
+    /// Manifests the key check has fetched from storage, and served from its cache.
+    pub fn manifest_reads(&self) -> ManifestReads {
+        self.manifests.reads()
+    }
+
+    /// The keys among `candidates` that the table already holds, looked for within `scope`.
+    async fn existing_keys(
+        &self,
+        table: &Table,
+        lake_table: LakeTable,
+        candidates: &[(String, String)],
+        scope: &KeyScope,
+    ) -> Result<HashSet<(String, String)>, PortError> {
+        if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
+            return Ok(HashSet::new());
+        }
+        match keycheck::plan(table, &self.manifests, scope).await? {
+            Some(plan) => {
+                let wanted: HashSet<(String, String)> = candidates.iter().cloned().collect();
+                keycheck::read_keys(table, lake_table, &plan, &wanted).await
+            }
+            None => existing_keys_by_scan(table, lake_table, candidates, scope).await,
+        }
+    }
+
     async fn load(&self, ident: &TableIdent) -> Result<Table, PortError> {
         self.catalog
             .load_table(ident)
@@ -727,37 +774,14 @@ fn key_scan(
         .map_err(|e| lake_error("planning the key check", e))
 }
 
-/// What the key check of `candidates` within `scope` reads: the data files it plans (after
-/// partition and statistics pruning) and their bytes. For the benchmarks (`lake-soak`).
-pub async fn key_check_plan(
-    table: &Table,
-    lake_table: LakeTable,
-    candidates: &[(String, String)],
-    scope: &KeyScope,
-) -> Result<(u64, u64), PortError> {
-    if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
-        return Ok((0, 0));
-    }
-    let tasks: Vec<iceberg::scan::FileScanTask> = key_scan(table, lake_table, candidates, scope)?
-        .plan_files()
-        .await
-        .map_err(|e| lake_error("planning the key check", e))?
-        .try_collect()
-        .await
-        .map_err(|e| lake_error("planning the key check", e))?;
-    Ok((
-        tasks.len() as u64,
-        tasks.iter().map(|t| t.file_size_in_bytes).sum(),
-    ))
-}
-
 /// What a query of `scope` (campaigns and an impression-time range, as a dashboard asks)
-/// plans: data files and bytes left after partition and column-statistics pruning. Athena
-/// prunes with the same metadata, so this is the check that a one-campaign, one-hour query
-/// reads few files.
-pub async fn query_plan(table: &Table, scope: &KeyScope) -> Result<(u64, u64), PortError> {
+/// plans with iceberg-rust's scan: the data files (path and bytes) left after partition and
+/// column-statistics pruning. Athena prunes with the same metadata, so this is the check that a
+/// one-campaign, one-hour query reads few files; the key check's own planning
+/// ([`IcebergLake::key_check_plan`]) is tested against it.
+pub async fn query_plan(table: &Table, scope: &KeyScope) -> Result<Vec<(String, u64)>, PortError> {
     if table.metadata().current_snapshot().is_none() {
-        return Ok((0, 0));
+        return Ok(Vec::new());
     }
     let tasks: Vec<iceberg::scan::FileScanTask> = table
         .scan()
@@ -770,14 +794,15 @@ pub async fn query_plan(table: &Table, scope: &KeyScope) -> Result<(u64, u64), P
         .try_collect()
         .await
         .map_err(|e| lake_error("planning the query", e))?;
-    Ok((
-        tasks.len() as u64,
-        tasks.iter().map(|t| t.file_size_in_bytes).sum(),
-    ))
+    Ok(tasks
+        .into_iter()
+        .map(|t| (t.data_file_path, t.file_size_in_bytes))
+        .collect())
 }
 
-/// The keys among `candidates` that the table already holds, looked for within `scope`.
-async fn existing_keys(
+/// The keys among `candidates` that the table already holds, looked for within `scope` with
+/// iceberg-rust's scan (tables with delete files, which it applies).
+async fn existing_keys_by_scan(
     table: &Table,
     lake_table: LakeTable,
     candidates: &[(String, String)],
@@ -1029,7 +1054,10 @@ impl TableWriter for IcebergLake {
         let overlap = ledger.overlaps(&append.input);
         let (pick, doubtful) = key_check_candidates(&append, overlap);
         let existing = match KeyScope::of_rows(&append.rows, &pick)? {
-            Some(scope) => existing_keys(&table, append.table, &doubtful, &scope).await?,
+            Some(scope) => {
+                self.existing_keys(&table, append.table, &doubtful, &scope)
+                    .await?
+            }
             None => HashSet::new(),
         };
         let keep: Vec<bool> = append

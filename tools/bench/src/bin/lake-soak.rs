@@ -35,9 +35,7 @@ use adpipe_core::lake::{clicks_batch, impressions_batch};
 use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord};
 use adpipe_core::ports::{InputRange, LakeAppend, LakeTable, TableWriter};
 use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
-use adpipe_lake::{
-    key_check_candidates, key_check_plan, DynamoDbCommitLease, IcebergLake, KeyScope,
-};
+use adpipe_lake::{key_check_candidates, DynamoDbCommitLease, IcebergLake, KeyScope};
 use adpipe_local::cli::share;
 use anyhow::Context;
 use clap::Parser;
@@ -331,8 +329,10 @@ async fn key_check_bytes(
     let Some(scope) = KeyScope::of_rows(&append.rows, &pick)? else {
         return Ok(0);
     };
-    let (_files, bytes) = key_check_plan(&t, append.table, &candidates, &scope).await?;
-    Ok(bytes)
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    Ok(inspect.key_check_plan(&t, &scope).await?.bytes())
 }
 
 /// Manifests in the current snapshot, snapshots in the metadata, and `metadata.json` bytes.
@@ -449,7 +449,7 @@ async fn run_shard(
     events: mpsc::UnboundedSender<Event>,
     pace: Arc<Pace>,
     batches_done: Arc<std::sync::atomic::AtomicUsize>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<adpipe_lake::ManifestReads> {
     let writer = shard.id * shard.lanes + shard.lane;
     let _stopped = Stopped(&pace, writer);
     for b in 0..p.batches {
@@ -507,7 +507,7 @@ async fn run_shard(
         pace.set(writer, b + 1);
         batches_done.store(b + 1, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(())
+    Ok(shard.lake.manifest_reads())
 }
 
 fn traffic_delta(now: &Metered, before: &Metered, service: &str) -> Traffic {
@@ -683,8 +683,11 @@ async fn main() -> anyhow::Result<()> {
             current.index = windows.len();
         }
     }
+    let mut manifest_reads = adpipe_lake::ManifestReads::default();
     for t in tasks {
-        t.await??;
+        let r = t.await??;
+        manifest_reads.fetched += r.fetched;
+        manifest_reads.cached += r.cached;
     }
     std::fs::write(&csv_path, &csv)?;
     let title = format!(
@@ -710,6 +713,10 @@ async fn main() -> anyhow::Result<()> {
         adpipe_bench::soak::percentile(&key_check_ms, 0.5).unwrap_or(0.0),
         adpipe_bench::soak::percentile(&key_check_ms, 1.0).unwrap_or(0.0),
         m.data_file_get_bytes
+    );
+    println!(
+        "manifests the writers' key checks used: {} fetched, {} from their caches",
+        manifest_reads.fetched, manifest_reads.cached
     );
     let done: Vec<usize> = progress
         .iter()
