@@ -1301,6 +1301,7 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
     let as_set = |files: &[(String, u64)]| files.iter().cloned().collect::<BTreeSet<_>>();
     let mut plans = Vec::new();
     let mut fetched_by_check = Vec::new();
+    let mut rows_read = Vec::new();
     let mut seq = 0;
     for b in 0..40 {
         seq += 1;
@@ -1343,6 +1344,7 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
                 let theirs = adpipe_lake::query_plan(&table, &everything).await.unwrap();
                 assert_eq!(as_set(&all.files), as_set(&theirs), "batch {b}");
                 plans.push((b + 1, plan.files.len(), all.files.len()));
+                rows_read.push(plan.rows);
             }
         }
     }
@@ -1355,6 +1357,10 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
     assert_eq!(
         scoped1, scoped2,
         "the scoped check does not grow: {plans:?}"
+    );
+    assert!(
+        rows_read[0] == rows_read[1] && rows_read[1] <= 2 * ROWS as u64,
+        "rows the check reads, after 10 and 40 batches: {rows_read:?}"
     );
     // Manifests fetched by a check: at most the manifests a snapshot lists (merged at 16),
     // whatever the history, and none when nothing was committed since the writer's last one.

@@ -58,6 +58,7 @@ const WHOLE_FILE_MAX: u64 = 1 << 20;
 struct FileEntry {
     path: String,
     size: u64,
+    records: u64,
     /// Partition values in the manifest's spec order (`None`: null or not a primitive).
     partition: Vec<Option<PrimitiveLiteral>>,
     campaign: Bounds,
@@ -174,6 +175,7 @@ impl ManifestCache {
                 FileEntry {
                     path: file.file_path().to_owned(),
                     size: file.file_size_in_bytes(),
+                    records: file.record_count(),
                     partition: file
                         .partition()
                         .iter()
@@ -198,6 +200,9 @@ impl ManifestCache {
 pub struct KeyCheckPlan {
     /// Paths and sizes of the data files the check reads.
     pub files: Vec<(String, u64)>,
+    /// The rows those files hold: what the check reads of the key columns (not counted, 0,
+    /// for a table with delete files, which iceberg-rust's scan plans).
+    pub rows: u64,
     /// Manifests in the snapshot's list, and those whose partition summary let them in.
     pub manifests_listed: u64,
     pub manifests_matched: u64,
@@ -435,6 +440,7 @@ pub(crate) async fn plan(
         PrimitiveLiteral::Long(scope.max_time_us),
     );
     let mut files = Vec::new();
+    let mut rows = 0;
     let mut seen = HashSet::new();
     for (spec_id, entries) in &loaded {
         let spec_tests = &tests[spec_id];
@@ -449,11 +455,13 @@ pub(crate) async fn plan(
             let in_time = overlaps(&t0, &t1, e.time.0.as_ref(), e.time.1.as_ref());
             if in_partition && in_campaigns && in_time && seen.insert(e.path.as_str()) {
                 files.push((e.path.clone(), e.size));
+                rows += e.records;
             }
         }
     }
     Ok(Some(KeyCheckPlan {
         files,
+        rows,
         manifests_listed: list.len() as u64,
         manifests_matched: matched.len() as u64,
     }))
@@ -648,6 +656,7 @@ mod tests {
         let entry = |path: &str| FileEntry {
             path: path.into(),
             size: 1,
+            records: 1,
             partition: vec![],
             campaign: (None, None),
             time: (None, None),

@@ -801,16 +801,14 @@ pub async fn query_plan(table: &Table, scope: &KeyScope) -> Result<Vec<(String, 
 }
 
 /// The keys among `candidates` that the table already holds, looked for within `scope` with
-/// iceberg-rust's scan (tables with delete files, which it applies).
+/// iceberg-rust's scan (tables with delete files, which it applies). The caller has checked
+/// that there are candidates and a snapshot.
 async fn existing_keys_by_scan(
     table: &Table,
     lake_table: LakeTable,
     candidates: &[(String, String)],
     scope: &KeyScope,
 ) -> Result<HashSet<(String, String)>, PortError> {
-    if candidates.is_empty() || table.metadata().current_snapshot().is_none() {
-        return Ok(HashSet::new());
-    }
     let scan = key_scan(table, lake_table, candidates, scope)?;
     let batches: Vec<RecordBatch> = scan
         .to_arrow()
