@@ -38,8 +38,8 @@ pub fn load_event(name: &str) -> KinesisEvent {
 }
 
 /// Reads a sample event from `events/` as the functions' `main` does (the lenient
-/// [`adpipe_joiner::KinesisBatch`], which keeps a record whose `data` is not base64).
-pub fn load_batch(name: &str) -> adpipe_joiner::KinesisBatch {
+/// [`adpipe_lambda::KinesisBatch`], which keeps a record whose `data` is not base64).
+pub fn load_batch(name: &str) -> adpipe_lambda::KinesisBatch {
     let path = workspace_root().join("events").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
@@ -115,7 +115,7 @@ pub async fn sdk_config_at(endpoint: &str) -> aws_config::SdkConfig {
 /// event times are recent, as a producer's are, so the joiner's deduplication horizon (48 h by
 /// default) never refuses them, whenever the tests run.
 pub fn recent_start_ms(duration_ms: i64) -> i64 {
-    (adpipe_joiner::now_ms() - duration_ms - 120_000) / 60_000 * 60_000
+    (adpipe_lambda::now_ms() - duration_ms - 120_000) / 60_000 * 60_000
 }
 
 pub fn unique(prefix: &str) -> String {

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use adpipe_aws::DynamoDbStateLog;
 use adpipe_core::config::JoinerConfig;
-use adpipe_core::keyed::BatchRouter;
-use adpipe_core::keyed_batch::KeyedJoiner;
-use adpipe_core::memory::{MemoryDeadLetterSink, MemoryRecordSink};
-use adpipe_core::packed::StateLog;
+use adpipe_core::in_memory::{MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::join::joiner::KeyedJoiner;
+use adpipe_core::join::router::BatchRouter;
+use adpipe_core::ports::StateLog;
 use adpipe_core::testkit::{
     check_exactly_once, run_keyed, Disturbance, FaultPlan, FaultyLog, FaultySink,
     MemoryKeyedStream, Scenario, ScenarioSize,
@@ -145,7 +145,7 @@ fn property_the_keyed_joiner_on_dynamodb_matches_the_reference_join_under_faults
                 // The log is really in DynamoDB: a fresh reader finds every slot in order.
                 let slots = rt.block_on(
                     log.inner
-                        .read(&adpipe_core::keyed::BucketRange::ALL.log_id(), 0),
+                        .read(&adpipe_core::join::buckets::BucketRange::ALL.log_id(), 0),
                 );
                 if shards == 1 && impressions > 0 {
                     let slots = slots.map_err(|e| TestCaseError::fail(e.to_string()))?;

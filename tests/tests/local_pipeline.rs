@@ -114,7 +114,7 @@ async fn replayed_malformed_lines_are_dead_lettered_once_each_with_their_reason(
     // A recent event time: the joiner refuses events older than its deduplication horizon.
     let good = format!(
         r#"{{"ad_id":"ad-1","impression_id":"mal-imp-1","campaign_id":"c","publisher_id":"p","event_time":"{}","device_type":"ios","geo_location":"US","platform":"ios","ad_type":"banner","bid_price":1.5}}"#,
-        adpipe_core::time::format_millis(adpipe_joiner::now_ms() - 3_600_000)
+        adpipe_core::time::format_millis(adpipe_lambda::now_ms() - 3_600_000)
     );
     let good = good.as_str();
     let with = |field: &str, value: &str| {

@@ -336,9 +336,9 @@ async fn rendered_events_name_the_stacks_streams() {
     };
     for path in &written {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        let event: adpipe_joiner::KinesisBatch =
+        let event: adpipe_lambda::KinesisBatch =
             serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let records = adpipe_joiner::input_records(&event);
+        let records = adpipe_lambda::input_records(&event);
         assert!(!records.is_empty(), "{file}");
         for r in &records {
             assert_eq!(r.position.stream, expected(&file), "{file}");
@@ -394,9 +394,9 @@ async fn status_shows_the_queue_dead_letters_and_last_commits() {
         .find(|(n, _)| *n == "joined.json")
         .unwrap();
     let rendered = adpipe_local::events::render(joined.0, joined.1, &stage_names(&t)).unwrap();
-    let event: adpipe_joiner::KinesisBatch = serde_json::from_str(&rendered).unwrap();
+    let event: adpipe_lambda::KinesisBatch = serde_json::from_str(&rendered).unwrap();
     let (response, report) =
-        adpipe_enricher::handle(&enricher, "adpipe", &event, adpipe_joiner::now_ms()).await;
+        adpipe_enricher::handle(&enricher, "adpipe", &event, adpipe_lambda::now_ms()).await;
     assert!(
         response.batch_item_failures.is_empty(),
         "{:?}",

@@ -64,7 +64,7 @@ impl RecordSink for KinesisRecordSink {
             .collect::<Result<Vec<_>, _>>()?;
         // No SDK retries: `PutRecords` is not idempotent, and a retry after a lost response
         // would put every record twice, unflagged. The core's emitter retries instead and
-        // flags what may have been written (`adpipe_core::emit::send_all`).
+        // flags what may have been written (`adpipe_core::join::emit::send_all`).
         let out = self
             .client
             .put_records()

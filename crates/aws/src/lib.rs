@@ -1,14 +1,13 @@
-//! AWS adapters for adpipe's ports: DynamoDB join state, Kinesis output, S3 dead letters, and
-//! the one place SDK clients are configured.
+//! AWS adapters for adpipe's ports: the join state's log in DynamoDB, Kinesis output and shard
+//! ranges, S3 dead letters, and the one place SDK clients are configured.
 
-pub mod dynamodb;
 pub mod error;
+pub mod item_size;
 pub mod kinesis;
 pub mod metering;
 pub mod s3;
 pub mod state_log;
 
-pub use dynamodb::DynamoDbJoinState;
 pub use kinesis::KinesisRecordSink;
 pub use metering::RequestCounter;
 pub use s3::S3DeadLetterSink;

@@ -21,15 +21,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use adpipe_core::keyed::BucketRange;
-use adpipe_core::packed::{PutSlot, ShardRanges, Slot, StateLog};
+use adpipe_core::join::buckets::BucketRange;
+use adpipe_core::join::state::{PutSlot, Slot};
 use adpipe_core::ports::PortError;
+use adpipe_core::ports::{ShardRanges, StateLog};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::dynamodb::item_size;
 use crate::error::port_error;
+use crate::item_size::item_size;
 
 /// Partition key attribute.
 pub const PK: &str = "pk";
@@ -318,7 +319,7 @@ impl StateLog for DynamoDbStateLog {
         page.items().first().map(slot_of).transpose()
     }
 
-    async fn put_blob(&self, blob: &adpipe_core::packed::Blob) -> Result<(), PortError> {
+    async fn put_blob(&self, blob: &adpipe_core::join::state::Blob) -> Result<(), PortError> {
         let (item, size) = self.body_item(
             AttributeValue::S(blob.pk.clone()),
             blob.sk.to_string(),
@@ -341,7 +342,7 @@ impl StateLog for DynamoDbStateLog {
         pk: &str,
         lo: u128,
         hi: u128,
-    ) -> Result<Vec<adpipe_core::packed::Blob>, PortError> {
+    ) -> Result<Vec<adpipe_core::join::state::Blob>, PortError> {
         let items = self
             .query_all(
                 "#pk = :pk AND #sk BETWEEN :lo AND :hi",
@@ -355,7 +356,7 @@ impl StateLog for DynamoDbStateLog {
         let mut out = Vec::new();
         for item in &items {
             let (sk, body, ttl_epoch_s) = parts_of(item, pk)?;
-            out.push(adpipe_core::packed::Blob {
+            out.push(adpipe_core::join::state::Blob {
                 pk: pk.to_owned(),
                 sk,
                 body,
@@ -403,7 +404,7 @@ impl ShardRanges for KinesisShardRanges {
                     .ok_or_else(|| {
                         PortError::Rejected(format!(
                             "shard {shard} owns no state bucket: the keyed stream has more shards than the {} buckets",
-                            adpipe_core::keyed::HASH_BUCKETS
+                            adpipe_core::join::buckets::HASH_BUCKETS
                         ))
                     });
                 }

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::emit::RetryPolicy;
-use crate::join::JoinRules;
+use crate::join::emit::RetryPolicy;
+use crate::join::rule::JoinRules;
 
 /// Source stream of impressions (name or ARN). Records are told apart by their source stream.
 pub const IMPRESSIONS_STREAM_NAME: &str = "IMPRESSIONS_STREAM_NAME";
@@ -245,7 +245,6 @@ impl JoinerConfig {
             rules: JoinRules {
                 window_ms,
                 retention_ms,
-                recovery_lease_ms: positive(RECOVERY_LEASE_SECONDS, 900)? * 1000,
             },
             ttl_grace_ms: positive(STATE_TTL_GRACE_SECONDS, 86_400)? * 1000,
             max_in_flight: positive(MAX_IN_FLIGHT, 32)? as usize,

@@ -7,7 +7,7 @@ use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::json;
 
-use crate::join::LatePair;
+use crate::join::rule::LatePair;
 use crate::model::{JoinedRecord, SourcePosition};
 use crate::ports::DeadLetter;
 use crate::time::format_millis;

@@ -339,7 +339,7 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::MemoryDeadLetterSink;
+    use crate::in_memory::MemoryDeadLetterSink;
     use crate::model::{Impression, ImpressionRecord, SourcePosition};
     use std::sync::Mutex;
 

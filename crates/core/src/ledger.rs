@@ -23,6 +23,7 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::sequence_cmp;
 use crate::ports::InputRange;
 
 /// The table property holding the ledger, as JSON.
@@ -67,20 +68,6 @@ pub struct ShardLedger {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitLedger {
     pub shards: Vec<ShardLedger>,
-}
-
-/// Orders Kinesis sequence numbers: decimal digit strings compare as numbers. Anything else is
-/// only ever equal to itself (`None`).
-pub fn sequence_cmp(a: &str, b: &str) -> Option<Ordering> {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
-    if a == b {
-        return Some(Ordering::Equal);
-    }
-    if !(digits(a) && digits(b)) {
-        return None;
-    }
-    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
-    Some(a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
 }
 
 /// Whether two ranges of the same shard may share records.

@@ -1,24 +1,20 @@
-//! adpipe's pure core: the event model, validation, the join rule and decisions, batch
-//! processing over small ports, dead-letter entries and metrics. No AWS SDK, no Lambda runtime.
+//! adpipe's pure core: the event model, validation, the keyed join (router, joiner, state),
+//! enrichment and the lake's rows, dead-letter entries and metrics, over small ports. No AWS
+//! SDK, no Lambda runtime.
 //!
-//! The join rule is [`join::attributes`]; what each arrival does is in [`join`].
+//! The join rule is [`join::rule::attributes`]; how a record flows through the join is in
+//! [`join`].
 
-pub mod batch;
-pub mod codec;
 pub mod config;
 pub mod dead_letter;
-pub mod emit;
 pub mod enrich;
 pub mod enricher;
+pub mod in_memory;
 pub mod join;
-pub mod keyed;
-pub mod keyed_batch;
 pub mod lake;
 pub mod ledger;
-pub mod memory;
 pub mod metrics;
 pub mod model;
-pub mod packed;
 pub mod ports;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -1,5 +1,7 @@
 //! The domain records: impressions, clicks, joined pairs, and where each input came from.
 
+use std::cmp::Ordering;
+
 use serde::{Deserialize, Serialize};
 
 use crate::time::format_millis;
@@ -41,6 +43,20 @@ impl SourcePosition {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+/// Orders Kinesis sequence numbers: decimal digit strings compare as numbers. Anything else is
+/// only ever equal to itself (`None`).
+pub fn sequence_cmp(a: &str, b: &str) -> Option<Ordering> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    if a == b {
+        return Some(Ordering::Equal);
+    }
+    if !(digits(a) && digits(b)) {
+        return None;
+    }
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    Some(a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
 }
 
 /// One raw record of a Kinesis batch, as the event source mapping delivered it.
@@ -103,6 +119,14 @@ impl Event {
         match self {
             Event::Impression(i) => &i.impression_id,
             Event::Click(c) => &c.impression_id,
+        }
+    }
+
+    /// The event's own time, epoch ms.
+    pub fn event_time_ms(&self) -> i64 {
+        match self {
+            Event::Impression(i) => i.event_time_ms,
+            Event::Click(c) => c.event_time_ms,
         }
     }
 }

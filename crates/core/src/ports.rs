@@ -1,9 +1,10 @@
 //! Ports: the capabilities the joiner needs from the outside world, in domain types only.
-//! AWS adapters live in `adpipe-aws`; in-memory ones in [`crate::memory`].
+//! AWS adapters live in `adpipe-aws`; in-memory ones in [`crate::in_memory`].
 
 use std::future::Future;
 
-use crate::join::{click_token, JoinItem, StoredClick, StoredImpression, IMPRESSION_TOKEN};
+use crate::join::buckets::BucketRange;
+use crate::join::state::{Blob, PutSlot, Slot};
 
 /// A failure reported by an adapter. Every variant fails the record that needed it, so Lambda
 /// redelivers it; `retryable` says whether trying again can help (for logs and alarms).
@@ -30,53 +31,6 @@ impl PortError {
     }
 }
 
-/// One side of a join, to be stored in its impression's item.
-#[derive(Debug, Clone, Copy)]
-pub enum SideWrite<'a> {
-    Impression(&'a StoredImpression),
-    Click(&'a StoredClick),
-}
-
-impl SideWrite<'_> {
-    pub fn impression_id(&self) -> &str {
-        match self {
-            SideWrite::Impression(i) => &i.impression.impression_id,
-            SideWrite::Click(c) => &c.click.impression_id,
-        }
-    }
-
-    /// The token appended to the item's write order ([`JoinItem::order`]).
-    pub fn order_token(&self) -> String {
-        match self {
-            SideWrite::Impression(_) => IMPRESSION_TOKEN.to_owned(),
-            SideWrite::Click(c) => click_token(&c.click.click_id),
-        }
-    }
-}
-
-/// Join state keyed by `impression_id`.
-pub trait JoinState: Send + Sync {
-    /// Atomically: unless that side (the impression, or this click id) is already stored, or
-    /// `side` is a click and the item already holds
-    /// [`crate::join::MAX_CLICKS_PER_IMPRESSION`] clicks, stores `side`, appends its
-    /// [`SideWrite::order_token`] to the write order and sets the item's expiry to
-    /// `ttl_epoch_s`; otherwise writes nothing (so a redelivery never grows the item). Either way
-    /// returns the item as it was before.
-    fn put_if_absent(
-        &self,
-        side: SideWrite<'_>,
-        ttl_epoch_s: i64,
-    ) -> impl Future<Output = Result<JoinItem, PortError>> + Send;
-
-    /// Records that the pair's joined record is on the output stream.
-    fn mark_emitted(
-        &self,
-        impression_id: &str,
-        click_id: &str,
-        ttl_epoch_s: i64,
-    ) -> impl Future<Output = Result<(), PortError>> + Send;
-}
-
 /// One record for an output stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutRecord {
@@ -97,8 +51,8 @@ pub enum EntryResult {
 
 /// An output stream.
 pub trait RecordSink: Send + Sync {
-    /// Sends one request of at most [`crate::emit::MAX_RECORDS_PER_PUT`] records and
-    /// [`crate::emit::MAX_BYTES_PER_PUT`] bytes. `Ok` holds one result per record, in order.
+    /// Sends one request of at most [`crate::join::emit::MAX_RECORDS_PER_PUT`] records and
+    /// [`crate::join::emit::MAX_BYTES_PER_PUT`] bytes. `Ok` holds one result per record, in order.
     fn put_records(
         &self,
         records: &[OutRecord],
@@ -116,6 +70,94 @@ pub struct DeadLetter {
 /// The dead-letter destination.
 pub trait DeadLetterSink: Send + Sync {
     fn put(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// The log store (DynamoDB in production, [`crate::in_memory::MemoryStateLog`] in tests).
+pub trait StateLog: Send + Sync {
+    /// Every slot of `log` numbered `from` or more, in order.
+    fn read(
+        &self,
+        log: &str,
+        from: u64,
+    ) -> impl Future<Output = Result<Vec<Slot>, PortError>> + Send;
+    /// Writes the slot only if that number is absent in `log`.
+    fn put(
+        &self,
+        log: &str,
+        slot: &Slot,
+    ) -> impl Future<Output = Result<PutSlot, PortError>> + Send;
+    /// Every log id ever registered (one per bucket range a shard has owned).
+    fn logs(&self) -> impl Future<Output = Result<Vec<String>, PortError>> + Send;
+    /// Registers a log id (idempotent).
+    fn register(&self, log: &str) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Records that every output of `log`'s slots up to `n` is on the joined stream.
+    fn ack(&self, log: &str, n: u64) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// The latest [`StateLog::ack`] of `log`.
+    fn acked(&self, log: &str) -> impl Future<Output = Result<Option<u64>, PortError>> + Send;
+    /// The newest slot of `log`, if any.
+    fn last(&self, log: &str) -> impl Future<Output = Result<Option<Slot>, PortError>> + Send;
+    /// Writes a blob (a cold page, a ledger item); its key is unique to its writer.
+    fn put_blob(&self, blob: &Blob) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Every blob of partition `pk` with a key in `lo..=hi`, in key order (strongly
+    /// consistent).
+    fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> impl Future<Output = Result<Vec<Blob>, PortError>> + Send;
+}
+
+/// Which bucket range a keyed-stream shard owns (Kinesis `ListShards` in production).
+pub trait ShardRanges: Send + Sync {
+    fn range(
+        &self,
+        stream: &str,
+        shard: &str,
+    ) -> impl Future<Output = Result<BucketRange, PortError>> + Send;
+}
+
+impl<T: StateLog> StateLog for std::sync::Arc<T> {
+    fn read(
+        &self,
+        log: &str,
+        from: u64,
+    ) -> impl Future<Output = Result<Vec<Slot>, PortError>> + Send {
+        (**self).read(log, from)
+    }
+    fn put(
+        &self,
+        log: &str,
+        slot: &Slot,
+    ) -> impl Future<Output = Result<PutSlot, PortError>> + Send {
+        (**self).put(log, slot)
+    }
+    fn logs(&self) -> impl Future<Output = Result<Vec<String>, PortError>> + Send {
+        (**self).logs()
+    }
+    fn register(&self, log: &str) -> impl Future<Output = Result<(), PortError>> + Send {
+        (**self).register(log)
+    }
+    fn ack(&self, log: &str, n: u64) -> impl Future<Output = Result<(), PortError>> + Send {
+        (**self).ack(log, n)
+    }
+    fn acked(&self, log: &str) -> impl Future<Output = Result<Option<u64>, PortError>> + Send {
+        (**self).acked(log)
+    }
+    fn last(&self, log: &str) -> impl Future<Output = Result<Option<Slot>, PortError>> + Send {
+        (**self).last(log)
+    }
+    fn put_blob(&self, blob: &Blob) -> impl Future<Output = Result<(), PortError>> + Send {
+        (**self).put_blob(blob)
+    }
+    fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> impl Future<Output = Result<Vec<Blob>, PortError>> + Send {
+        (**self).blobs(pk, lo, hi)
+    }
 }
 
 /// Which lake table a batch of rows goes to.

@@ -8,13 +8,18 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use crate::batch::BatchJoiner;
-use crate::join::{attributes, JoinItem, JoinRules};
+use crate::in_memory::FixedShardRanges;
+use crate::join::buckets::BucketRange;
+use crate::join::joiner::KeyedJoiner;
+use crate::join::router::BatchRouter;
+use crate::join::rule::{attributes, JoinRules};
+use crate::join::state::{Blob, PutSlot, Slot};
 use crate::model::{
     Click, Impression, InputRecord, JoinedRecord, JoinedStreamRecord, SourcePosition,
 };
 use crate::ports::{
-    DeadLetter, DeadLetterSink, EntryResult, JoinState, OutRecord, PortError, RecordSink, SideWrite,
+    DeadLetter, DeadLetterSink, EntryResult, OutRecord, PortError, RecordSink, ShardRanges,
+    StateLog,
 };
 pub use crate::validate::{encode_click as click_json, encode_impression as impression_json};
 
@@ -339,97 +344,6 @@ impl ShardPoller {
     }
 }
 
-/// Runs both input streams through the joiner until drained, interleaving their batches by the
-/// seed (as two concurrent event source mappings would), with `now_ms` advancing per batch.
-/// Gives up after `max_invocations` (so a stuck shard fails the test instead of hanging).
-pub async fn run_to_completion<S: JoinState, K: RecordSink, D: DeadLetterSink>(
-    joiner: &BatchJoiner<S, K, D>,
-    scenario: &Scenario,
-    seed: u64,
-    max_batch: usize,
-    max_invocations: u32,
-) -> Result<(ShardPoller, ShardPoller), String> {
-    let mut rng = Rng::new(seed ^ 0x5EED);
-    let mut imps = ShardPoller::new(
-        &joiner.config.impressions_stream,
-        "shardId-000000000000",
-        scenario.impression_stream.clone(),
-    );
-    let mut clicks = ShardPoller::new(
-        &joiner.config.clicks_stream,
-        "shardId-000000000000",
-        scenario.click_stream.clone(),
-    );
-    let mut now_ms = 1_795_169_800_000i64;
-    while !(imps.drained() && clicks.drained()) {
-        if imps.invocations + clicks.invocations >= max_invocations {
-            return Err(format!(
-                "streams not drained after {max_invocations} invocations (impressions at {}, clicks at {})",
-                imps.cursor, clicks.cursor
-            ));
-        }
-        let poller = if clicks.drained() || (!imps.drained() && rng.chance(0.5)) {
-            &mut imps
-        } else {
-            &mut clicks
-        };
-        let batch = poller.next_batch(1 + rng.below(max_batch as u64) as usize);
-        now_ms += 1 + rng.below(500) as i64;
-        let report = joiner.process(&batch, now_ms).await;
-        poller.checkpoint(batch.len(), report.first_failure);
-    }
-    Ok((imps, clicks))
-}
-
-/// Like [`run_to_completion`], but the two streams' pollers run as concurrent tasks, as two
-/// event source mappings invoke the function in parallel: partners of one pair can be written
-/// by overlapping invocations. Each poller still processes its own shard in order.
-pub async fn run_concurrently<S: JoinState, K: RecordSink, D: DeadLetterSink>(
-    joiner: &BatchJoiner<S, K, D>,
-    scenario: &Scenario,
-    seed: u64,
-    max_batch: usize,
-    max_invocations: u32,
-) -> Result<(ShardPoller, ShardPoller), String> {
-    let clock = std::sync::atomic::AtomicI64::new(1_795_169_800_000);
-    let drive = |mut poller: ShardPoller, mut rng: Rng| {
-        let clock = &clock;
-        async move {
-            while !poller.drained() {
-                if poller.invocations >= max_invocations {
-                    return Err(format!(
-                        "{} not drained after {max_invocations} invocations",
-                        poller.stream
-                    ));
-                }
-                let batch = poller.next_batch(1 + rng.below(max_batch as u64) as usize);
-                let now_ms = clock.fetch_add(
-                    1 + rng.below(500) as i64,
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-                let report = joiner.process(&batch, now_ms).await;
-                poller.checkpoint(batch.len(), report.first_failure);
-            }
-            Ok(poller)
-        }
-    };
-    let imps = ShardPoller::new(
-        &joiner.config.impressions_stream,
-        "shardId-000000000000",
-        scenario.impression_stream.clone(),
-    );
-    let clicks = ShardPoller::new(
-        &joiner.config.clicks_stream,
-        "shardId-000000000000",
-        scenario.click_stream.clone(),
-    );
-    let (a, b) = futures::join!(
-        drive(imps, Rng::new(seed ^ 0xA)),
-        drive(clicks, Rng::new(seed ^ 0xB))
-    );
-    Ok((a?, b?))
-}
-
 /// How a wrapped port misbehaves: each call fails with probability `rate`, at most `budget`
 /// times in all, so every scenario terminates.
 #[derive(Debug)]
@@ -465,45 +379,6 @@ impl FaultPlan {
 
     pub fn injected(&self) -> u32 {
         *self.injected.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Join state that throttles before a write, or loses the response after the write succeeded.
-/// `mark_emitted` is left alone (see [`FaultySink`] and DESIGN.md on the mark's crash window).
-pub struct FaultyState<S> {
-    pub inner: S,
-    pub plan: FaultPlan,
-}
-
-impl<S: JoinState> JoinState for FaultyState<S> {
-    async fn put_if_absent(
-        &self,
-        side: SideWrite<'_>,
-        ttl_epoch_s: i64,
-    ) -> Result<JoinItem, PortError> {
-        match self.plan.roll() {
-            Some(true) => Err(PortError::Throttled(
-                "injected: ProvisionedThroughputExceededException".into(),
-            )),
-            Some(false) => {
-                self.inner.put_if_absent(side, ttl_epoch_s).await?;
-                Err(PortError::Unavailable(
-                    "injected: response lost after the write".into(),
-                ))
-            }
-            None => self.inner.put_if_absent(side, ttl_epoch_s).await,
-        }
-    }
-
-    async fn mark_emitted(
-        &self,
-        impression_id: &str,
-        click_id: &str,
-        ttl_epoch_s: i64,
-    ) -> Result<(), PortError> {
-        self.inner
-            .mark_emitted(impression_id, click_id, ttl_epoch_s)
-            .await
     }
 }
 
@@ -602,10 +477,10 @@ impl MemoryKeyedStream {
     }
 
     /// Each shard's bucket range, as `ListShards`' hash key ranges give it.
-    pub fn ranges(&self) -> crate::packed::FixedShardRanges {
+    pub fn ranges(&self) -> FixedShardRanges {
         let step = self.step();
         let n = self.shards.len();
-        crate::packed::FixedShardRanges(
+        FixedShardRanges(
             (0..n)
                 .filter_map(|i| {
                     let start = step * i as u128;
@@ -614,7 +489,7 @@ impl MemoryKeyedStream {
                     } else {
                         step * (i as u128 + 1) - 1
                     };
-                    crate::keyed::BucketRange::from_hash_range(&start.to_string(), &end.to_string())
+                    BucketRange::from_hash_range(&start.to_string(), &end.to_string())
                         .map(|r| (Self::shard_id(i), r))
                 })
                 .collect(),
@@ -693,16 +568,12 @@ pub struct FaultyLog<L> {
     pub plan: FaultPlan,
 }
 
-impl<L: crate::packed::StateLog> crate::packed::StateLog for FaultyLog<L> {
-    async fn read(&self, log: &str, from: u64) -> Result<Vec<crate::packed::Slot>, PortError> {
+impl<L: StateLog> StateLog for FaultyLog<L> {
+    async fn read(&self, log: &str, from: u64) -> Result<Vec<Slot>, PortError> {
         self.inner.read(log, from).await
     }
 
-    async fn put(
-        &self,
-        log: &str,
-        slot: &crate::packed::Slot,
-    ) -> Result<crate::packed::PutSlot, PortError> {
+    async fn put(&self, log: &str, slot: &Slot) -> Result<PutSlot, PortError> {
         match self.plan.roll() {
             Some(true) => Err(PortError::Throttled(
                 "injected: ProvisionedThroughputExceededException".into(),
@@ -736,12 +607,12 @@ impl<L: crate::packed::StateLog> crate::packed::StateLog for FaultyLog<L> {
         self.inner.acked(log).await
     }
 
-    async fn last(&self, log: &str) -> Result<Option<crate::packed::Slot>, PortError> {
+    async fn last(&self, log: &str) -> Result<Option<Slot>, PortError> {
         self.inner.last(log).await
     }
 
     /// Cold pages and ledger items: throttled, or written with the response lost.
-    async fn put_blob(&self, blob: &crate::packed::Blob) -> Result<(), PortError> {
+    async fn put_blob(&self, blob: &Blob) -> Result<(), PortError> {
         match self.plan.roll() {
             Some(true) => Err(PortError::Throttled(
                 "injected: ProvisionedThroughputExceededException".into(),
@@ -756,12 +627,7 @@ impl<L: crate::packed::StateLog> crate::packed::StateLog for FaultyLog<L> {
         }
     }
 
-    async fn blobs(
-        &self,
-        pk: &str,
-        lo: u128,
-        hi: u128,
-    ) -> Result<Vec<crate::packed::Blob>, PortError> {
+    async fn blobs(&self, pk: &str, lo: u128, hi: u128) -> Result<Vec<Blob>, PortError> {
         self.inner.blobs(pk, lo, hi).await
     }
 }
@@ -784,10 +650,10 @@ pub struct Disturbance {
 /// joiner instance on the same ports, used for duplicate invocations.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_keyed<K, D, L, R, J, E>(
-    router: &crate::keyed::BatchRouter<K, D>,
+    router: &BatchRouter<K, D>,
     keyed: &MemoryKeyedStream,
-    joiner: &crate::keyed_batch::KeyedJoiner<L, R, J, E>,
-    twin: &crate::keyed_batch::KeyedJoiner<L, R, J, E>,
+    joiner: &KeyedJoiner<L, R, J, E>,
+    twin: &KeyedJoiner<L, R, J, E>,
     scenario: &Scenario,
     seed: u64,
     max_batch: usize,
@@ -797,8 +663,8 @@ pub async fn run_keyed<K, D, L, R, J, E>(
 where
     K: RecordSink,
     D: DeadLetterSink,
-    L: crate::packed::StateLog,
-    R: crate::packed::ShardRanges,
+    L: StateLog,
+    R: ShardRanges,
     J: RecordSink,
     E: DeadLetterSink,
 {

@@ -13,7 +13,7 @@ pub const MAX_ID_CHARS: usize = 256;
 
 /// Longest accepted value of a required string field that is not an id (`device_type`,
 /// `geo_location`, `platform`, `ad_type`, `event_time`), in bytes of UTF-8. With
-/// [`MAX_ID_CHARS`] and [`crate::join::MAX_CLICKS_PER_IMPRESSION`] it bounds every join-state
+/// [`MAX_ID_CHARS`] and [`crate::join::rule::MAX_CLICKS_PER_IMPRESSION`] it bounds every join-state
 /// item below DynamoDB's 400 KB item limit by construction.
 pub const MAX_FIELD_BYTES: usize = 256;
 
@@ -67,7 +67,7 @@ pub enum RejectReason {
     /// Same id as a stored event of the same kind, but different content.
     ConflictingDuplicate,
     /// A new click for an impression id that already holds
-    /// [`crate::join::MAX_CLICKS_PER_IMPRESSION`] clicks (an unexpanded click macro, a bot):
+    /// [`crate::join::rule::MAX_CLICKS_PER_IMPRESSION`] clicks (an unexpanded click macro, a bot):
     /// stored, it would push the join state past DynamoDB's item limit and block the shard.
     TooManyClicks,
     /// The event is older than the deduplication horizon allows checking: it may repeat an
@@ -312,6 +312,14 @@ pub fn encode_impression(i: &Impression) -> Vec<u8> {
 }
 
 /// The wire JSON of a click; a derived id is left out, as a producer without ids sends it.
+/// An event as the input JSON it was read from (for dead letters).
+pub fn encode_event(event: &Event) -> Vec<u8> {
+    match event {
+        Event::Impression(i) => encode_impression(i),
+        Event::Click(c) => encode_click(c),
+    }
+}
+
 pub fn encode_click(c: &Click) -> Vec<u8> {
     let mut v = serde_json::json!({
         "ad_id": c.ad_id, "impression_id": c.impression_id, "campaign_id": c.campaign_id,

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use adpipe_core::config::JoinerConfig;
-use adpipe_core::keyed::BatchRouter;
-use adpipe_core::keyed_batch::KeyedJoiner;
-use adpipe_core::memory::{MemoryDeadLetterSink, MemoryRecordSink};
-use adpipe_core::packed::MemoryStateLog;
+use adpipe_core::in_memory::MemoryStateLog;
+use adpipe_core::in_memory::{MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::join::joiner::KeyedJoiner;
+use adpipe_core::join::router::BatchRouter;
 use adpipe_core::testkit::{
     check_exactly_once, decode_joined, run_keyed, Disturbance, FaultPlan, FaultyDeadLetters,
     FaultyLog, FaultySink, MemoryKeyedStream, Scenario, ScenarioSize,

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 
 use adpipe_core::config::JoinerConfig;
-use adpipe_core::keyed::BatchRouter;
-use adpipe_core::keyed_batch::KeyedJoiner;
-use adpipe_core::memory::{MemoryDeadLetterSink, MemoryRecordSink};
-use adpipe_core::model::{Click, Impression, InputRecord, SourcePosition};
-use adpipe_core::packed::{
-    decode_body, slot_item_size, slots_for_batch, FixedShardRanges, MemoryStateLog, Pending,
-    StateLog, Stored, DYNAMODB_ITEM_LIMIT,
+use adpipe_core::in_memory::{FixedShardRanges, MemoryStateLog};
+use adpipe_core::in_memory::{MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::join::joiner::KeyedJoiner;
+use adpipe_core::join::router::BatchRouter;
+use adpipe_core::join::state::{
+    decode_body, slot_item_size, slots_for_batch, Pending, Stored, DYNAMODB_ITEM_LIMIT,
 };
+use adpipe_core::model::{Click, Impression, InputRecord, SourcePosition};
+use adpipe_core::ports::StateLog;
 use adpipe_core::ports::{EntryResult, OutRecord, PortError, RecordSink};
 use adpipe_core::testkit::{decode_stream, MemoryKeyedStream};
 use adpipe_core::validate::{encode_click, encode_impression};
@@ -241,7 +242,7 @@ fn slots_and_pages_written_as_json_by_the_previous_version_are_still_read() {
         Pending::Forward("imp-1".into()),
         Pending::Pair("imp-1".into(), "clk-1".into()),
     ];
-    let body = adpipe_core::packed::SlotBody {
+    let body = adpipe_core::join::state::SlotBody {
         v: 1,
         shard: "shardId-0".into(),
         progress: Some("10".into()),
@@ -259,13 +260,16 @@ fn slots_and_pages_written_as_json_by_the_previous_version_are_still_read() {
         body
     );
     let page = legacy(serde_json::to_vec(&events).unwrap());
-    assert_eq!(adpipe_core::packed::decode_events(&page).unwrap(), events);
+    assert_eq!(
+        adpipe_core::join::state::decode_events(&page).unwrap(),
+        events
+    );
     // The current format reads back the same, and is smaller.
-    let current = adpipe_core::packed::SlotBody {
-        v: adpipe_core::packed::SLOT_FORMAT,
+    let current = adpipe_core::join::state::SlotBody {
+        v: adpipe_core::join::state::SLOT_FORMAT,
         ..body.clone()
     };
-    let bytes = adpipe_core::packed::encode_body(&current);
+    let bytes = adpipe_core::join::state::encode_body(&current);
     assert_eq!(decode_body(&bytes).unwrap(), current);
     assert!(bytes.len() < legacy(serde_json::to_vec(&body).unwrap()).len());
     // A JSON body claiming the current format is refused, not misread.
@@ -489,10 +493,10 @@ async fn an_event_on_a_shard_that_does_not_own_its_bucket_is_dead_lettered_not_j
         config(),
     );
     let imp = impression("imp-stray", T0);
-    let bucket = adpipe_core::keyed::bucket_of("imp-stray");
-    let (record, _) = adpipe_core::keyed::pack(vec![(
+    let bucket = adpipe_core::join::buckets::bucket_of("imp-stray");
+    let (record, _) = adpipe_core::join::router::pack(vec![(
         0,
-        adpipe_core::keyed::KeyedEvent::new(
+        adpipe_core::join::router::KeyedEvent::new(
             adpipe_core::model::Event::Impression(imp),
             SourcePosition {
                 stream: "impressions".into(),
@@ -503,7 +507,7 @@ async fn an_event_on_a_shard_that_does_not_own_its_bucket_is_dead_lettered_not_j
         ),
     )])
     .remove(0);
-    let wrong = if bucket < adpipe_core::keyed::HASH_BUCKETS / 2 {
+    let wrong = if bucket < adpipe_core::join::buckets::HASH_BUCKETS / 2 {
         1
     } else {
         0
@@ -542,7 +546,7 @@ async fn route_and_join<L, R, D>(
     at: i64,
 ) where
     L: StateLog,
-    R: adpipe_core::packed::ShardRanges,
+    R: adpipe_core::ports::ShardRanges,
     D: adpipe_core::ports::DeadLetterSink,
 {
     keyed.set_clock(at);

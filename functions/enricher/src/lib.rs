@@ -6,8 +6,8 @@ use adpipe_core::config::EnricherConfig;
 use adpipe_core::enricher::{BatchEnricher, EnrichReport, EnricherSettings, FUNCTION};
 use adpipe_core::metrics::{emf_values, Invocation};
 use adpipe_core::ports::{DeadLetterSink, PortError, TableWriter};
-use adpipe_joiner::{batch_response, input_records, KinesisInput};
 use adpipe_lake::{DynamoDbCommitLease, IcebergLake, LakeConfig};
+use adpipe_lambda::{batch_response, input_records, KinesisInput};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 
 /// The enricher wired to AWS.

@@ -8,7 +8,7 @@ use adpipe_aws::Clients;
 use adpipe_core::config::EnricherConfig;
 use adpipe_core::metrics::{ColdStart, Invocation};
 use adpipe_enricher::{aws_enricher, handle_invocation, lake_config};
-use adpipe_joiner::{now_ms, KinesisBatch};
+use adpipe_lambda::{now_ms, KinesisBatch};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]

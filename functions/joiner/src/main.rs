@@ -5,7 +5,8 @@
 use adpipe_aws::Clients;
 use adpipe_core::config::JoinerConfig;
 use adpipe_core::metrics::{ColdStart, Invocation};
-use adpipe_joiner::{aws_function, handle_routed, now_ms, KinesisBatch};
+use adpipe_joiner::{aws_function, handle_routed};
+use adpipe_lambda::{now_ms, KinesisBatch};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]

@@ -138,7 +138,7 @@ impl KinesisFunction for JoinerFunction {
                 &env.router,
                 &env.keyed,
                 &event,
-                adpipe_joiner::now_ms(),
+                adpipe_lambda::now_ms(),
                 &invocation(cold),
             )
             .await;
@@ -254,7 +254,7 @@ impl KinesisFunction for EnricherFunction {
                 &env,
                 &self.config.metrics_namespace,
                 &event,
-                adpipe_joiner::now_ms(),
+                adpipe_lambda::now_ms(),
                 &invocation(cold),
             )
             .await;
@@ -277,8 +277,8 @@ impl KinesisFunction for EnricherFunction {
 }
 
 /// The event as the functions' `main` reads it: its JSON, as their own lenient
-/// [`KinesisBatch`](adpipe_joiner::KinesisBatch).
-fn as_delivered(event: &KinesisEvent) -> Result<adpipe_joiner::KinesisBatch, FunctionError> {
+/// [`KinesisBatch`](adpipe_lambda::KinesisBatch).
+fn as_delivered(event: &KinesisEvent) -> Result<adpipe_lambda::KinesisBatch, FunctionError> {
     serde_json::to_value(event)
         .and_then(serde_json::from_value)
         .map_err(|e| FunctionError::Unhandled(format!("event deserialization: {e}")))

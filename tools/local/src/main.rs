@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use adpipe_core::join::{attributes, JoinRules};
+use adpipe_core::join::rule::{attributes, JoinRules};
 use adpipe_local::athena::{AthenaQueries, QueryEngine};
 use adpipe_local::chart::{self, CHART_SQL};
 use adpipe_local::cli::{
@@ -279,7 +279,7 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
     };
     match command {
         Command::Generate(a) => {
-            let traffic = generate(&a.traffic.config(adpipe_joiner::now_ms()))?;
+            let traffic = generate(&a.traffic.config(adpipe_lambda::now_ms()))?;
             if let Some(dir) = &a.out {
                 return write_traffic(&traffic, dir);
             }
@@ -572,7 +572,7 @@ fn expected_pairs(t: &Traffic) -> u64 {
 async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
     let total = Instant::now();
     let out = a.out.clone().unwrap_or_else(|| local_dir(root).join("out"));
-    let cfg = a.traffic.config(adpipe_joiner::now_ms());
+    let cfg = a.traffic.config(adpipe_lambda::now_ms());
 
     step("local AWS endpoint (moto from .venv, requests applied one at a time)");
     let program = endpoint_server(root)?;
@@ -788,7 +788,7 @@ async fn run_cmd(a: &RunArgs, root: &Path) -> Result<()> {
 }
 
 async fn generate_cmd(a: &GenerateArgs, root: &Path) -> Result<()> {
-    let cfg = a.traffic.config(adpipe_joiner::now_ms());
+    let cfg = a.traffic.config(adpipe_lambda::now_ms());
     let traffic = generate(&cfg)?;
     eprintln!(
         "generated {} impressions and {} clicks ({} impression and {} click records, {} malformed)",

@@ -179,7 +179,7 @@ impl StreamWriter {
                     // other record where its partition key puts it, as when first put.
                     PutRecordsRequestEntry::builder()
                         .partition_key(key)
-                        .set_explicit_hash_key(adpipe_core::keyed::home_hash_key(data))
+                        .set_explicit_hash_key(adpipe_core::join::router::home_hash_key(data))
                         .data(Blob::new(data.clone()))
                         .build()
                         .map_err(|e| LocalError::aws("Kinesis PutRecords entry", e))

@@ -823,7 +823,7 @@ mod tests {
         // Not checked through `event`: aws_lambda_events 1.2.1 reads the fraction's digits as
         // milliseconds (`.5` becomes 5 ms, `.123` is right). No adpipe code reads the field.
         // The joiner's edge recovers stream, shard, sequence number and the raw bytes.
-        let inputs = adpipe_joiner::input_records(&event);
+        let inputs = adpipe_lambda::input_records(&event);
         assert_eq!(inputs[1].position.stream, "adpipe-local-impressions");
         assert_eq!(inputs[1].position.shard, "shardId-000000000001");
         assert_eq!(inputs[1].position.sequence_number, "4960002");

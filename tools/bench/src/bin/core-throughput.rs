@@ -1,7 +1,8 @@
 //! Core throughput: input events per second on one core through the whole CPU path of the
-//! pipeline, with in-memory ports: the joiner (decode, validate, one state write per event,
-//! join decisions, joined-stream records) and then the enricher on what the joiner emitted
-//! (decode, validate, enrich, Arrow batches, Parquet with the lake's zstd settings).
+//! deployed pipeline, with in-memory ports: the router (decode, validate, bucket, pack keyed
+//! records), the keyed joiner (decide from memory, the batch's compressed log slots, joined
+//! records) and then the enricher on what the joiner emitted (decode, validate, enrich, Arrow
+//! batches, Parquet with the lake's zstd settings).
 //!
 //! Usage: cargo build --release --workspace && ./target/release/core-throughput \
 //!          [--impressions 1000000] [--ctr 0.02] [--duplicates 0.01] [--out-of-order 0.05] \
@@ -11,17 +12,19 @@
 //! deployed mappings' (`deploy/resources.json`). Each round starts from empty state.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use adpipe_bench::{encode_parquet, mib, Spread};
-use adpipe_core::batch::BatchJoiner;
 use adpipe_core::config::{EnricherConfig, JoinerConfig};
 use adpipe_core::enricher::{BatchEnricher, EnricherSettings};
-use adpipe_core::memory::{InMemoryJoinState, MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::in_memory::{MemoryDeadLetterSink, MemoryRecordSink, MemoryStateLog};
+use adpipe_core::join::joiner::KeyedJoiner;
+use adpipe_core::join::router::BatchRouter;
 use adpipe_core::metrics::Counts;
 use adpipe_core::model::{InputRecord, SourcePosition};
 use adpipe_core::ports::{AppendReport, LakeAppend, PortError, TableWriter};
-use adpipe_core::testkit::ShardPoller;
+use adpipe_core::testkit::{MemoryKeyedStream, ShardPoller};
 use adpipe_enricher::ROW_GROUP_ROWS;
 use adpipe_lake::writer_properties;
 use adpipe_local::cli::share;
@@ -31,7 +34,8 @@ use adpipe_local::resources::Resources;
 use clap::Parser;
 use parquet::file::properties::WriterProperties;
 
-/// Input events per second on one core through the joiner and the enricher (in-memory ports).
+/// Input events per second on one core through the router, the keyed joiner and the enricher
+/// (in-memory ports).
 #[derive(Debug, Parser)]
 #[command(name = "core-throughput")]
 struct Args {
@@ -136,6 +140,7 @@ type Seconds = fn(&Round) -> f64;
 
 /// One round's figures.
 struct Round {
+    router_s: f64,
     joiner_s: f64,
     enricher_s: f64,
     encode_s: f64,
@@ -152,26 +157,50 @@ async fn round(
     enricher_config: &EnricherConfig,
     r: &Resources,
 ) -> anyhow::Result<Round> {
-    let joiner = BatchJoiner::new(
-        InMemoryJoinState::default(),
+    let keyed = Arc::new(MemoryKeyedStream::new(&joiner_config.keyed_stream, 1, 0));
+    let router = BatchRouter::new(
+        keyed.clone(),
+        MemoryDeadLetterSink::default(),
+        joiner_config.clone(),
+    );
+    let joiner = KeyedJoiner::new(
+        MemoryStateLog::default(),
+        keyed.ranges(),
         MemoryRecordSink::default(),
         MemoryDeadLetterSink::default(),
         joiner_config.clone(),
     );
     let mut counts = Counts::default();
-    let t = Instant::now();
-    let mut last_ms = 0;
+    let (mut router_s, mut joiner_s) = (0.0, 0.0);
+    let (mut last_ms, mut cursor) = (0, 0);
     for (records, now_ms) in batches {
-        let report = joiner.process(records, *now_ms).await;
+        // Each input batch is routed, then the keyed records it made are joined in the keyed
+        // mapping's batches, as the two mappings of one shard take turns.
+        keyed.set_clock(*now_ms);
+        let t = Instant::now();
+        let report = router.process(records, *now_ms).await;
+        router_s += t.elapsed().as_secs_f64();
         anyhow::ensure!(
             report.first_failure.is_none(),
-            "in-memory joiner failed: {:?}",
+            "router: {:?}",
             report.failures
         );
         add_counts(&mut counts, &report.counts);
+        while cursor < keyed.len(0) {
+            let batch = keyed.read(0, cursor, r.keyed_mapping.batch_size);
+            cursor += batch.len();
+            let t = Instant::now();
+            let report = joiner.process(&batch, *now_ms).await;
+            joiner_s += t.elapsed().as_secs_f64();
+            anyhow::ensure!(
+                report.first_failure.is_none(),
+                "joiner: {:?}",
+                report.failures
+            );
+            add_counts(&mut counts, &report.counts);
+        }
         last_ms = *now_ms;
     }
-    let joiner_s = t.elapsed().as_secs_f64();
 
     // The joined stream, as the enricher's mapping would batch it.
     let joined = joiner.sink.records();
@@ -224,6 +253,7 @@ async fn round(
     let enricher_s = t.elapsed().as_secs_f64();
     let lake = &enricher.lake;
     Ok(Round {
+        router_s,
         joiner_s,
         enricher_s,
         encode_s: lake.encode_ns.load(Ordering::Relaxed) as f64 / 1e9,
@@ -231,7 +261,7 @@ async fn round(
         joined_out: joined.len(),
         rows: lake.rows.load(Ordering::Relaxed),
         parquet_bytes: lake.bytes.load(Ordering::Relaxed),
-        dead_letters: joiner.dead_letters.letters().len(),
+        dead_letters: router.dead_letters.letters().len() + joiner.dead_letters.letters().len(),
     })
 }
 
@@ -264,7 +294,8 @@ async fn main() -> anyhow::Result<()> {
     let batches = joiner_batches(&traffic, &r, &cfg);
     println!(
         "## core throughput: {} impressions, {} clicks, {events} deliveries ({:.0} MiB of JSON; \
-         {} duplicates, {} out of order, {} malformed); joiner batches of {}, enricher batches of {}",
+         {} duplicates, {} out of order, {} malformed); input batches of {}, keyed batches of {}, \
+         enricher batches of {}",
         traffic.impressions.len(),
         traffic.clicks.len(),
         mib(json_bytes as u64),
@@ -272,6 +303,7 @@ async fn main() -> anyhow::Result<()> {
         traffic.stats.out_of_order,
         traffic.stats.malformed,
         r.joiner_mapping.batch_size,
+        r.keyed_mapping.batch_size,
         r.enricher_mapping.batch_size,
     );
 
@@ -279,8 +311,9 @@ async fn main() -> anyhow::Result<()> {
     for n in 0..rounds {
         let res = round(&batches, &joiner_config, &enricher_config, &r).await?;
         eprintln!(
-            "  round {}: joiner {:.2} s, enricher {:.2} s (Parquet encoding {:.2} s)",
+            "  round {}: router {:.2} s, joiner {:.2} s, enricher {:.2} s (Parquet encoding {:.2} s)",
             n + 1,
+            res.router_s,
             res.joiner_s,
             res.enricher_s,
             res.encode_s
@@ -313,16 +346,19 @@ async fn main() -> anyhow::Result<()> {
         "| stage | events/s, one core: median (min–max) | µs per input event: median (min–max) |"
     );
     println!("|---|---|---|");
-    let stages: [(&str, Seconds); 4] = [
+    let stages: [(&str, Seconds); 5] = [
+        ("router: decode, validate, bucket, keyed records", |x| {
+            x.router_s
+        }),
         (
-            "joiner: decode, validate, state write, join decisions, joined records",
+            "keyed joiner: decisions from memory, log slots (zstd), joined records",
             |x| x.joiner_s,
         ),
         ("enricher: decode, validate, enrich, Arrow", |x| {
             x.enricher_s - x.encode_s
         }),
         ("enricher: Parquet encoding (zstd)", |x| x.encode_s),
-        ("**whole path**", |x| x.joiner_s + x.enricher_s),
+        ("**whole path**", |x| x.router_s + x.joiner_s + x.enricher_s),
     ];
     for (label, seconds) in stages {
         println!(

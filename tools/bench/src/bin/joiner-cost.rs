@@ -134,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
             duplicate_rate: duplicates,
         },
         "",
-        adpipe_joiner::now_ms() - 15 * 60 * 1000,
+        adpipe_lambda::now_ms() - 15 * 60 * 1000,
         !sequential_ids,
     );
     let events = scenario.impression_stream.len() + scenario.click_stream.len();

@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use adpipe_core::config::JoinerConfig;
-use adpipe_core::keyed::BatchRouter;
-use adpipe_core::keyed_batch::KeyedJoiner;
-use adpipe_core::memory::{MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::in_memory::MemoryStateLog;
+use adpipe_core::in_memory::{MemoryDeadLetterSink, MemoryRecordSink};
+use adpipe_core::join::joiner::KeyedJoiner;
+use adpipe_core::join::router::BatchRouter;
 use adpipe_core::model::{JoinedStreamRecord, JoinedWire};
-use adpipe_core::packed::MemoryStateLog;
 use adpipe_core::testkit::{MemoryKeyedStream, Scenario, ScenarioSize, ShardPoller};
 use clap::Parser;
 

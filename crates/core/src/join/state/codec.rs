@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 
+use crate::join::state::{Pending, Stored};
 use crate::model::{Click, Impression};
-use crate::packed::{Pending, Stored};
 use crate::ports::PortError;
 
 /// Starts an events block.
