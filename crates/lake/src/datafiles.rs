@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use adpipe_core::ports::PortError;
 use arrow_array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray};
-use iceberg::spec::{DataFile, DataFileFormat, Literal, PartitionKey, Struct, Transform};
+use iceberg::spec::{
+    DataFile, DataFileFormat, Literal, PartitionKey, PartitionSpec, Schema, Struct, Transform,
+};
 use iceberg::table::Table;
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::location_generator::DefaultFileNameGenerator;
@@ -25,6 +27,45 @@ fn split_by_partition(
     let metadata = table.metadata();
     let schema = metadata.current_schema().clone();
     let spec = metadata.default_partition_spec().as_ref().clone();
+    let values = partition_values(&schema, &spec, rows)?;
+    let mut groups: BTreeMap<String, (Vec<Literal>, Vec<u32>)> = BTreeMap::new();
+    for (row, v) in values.into_iter().enumerate() {
+        let key = format!("{v:?}");
+        groups
+            .entry(key)
+            .or_insert_with(|| (v, Vec::new()))
+            .1
+            .push(row as u32);
+    }
+    // Within a partition, rows in the tables' sort order: campaign, then impression time (the
+    // row's position breaks ties, so the same rows always give the same file).
+    let campaigns = string_column(rows, "campaign_id")?;
+    let times = rows
+        .column_by_name("impression_time")
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+        .ok_or_else(|| PortError::Rejected("batch has no impression_time column".into()))?;
+    let mut out = Vec::new();
+    for (_, (literals, mut rows_idx)) in groups {
+        rows_idx.sort_by(|a, b| {
+            let (a, b) = (*a as usize, *b as usize);
+            (campaigns.value(a), times.value(a), a).cmp(&(campaigns.value(b), times.value(b), b))
+        });
+        let data: Struct = literals.into_iter().map(Some).collect();
+        let key = PartitionKey::new(spec.clone(), schema.clone(), data);
+        let idx = arrow_array::UInt32Array::from(rows_idx);
+        let part = arrow_select::take::take_record_batch(rows, &idx)
+            .map_err(|e| PortError::Rejected(format!("splitting rows by partition: {e}")))?;
+        out.push((key, part));
+    }
+    Ok(out)
+}
+
+/// Each row's partition values under `spec`, in the order of its fields.
+fn partition_values(
+    schema: &Schema,
+    spec: &PartitionSpec,
+    rows: &RecordBatch,
+) -> Result<Vec<Vec<Literal>>, PortError> {
     let mut values: Vec<Vec<Literal>> =
         vec![Vec::with_capacity(spec.fields().len()); rows.num_rows()];
     for field in spec.fields() {
@@ -73,36 +114,7 @@ fn split_by_partition(
             }
         }
     }
-    let mut groups: BTreeMap<String, (Vec<Literal>, Vec<u32>)> = BTreeMap::new();
-    for (row, v) in values.into_iter().enumerate() {
-        let key = format!("{v:?}");
-        groups
-            .entry(key)
-            .or_insert_with(|| (v, Vec::new()))
-            .1
-            .push(row as u32);
-    }
-    // Within a partition, rows in the tables' sort order: campaign, then impression time (the
-    // row's position breaks ties, so the same rows always give the same file).
-    let campaigns = string_column(rows, "campaign_id")?;
-    let times = rows
-        .column_by_name("impression_time")
-        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
-        .ok_or_else(|| PortError::Rejected("batch has no impression_time column".into()))?;
-    let mut out = Vec::new();
-    for (_, (literals, mut rows_idx)) in groups {
-        rows_idx.sort_by(|a, b| {
-            let (a, b) = (*a as usize, *b as usize);
-            (campaigns.value(a), times.value(a), a).cmp(&(campaigns.value(b), times.value(b), b))
-        });
-        let data: Struct = literals.into_iter().map(Some).collect();
-        let key = PartitionKey::new(spec.clone(), schema.clone(), data);
-        let idx = arrow_array::UInt32Array::from(rows_idx);
-        let part = arrow_select::take::take_record_batch(rows, &idx)
-            .map_err(|e| PortError::Rejected(format!("splitting rows by partition: {e}")))?;
-        out.push((key, part));
-    }
-    Ok(out)
+    Ok(values)
 }
 
 fn short_hash(s: &str) -> String {

@@ -11,7 +11,7 @@ use iceberg::spec::{
 };
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
-use iceberg::{Catalog, TableCreation};
+use iceberg::{Catalog, TableCreation, TableIdent};
 
 use crate::{iceberg_schema, lake_error, IcebergLake};
 
@@ -153,7 +153,19 @@ impl IcebergLake {
         s3: &aws_sdk_s3::Client,
         schemas: &[(LakeTable, Arc<iceberg::spec::Schema>)],
     ) -> Result<Vec<(LakeTable, TableSetup)>, PortError> {
+        self.ensure_database().await?;
         let mut done = Vec::new();
+        for (table, schema) in schemas {
+            let setup = self
+                .ensure_table(s3, *table, schema.as_ref().clone())
+                .await?;
+            done.push((*table, setup));
+        }
+        Ok(done)
+    }
+
+    /// Creates the Glue database if it does not exist.
+    async fn ensure_database(&self) -> Result<(), PortError> {
         let exists = self
             .catalog
             .namespace_exists(&self.namespace)
@@ -165,85 +177,46 @@ impl IcebergLake {
                 .await
                 .map_err(|e| lake_error("creating the Glue database", e))?;
         }
-        for (table, schema) in schemas {
-            let (table, schema) = (*table, schema.as_ref().clone());
-            let ident = self.ident(table);
-            if self
-                .catalog
-                .table_exists(&ident)
-                .await
-                .map_err(|e| lake_error("checking a table", e))?
-            {
-                let added = self.migrate_table(table, &schema).await?;
-                done.push((table, TableSetup::Existing { added }));
-                continue;
-            }
-            if let Some(metadata) = self.retained_metadata(s3, table).await? {
-                tracing::warn!(
-                    table = %ident,
-                    %metadata,
-                    "table missing from the catalog but its location holds metadata: registering it"
-                );
-                self.catalog
-                    .register_table(&ident, metadata)
-                    .await
-                    .map_err(|e| lake_error("registering a retained table", e))?;
-                let added = self.migrate_table(table, &schema).await?;
-                done.push((table, TableSetup::Registered { added }));
-                continue;
-            }
-            let field_id = |name: &str| {
-                schema
-                    .field_by_name(name)
-                    .map(|f| f.id)
-                    .ok_or_else(|| PortError::Rejected(format!("schema has no column {name}")))
-            };
-            let (campaign, time) = (field_id("campaign_id")?, field_id("impression_time")?);
-            // Partitioned by time only: a batch writes one file per table and event hour it
-            // touches, however many campaigns it holds. Hours rather than days so that every
-            // manifest's partition summary spans about an hour: a key check or a query of an
-            // hour reads that hour's manifests, not the whole day's. Rows are sorted by
-            // campaign, then time (the table's sort order, which compaction keeps), so a
-            // campaign's rows sit together and its queries prune by column statistics.
-            let spec = UnboundPartitionSpec::builder()
-                .add_partition_field(time, "impression_hour", Transform::Hour)
-                .map_err(|e| lake_error("building the partition spec", e))?
-                .build();
-            let sort = |id: i32| SortField {
-                source_id: id,
-                transform: Transform::Identity,
-                direction: SortDirection::Ascending,
-                null_order: NullOrder::First,
-            };
-            let order = SortOrder::builder()
-                .with_order_id(1)
-                .with_sort_field(sort(campaign))
-                .with_sort_field(sort(time))
-                .build_unbound()
-                .map_err(|e| lake_error("building the sort order", e))?;
-            let creation = TableCreation::builder()
-                .name(ident.name().to_owned())
-                .schema(schema)
-                .partition_spec(spec)
-                .sort_order(order)
-                .properties([
-                    ("write.format.default".to_owned(), "parquet".to_owned()),
-                    (
-                        "write.parquet.compression-codec".to_owned(),
-                        "zstd".to_owned(),
-                    ),
-                    // Our own commit loop retries (after checking what landed); iceberg-rust's
-                    // would re-apply an append whose response was lost.
-                    ("commit.retry.num-retries".to_owned(), "0".to_owned()),
-                ])
-                .build();
-            self.catalog
-                .create_table(&self.namespace, creation)
-                .await
-                .map_err(|e| lake_error("creating a table", e))?;
-            done.push((table, TableSetup::Created));
+        Ok(())
+    }
+
+    /// One table of [`IcebergLake::ensure_tables_with`]: migrated to `schema` if it exists,
+    /// registered from its retained metadata (then migrated) if its location holds some, else
+    /// created ([`table_creation`]).
+    async fn ensure_table(
+        &self,
+        s3: &aws_sdk_s3::Client,
+        table: LakeTable,
+        schema: iceberg::spec::Schema,
+    ) -> Result<TableSetup, PortError> {
+        let ident = self.ident(table);
+        if self
+            .catalog
+            .table_exists(&ident)
+            .await
+            .map_err(|e| lake_error("checking a table", e))?
+        {
+            let added = self.migrate_table(table, &schema).await?;
+            return Ok(TableSetup::Existing { added });
         }
-        Ok(done)
+        if let Some(metadata) = self.retained_metadata(s3, table).await? {
+            tracing::warn!(
+                table = %ident,
+                %metadata,
+                "table missing from the catalog but its location holds metadata: registering it"
+            );
+            self.catalog
+                .register_table(&ident, metadata)
+                .await
+                .map_err(|e| lake_error("registering a retained table", e))?;
+            let added = self.migrate_table(table, &schema).await?;
+            return Ok(TableSetup::Registered { added });
+        }
+        self.catalog
+            .create_table(&self.namespace, table_creation(&ident, schema)?)
+            .await
+            .map_err(|e| lake_error("creating a table", e))?;
+        Ok(TableSetup::Created)
     }
 
     /// Adds to an existing table the columns of `code` it lacks ([`schema_additions`]), as
@@ -312,6 +285,59 @@ impl IcebergLake {
         released?;
         Ok(added)
     }
+}
+
+/// A new table of `schema`: format v2, partitioned by `hour(impression_time)`, sorted by
+/// `campaign_id` then `impression_time`, zstd Parquet, no commit retries of iceberg-rust's own.
+fn table_creation(
+    ident: &TableIdent,
+    schema: iceberg::spec::Schema,
+) -> Result<TableCreation, PortError> {
+    let field_id = |name: &str| {
+        schema
+            .field_by_name(name)
+            .map(|f| f.id)
+            .ok_or_else(|| PortError::Rejected(format!("schema has no column {name}")))
+    };
+    let (campaign, time) = (field_id("campaign_id")?, field_id("impression_time")?);
+    // Partitioned by time only: a batch writes one file per table and event hour it
+    // touches, however many campaigns it holds. Hours rather than days so that every
+    // manifest's partition summary spans about an hour: a key check or a query of an
+    // hour reads that hour's manifests, not the whole day's. Rows are sorted by
+    // campaign, then time (the table's sort order, which compaction keeps), so a
+    // campaign's rows sit together and its queries prune by column statistics.
+    let spec = UnboundPartitionSpec::builder()
+        .add_partition_field(time, "impression_hour", Transform::Hour)
+        .map_err(|e| lake_error("building the partition spec", e))?
+        .build();
+    let sort = |id: i32| SortField {
+        source_id: id,
+        transform: Transform::Identity,
+        direction: SortDirection::Ascending,
+        null_order: NullOrder::First,
+    };
+    let order = SortOrder::builder()
+        .with_order_id(1)
+        .with_sort_field(sort(campaign))
+        .with_sort_field(sort(time))
+        .build_unbound()
+        .map_err(|e| lake_error("building the sort order", e))?;
+    Ok(TableCreation::builder()
+        .name(ident.name().to_owned())
+        .schema(schema)
+        .partition_spec(spec)
+        .sort_order(order)
+        .properties([
+            ("write.format.default".to_owned(), "parquet".to_owned()),
+            (
+                "write.parquet.compression-codec".to_owned(),
+                "zstd".to_owned(),
+            ),
+            // Our own commit loop retries (after checking what landed); iceberg-rust's
+            // would re-apply an append whose response was lost.
+            ("commit.retry.num-retries".to_owned(), "0".to_owned()),
+        ])
+        .build())
 }
 
 /// What a table's schema needs to become the code's: the code's columns it lacks, in order,
