@@ -17,7 +17,8 @@ use crate::lake::{clicks_batch, impressions_batch};
 use crate::metrics::Counts;
 use crate::model::{InputRecord, JoinedStreamRecord, JoinedWire, JOINED_SCHEMA_VERSION};
 use crate::ports::{
-    AppendReport, DeadLetterSink, InputRange, LakeAppend, LakeTable, PortError, TableWriter,
+    AppendReport, DeadLetter, DeadLetterSink, InputRange, LakeAppend, LakeTable, PortError,
+    TableWriter,
 };
 use crate::validate::{RejectReason, Rejection, TimeBounds};
 
@@ -42,6 +43,15 @@ pub struct EnricherSettings {
 const DAY_MS: i64 = 86_400_000;
 
 impl Row {
+    /// The row's key in its table: the impression id, and the click id (empty for an
+    /// impression).
+    fn key(&self) -> (String, String) {
+        match self {
+            Row::Click(c, _) => (c.pair.impression_id.clone(), c.pair.click_id.clone()),
+            Row::Impression(imp, _) => (imp.impression.impression_id.clone(), String::new()),
+        }
+    }
+
     /// The row's event times: the partition time first.
     fn times(&self) -> [(&'static str, i64); 2] {
         match self {
@@ -110,6 +120,18 @@ enum Row {
     Impression(EnrichedImpression, bool),
 }
 
+/// What a batch's records come to, in record order: the rows to land (a repeat within the
+/// batch keeps its first copy) and the dead letters of the records rejected.
+#[derive(Default)]
+struct Enriched {
+    rows: Vec<Row>,
+    rejected: Vec<DeadLetter>,
+    /// The keys of `rows`.
+    seen: HashSet<(String, String)>,
+    /// The event days of `rows` ([`EnricherSettings::max_days_per_batch`]).
+    days: HashSet<i64>,
+}
+
 impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
     pub fn new(lake: T, dead_letters: D, settings: EnricherSettings) -> Self {
         BatchEnricher {
@@ -165,159 +187,154 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
 
         // Decode and enrich; repeats within the batch keep their first copy. A repeat on the
         // stream always comes after its original (same partition key, same shard).
-        let mut seen: HashSet<(String, String)> = HashSet::new();
-        let mut days: HashSet<i64> = HashSet::new();
-        let mut rows = Vec::new();
-        let mut rejected = Vec::new();
+        let mut enriched = Enriched::default();
         for record in records {
-            let decoded = match &record.invalid_base64 {
-                Some(detail) => Err(Rejection::new(RejectReason::InvalidBase64, detail.clone())),
-                None => decode_joined(&record.data),
-            };
-            let inner = match decoded {
-                Ok(inner) => inner,
+            self.enrich_record(record, now_ms, &mut enriched, &mut report.counts);
+        }
+
+        // Dead letters first: their keys are positions, so a redelivery rewrites them.
+        if let Err(reason) = self.put_dead_letters(&enriched.rejected).await {
+            report.failed = Some(reason);
+            return report;
+        }
+        let (clicks, impressions) = match table_appends(enriched.rows, &input, &mut report.counts) {
+            Ok(appends) => appends,
+            Err(reason) => {
+                report.failed = Some(reason);
+                return report;
+            }
+        };
+        self.append_tables(clicks, impressions, records.len(), &mut report)
+            .await;
+        if let Some(reason) = &report.failed {
+            tracing::warn!(%reason, records = records.len(), "enricher batch failed; Lambda will redeliver it");
+        }
+        report
+    }
+
+    /// Decodes, enriches and checks one record (each record of a pack), adding its rows or its
+    /// dead letters to `enriched`.
+    fn enrich_record(
+        &self,
+        record: &InputRecord,
+        now_ms: i64,
+        enriched: &mut Enriched,
+        counts: &mut Counts,
+    ) {
+        let decoded = match &record.invalid_base64 {
+            Some(detail) => Err(Rejection::new(RejectReason::InvalidBase64, detail.clone())),
+            None => decode_joined(&record.data),
+        };
+        let inner = match decoded {
+            Ok(inner) => inner,
+            Err(rejection) => {
+                counts.reject(rejection.reason);
+                enriched
+                    .rejected
+                    .push(self.dead_letter(record, None, &rejection, now_ms));
+                return;
+            }
+        };
+        let packed = inner.len() > 1;
+        for (part, r) in inner.into_iter().enumerate() {
+            // A pack's record is dead-lettered on its own, with its place in the pack.
+            let data = packed.then(|| serde_json::to_vec(&r).expect("a record encodes"));
+            let row = self
+                .enrich_row(r, now_ms)
+                .and_then(|row| self.within_bounds(row, record.arrival_ms, &mut enriched.days));
+            match row {
                 Err(rejection) => {
-                    report.counts.reject(rejection.reason);
-                    rejected.push(dead_letter::rejected(
-                        &self.settings.dead_letter_prefix,
-                        FUNCTION,
-                        &record.position,
-                        &record.data,
-                        &rejection,
-                        now_ms,
-                    ));
-                    continue;
+                    counts.reject(rejection.reason);
+                    let part = data.as_deref().map(|data| (part, data));
+                    enriched
+                        .rejected
+                        .push(self.dead_letter(record, part, &rejection, now_ms));
                 }
-            };
-            let packed = inner.len() > 1;
-            for (part, r) in inner.into_iter().enumerate() {
-                // A pack's record is dead-lettered on its own, with its place in the pack.
-                let data = packed.then(|| serde_json::to_vec(&r).expect("a record encodes"));
-                let recovered = r.recovered();
-                let row = match r {
-                    JoinedStreamRecord::Click(c) => enrich_click(&self.settings.rules, c, now_ms)
-                        .map(|e| Row::Click(e, recovered)),
-                    JoinedStreamRecord::Impression(imp) => {
-                        enrich_impression(&self.settings.rules, imp, now_ms)
-                            .map(|e| Row::Impression(e, recovered))
-                    }
-                };
-                let row = row.and_then(|row| self.within_bounds(row, record.arrival_ms, &mut days));
-                match row {
-                    Err(rejection) => {
-                        report.counts.reject(rejection.reason);
-                        rejected.push(match &data {
-                            Some(data) => dead_letter::rejected_part(
-                                &self.settings.dead_letter_prefix,
-                                FUNCTION,
-                                &record.position,
-                                part,
-                                data,
-                                &rejection,
-                                now_ms,
-                            ),
-                            None => dead_letter::rejected(
-                                &self.settings.dead_letter_prefix,
-                                FUNCTION,
-                                &record.position,
-                                &record.data,
-                                &rejection,
-                                now_ms,
-                            ),
-                        });
-                    }
-                    Ok(row) => {
-                        let key = match &row {
-                            Row::Click(c, _) => {
-                                (c.pair.impression_id.clone(), c.pair.click_id.clone())
-                            }
-                            Row::Impression(imp, _) => {
-                                (imp.impression.impression_id.clone(), String::new())
-                            }
-                        };
-                        if seen.insert(key) {
-                            rows.push(row);
-                        } else {
-                            report.counts.duplicates += 1;
-                        }
+                Ok(row) => {
+                    if enriched.seen.insert(row.key()) {
+                        enriched.rows.push(row);
+                    } else {
+                        counts.duplicates += 1;
                     }
                 }
             }
         }
+    }
 
-        // Dead letters first: their keys are positions, so a redelivery rewrites them.
+    /// The enriched row of one joined record.
+    fn enrich_row(&self, record: JoinedStreamRecord, now_ms: i64) -> Result<Row, Rejection> {
+        let recovered = record.recovered();
+        match record {
+            JoinedStreamRecord::Click(c) => {
+                enrich_click(&self.settings.rules, c, now_ms).map(|e| Row::Click(e, recovered))
+            }
+            JoinedStreamRecord::Impression(imp) => {
+                enrich_impression(&self.settings.rules, imp, now_ms)
+                    .map(|e| Row::Impression(e, recovered))
+            }
+        }
+    }
+
+    /// The dead letter of a rejected record, or of one record of a pack (`part`: its place in
+    /// the pack and its encoding).
+    fn dead_letter(
+        &self,
+        record: &InputRecord,
+        part: Option<(usize, &[u8])>,
+        rejection: &Rejection,
+        now_ms: i64,
+    ) -> DeadLetter {
+        let prefix = &self.settings.dead_letter_prefix;
+        match part {
+            Some((part, data)) => dead_letter::rejected_part(
+                prefix,
+                FUNCTION,
+                &record.position,
+                part,
+                data,
+                rejection,
+                now_ms,
+            ),
+            None => dead_letter::rejected(
+                prefix,
+                FUNCTION,
+                &record.position,
+                &record.data,
+                rejection,
+                now_ms,
+            ),
+        }
+    }
+
+    /// Writes the dead letters, `max_in_flight` at a time; `Err`: why one was not written.
+    async fn put_dead_letters(&self, rejected: &[DeadLetter]) -> Result<(), String> {
         let dlq: Vec<Result<(), PortError>> = stream::iter(rejected.iter())
             .map(|letter| async move { self.dead_letters.put(letter).await })
             .buffer_unordered(self.settings.max_in_flight.max(1))
             .collect()
             .await;
-        if let Some(Err(e)) = dlq.into_iter().find(Result::is_err) {
-            report.failed = Some(format!("dead letter not written: {e}"));
-            return report;
+        match dlq.into_iter().find(Result::is_err) {
+            Some(Err(e)) => Err(format!("dead letter not written: {e}")),
+            _ => Ok(()),
         }
+    }
 
-        let mut clicks = Vec::new();
-        let mut impressions = Vec::new();
-        for row in rows {
-            match row {
-                Row::Click(c, r) => clicks.push((c, r)),
-                Row::Impression(i, r) => impressions.push((i, r)),
-            }
-        }
-        report.counts.clicks = clicks.len() as u64;
-        report.counts.impressions = impressions.len() as u64;
-
-        let clicks_append = if clicks.is_empty() {
-            None
-        } else {
-            let (rows, flags): (Vec<EnrichedClick>, Vec<bool>) = clicks.into_iter().unzip();
-            match clicks_batch(&rows) {
-                Ok(batch) => Some(LakeAppend {
-                    table: LakeTable::Clicks,
-                    input: input.clone(),
-                    rows: batch,
-                    keys: rows
-                        .iter()
-                        .map(|r| (r.pair.impression_id.clone(), r.pair.click_id.clone()))
-                        .collect(),
-                    in_doubt: flags,
-                }),
-                Err(e) => {
-                    report.failed = Some(format!("cannot build the clicks batch: {e}"));
-                    return report;
-                }
-            }
-        };
-        let impressions_append = if impressions.is_empty() {
-            None
-        } else {
-            let (rows, flags): (Vec<EnrichedImpression>, Vec<bool>) =
-                impressions.into_iter().unzip();
-            match impressions_batch(&rows) {
-                Ok(batch) => Some(LakeAppend {
-                    table: LakeTable::Impressions,
-                    input: input.clone(),
-                    rows: batch,
-                    keys: rows
-                        .iter()
-                        .map(|r| (r.impression.impression_id.clone(), String::new()))
-                        .collect(),
-                    in_doubt: flags,
-                }),
-                Err(e) => {
-                    report.failed = Some(format!("cannot build the impressions batch: {e}"));
-                    return report;
-                }
-            }
-        };
-
+    /// Appends both tables' rows concurrently, into `report`; a failure of either fails the
+    /// batch (each append is idempotent per input range, so the redelivery is safe).
+    async fn append_tables(
+        &self,
+        clicks: Option<LakeAppend>,
+        impressions: Option<LakeAppend>,
+        records: usize,
+        report: &mut EnrichReport,
+    ) {
         let append = |a: Option<LakeAppend>| async move {
             match a {
                 Some(a) => self.lake.append(a).await,
                 None => Ok(AppendReport::default()),
             }
         };
-        let (c, i) = futures::join!(append(clicks_append), append(impressions_append));
+        let (c, i) = futures::join!(append(clicks), append(impressions));
         match (c, i) {
             (Ok(c), Ok(i)) => {
                 report.counts.duplicates += c.duplicates_dropped + i.duplicates_dropped;
@@ -326,14 +343,65 @@ impl<T: TableWriter, D: DeadLetterSink> BatchEnricher<T, D> {
             }
             (Err(e), _) | (_, Err(e)) => {
                 report.failed = Some(format!("lake append failed: {e}"));
-                report.counts.failed = records.len() as u64;
+                report.counts.failed = records as u64;
             }
         }
-        if let Some(reason) = &report.failed {
-            tracing::warn!(%reason, records = records.len(), "enricher batch failed; Lambda will redeliver it");
-        }
-        report
     }
+}
+
+/// The rows split by table and counted, as each table's append (`None` for a table without
+/// rows); `Err`: why a table's Arrow batch could not be built.
+fn table_appends(
+    rows: Vec<Row>,
+    input: &InputRange,
+    counts: &mut Counts,
+) -> Result<(Option<LakeAppend>, Option<LakeAppend>), String> {
+    let mut clicks = Vec::new();
+    let mut impressions = Vec::new();
+    for row in rows {
+        match row {
+            Row::Click(c, r) => clicks.push((c, r)),
+            Row::Impression(i, r) => impressions.push((i, r)),
+        }
+    }
+    counts.clicks = clicks.len() as u64;
+    counts.impressions = impressions.len() as u64;
+
+    let clicks_append = if clicks.is_empty() {
+        None
+    } else {
+        let (rows, flags): (Vec<EnrichedClick>, Vec<bool>) = clicks.into_iter().unzip();
+        let batch =
+            clicks_batch(&rows).map_err(|e| format!("cannot build the clicks batch: {e}"))?;
+        Some(LakeAppend {
+            table: LakeTable::Clicks,
+            input: input.clone(),
+            rows: batch,
+            keys: rows
+                .iter()
+                .map(|r| (r.pair.impression_id.clone(), r.pair.click_id.clone()))
+                .collect(),
+            in_doubt: flags,
+        })
+    };
+    let impressions_append = if impressions.is_empty() {
+        None
+    } else {
+        let (rows, flags): (Vec<EnrichedImpression>, Vec<bool>) = impressions.into_iter().unzip();
+        let batch = impressions_batch(&rows)
+            .map_err(|e| format!("cannot build the impressions batch: {e}"))?;
+        Some(LakeAppend {
+            table: LakeTable::Impressions,
+            input: input.clone(),
+            rows: batch,
+            keys: rows
+                .iter()
+                .map(|r| (r.impression.impression_id.clone(), String::new()))
+                .collect(),
+            in_doubt: flags,
+        })
+    };
+    Ok((clicks_append, impressions_append))
 }
 
 #[cfg(test)]

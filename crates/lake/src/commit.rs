@@ -26,9 +26,10 @@ use std::str::FromStr;
 
 use adpipe_core::ledger::{CommitLedger, LEDGER_PROPERTY};
 use adpipe_core::ports::PortError;
+use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataFile, FormatVersion, ManifestContentType, ManifestFile, ManifestListWriter,
-    ManifestWriterBuilder, Operation, Snapshot, SnapshotReference, SnapshotRetention,
+    DataFile, FormatVersion, ManifestContentType, ManifestFile, ManifestListWriter, ManifestWriter,
+    ManifestWriterBuilder, Operation, Snapshot, SnapshotRef, SnapshotReference, SnapshotRetention,
     SnapshotSummaryCollector, Summary, TableMetadata, MAIN_BRANCH,
 };
 use iceberg::table::Table;
@@ -142,7 +143,7 @@ fn total(previous: Option<&Summary>, key: &str, added: u64) -> Option<String> {
 pub(crate) async fn stage_append(
     table: &Table,
     files: &[DataFile],
-    mut properties: HashMap<String, String>,
+    properties: HashMap<String, String>,
     ledger: &CommitLedger,
     settings: &CommitSettings,
 ) -> Result<(TableMetadata, CommitStats), PortError> {
@@ -153,7 +154,6 @@ pub(crate) async fn stage_append(
             metadata.format_version()
         )));
     }
-    let file_io = table.file_io();
     let taken: HashSet<i64> = metadata.snapshots().map(|s| s.snapshot_id()).collect();
     let snapshot_id = random_id(
         properties.get(crate::BATCH_ID).map_or("", |s| s.as_str()),
@@ -161,11 +161,49 @@ pub(crate) async fn stage_append(
     );
     let parent = metadata.current_snapshot();
     let sequence_number = metadata.next_sequence_number();
-    let schema = metadata.current_schema().clone();
-    let spec = metadata.default_partition_spec().as_ref().clone();
     let meta_dir = format!("{}/metadata", metadata.location());
 
-    let existing: Vec<ManifestFile> = match parent {
+    let existing = listed_manifests(table, parent).await?;
+    let (listed, merged, added) =
+        write_manifest(table, snapshot_id, &meta_dir, existing, files, settings).await?;
+    let manifests = listed.len();
+    let list_path = format!("{meta_dir}/snap-{snapshot_id}-0-adpipe.avro");
+    write_manifest_list(
+        table,
+        &list_path,
+        snapshot_id,
+        parent,
+        sequence_number,
+        listed,
+    )
+    .await?;
+
+    let snapshot = Snapshot::builder()
+        .with_snapshot_id(snapshot_id)
+        .with_parent_snapshot_id(parent.map(|p| p.snapshot_id()))
+        .with_sequence_number(sequence_number)
+        .with_timestamp_ms(crate::lease::now_ms())
+        .with_manifest_list(list_path)
+        .with_summary(snapshot_summary(parent, added, properties))
+        .with_schema_id(metadata.current_schema_id())
+        .build();
+    let expire = expired_snapshots(metadata, parent, settings.snapshots_retained);
+    let staged = updated_metadata(table, snapshot, &expire, ledger)?;
+    let stats = CommitStats {
+        manifests,
+        manifests_merged: merged,
+        snapshots_expired: expire.len(),
+        snapshots: staged.snapshots().len(),
+    };
+    Ok((staged, stats))
+}
+
+/// The manifests the parent snapshot lists (none for a table's first snapshot).
+async fn listed_manifests(
+    table: &Table,
+    parent: Option<&SnapshotRef>,
+) -> Result<Vec<ManifestFile>, PortError> {
+    Ok(match parent {
         Some(p) => table
             .manifest_list_reader(p)
             .load()
@@ -175,7 +213,25 @@ pub(crate) async fn stage_append(
             .into_iter()
             .collect(),
         None => Vec::new(),
-    };
+    })
+}
+
+/// Writes the new snapshot's manifest: the new data files and, once
+/// [`CommitSettings::manifest_merge_count`] small manifests would be listed, the live entries
+/// of the small ones merged into it. Returns the manifests the snapshot lists (the new one
+/// last), how many were merged, and the summary of what the new files add.
+async fn write_manifest(
+    table: &Table,
+    snapshot_id: i64,
+    meta_dir: &str,
+    existing: Vec<ManifestFile>,
+    files: &[DataFile],
+    settings: &CommitSettings,
+) -> Result<(Vec<ManifestFile>, usize, HashMap<String, String>), PortError> {
+    let metadata = table.metadata();
+    let file_io = table.file_io();
+    let schema = metadata.current_schema().clone();
+    let spec = metadata.default_partition_spec().as_ref().clone();
     let target = settings.manifest_target_bytes.max(1);
     let is_small = |m: &ManifestFile| {
         m.content == ManifestContentType::Data
@@ -199,29 +255,7 @@ pub(crate) async fn stage_append(
             continue;
         }
         merged += 1;
-        let entries = manifest
-            .load_manifest(file_io)
-            .await
-            .map_err(err("reading a manifest to merge"))?;
-        for entry in entries.entries() {
-            if !entry.is_alive() {
-                continue;
-            }
-            let (Some(snap), Some(seq)) = (entry.snapshot_id(), entry.sequence_number()) else {
-                return Err(PortError::Rejected(format!(
-                    "manifest {} has a live entry without its snapshot id or sequence number",
-                    manifest.manifest_path
-                )));
-            };
-            writer
-                .add_existing_file(
-                    entry.data_file().clone(),
-                    snap,
-                    seq,
-                    entry.file_sequence_number.or(Some(seq)),
-                )
-                .map_err(err("merging a manifest entry"))?;
-        }
+        merge_manifest(&mut writer, &manifest, file_io).await?;
     }
     let mut summary = SnapshotSummaryCollector::default();
     for file in files {
@@ -240,10 +274,54 @@ pub(crate) async fn stage_append(
             .await
             .map_err(err("writing the manifest"))?,
     );
+    Ok((listed, merged, summary.build()))
+}
 
-    let list_path = format!("{meta_dir}/snap-{snapshot_id}-0-adpipe.avro");
-    let list_out = file_io
-        .new_output(&list_path)
+/// Adds the live entries of `manifest` to `writer` as `EXISTING`, with their snapshot ids and
+/// sequence numbers.
+async fn merge_manifest(
+    writer: &mut ManifestWriter,
+    manifest: &ManifestFile,
+    file_io: &FileIO,
+) -> Result<(), PortError> {
+    let entries = manifest
+        .load_manifest(file_io)
+        .await
+        .map_err(err("reading a manifest to merge"))?;
+    for entry in entries.entries() {
+        if !entry.is_alive() {
+            continue;
+        }
+        let (Some(snap), Some(seq)) = (entry.snapshot_id(), entry.sequence_number()) else {
+            return Err(PortError::Rejected(format!(
+                "manifest {} has a live entry without its snapshot id or sequence number",
+                manifest.manifest_path
+            )));
+        };
+        writer
+            .add_existing_file(
+                entry.data_file().clone(),
+                snap,
+                seq,
+                entry.file_sequence_number.or(Some(seq)),
+            )
+            .map_err(err("merging a manifest entry"))?;
+    }
+    Ok(())
+}
+
+/// Writes the new snapshot's manifest list at `list_path`.
+async fn write_manifest_list(
+    table: &Table,
+    list_path: &str,
+    snapshot_id: i64,
+    parent: Option<&SnapshotRef>,
+    sequence_number: i64,
+    listed: Vec<ManifestFile>,
+) -> Result<(), PortError> {
+    let list_out = table
+        .file_io()
+        .new_output(list_path)
         .map_err(err("naming the manifest list"))?
         .writer()
         .await
@@ -254,14 +332,18 @@ pub(crate) async fn stage_append(
         parent.map(|p| p.snapshot_id()),
         sequence_number,
     );
-    let manifests = listed.len();
     list.add_manifests(listed.into_iter())
         .map_err(err("listing the manifests"))?;
-    list.close()
-        .await
-        .map_err(err("writing the manifest list"))?;
+    list.close().await.map_err(err("writing the manifest list"))
+}
 
-    let added = summary.build();
+/// The new snapshot's summary: `properties` (the input range), what the new files add, and
+/// the parent's `total-*` values with the additions.
+fn snapshot_summary(
+    parent: Option<&SnapshotRef>,
+    added: HashMap<String, String>,
+    mut properties: HashMap<String, String>,
+) -> Summary {
     let get = |k: &str| {
         added
             .get(k)
@@ -282,26 +364,24 @@ pub(crate) async fn stage_append(
         }
     }
     properties.extend(added);
-    let snapshot = Snapshot::builder()
-        .with_snapshot_id(snapshot_id)
-        .with_parent_snapshot_id(parent.map(|p| p.snapshot_id()))
-        .with_sequence_number(sequence_number)
-        .with_timestamp_ms(crate::lease::now_ms())
-        .with_manifest_list(list_path)
-        .with_summary(Summary {
-            operation: Operation::Append,
-            additional_properties: properties,
-        })
-        .with_schema_id(metadata.current_schema_id())
-        .build();
+    Summary {
+        operation: Operation::Append,
+        additional_properties: properties,
+    }
+}
 
-    // The newest `snapshots_retained` of main's ancestry stay (the new one counts). The
-    // lake's tables have no other branch or tag (iceberg-rust does not list a table's refs).
+/// The snapshots of main's ancestry past the newest `retained` (the new one counts). The
+/// lake's tables have no other branch or tag (iceberg-rust does not list a table's refs).
+fn expired_snapshots(
+    metadata: &TableMetadata,
+    parent: Option<&SnapshotRef>,
+    retained: usize,
+) -> Vec<i64> {
     let mut expire = Vec::new();
     let mut kept = 1;
     let mut next = parent.cloned();
     while let Some(s) = next {
-        if kept < settings.snapshots_retained.max(1) {
+        if kept < retained.max(1) {
             kept += 1;
         } else {
             expire.push(s.snapshot_id());
@@ -310,10 +390,22 @@ pub(crate) async fn stage_append(
             .parent_snapshot_id()
             .and_then(|p| metadata.snapshot_by_id(p).cloned());
     }
+    expire
+}
 
+/// The table's metadata with `snapshot` added as main's head, the `expire` snapshots removed
+/// and the ledger recorded.
+fn updated_metadata(
+    table: &Table,
+    snapshot: Snapshot,
+    expire: &[i64],
+    ledger: &CommitLedger,
+) -> Result<TableMetadata, PortError> {
+    let metadata = table.metadata();
+    let snapshot_id = snapshot.snapshot_id();
     let mut props = metadata.properties().clone();
     props.insert(LEDGER_PROPERTY.to_owned(), ledger.to_json());
-    let staged = metadata
+    Ok(metadata
         .clone()
         .into_builder(table.metadata_location().map(str::to_owned))
         .add_snapshot(snapshot)
@@ -323,19 +415,12 @@ pub(crate) async fn stage_append(
             SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
         )
         .map_err(err("moving main"))?
-        .remove_snapshots(&expire)
+        .remove_snapshots(expire)
         .set_properties(props)
         .map_err(err("recording the ledger"))?
         .build()
         .map_err(err("building the new metadata"))?
-        .metadata;
-    let stats = CommitStats {
-        manifests,
-        manifests_merged: merged,
-        snapshots_expired: expire.len(),
-        snapshots: staged.snapshots().len(),
-    };
-    Ok((staged, stats))
+        .metadata)
 }
 
 /// The Glue side of a commit: the table entry as read, to be updated conditionally.

@@ -31,7 +31,7 @@ use iceberg::arrow::ArrowFileReader;
 use iceberg::io::{FileIO, FileMetadata};
 use iceberg::spec::{
     DataContentType, Datum, FieldSummary, Literal, ManifestContentType, ManifestFile,
-    PartitionSpec, PrimitiveLiteral, Schema, Transform, Type,
+    PartitionSpec, PrimitiveLiteral, Schema, TableMetadata, Transform, Type,
 };
 use iceberg::table::Table;
 use iceberg::transform::create_transform_function;
@@ -371,6 +371,9 @@ fn scope_columns(schema: &Schema) -> Result<(i32, i32), PortError> {
     Ok((id("campaign_id")?, id("impression_time")?))
 }
 
+/// The tests of each partition spec's fields for a scope, by spec id.
+type SpecTests = HashMap<i32, Vec<(FieldTest, Option<iceberg::spec::PrimitiveType>)>>;
+
 /// Plans the check of rows within `scope` against `table`'s current snapshot; `None` when the
 /// table holds delete files (the caller then uses iceberg-rust's scan, which applies them).
 pub(crate) async fn plan(
@@ -382,8 +385,7 @@ pub(crate) async fn plan(
     let Some(snapshot) = metadata.current_snapshot() else {
         return Ok(Some(KeyCheckPlan::default()));
     };
-    let schema = metadata.current_schema();
-    let columns = scope_columns(schema)?;
+    let columns = scope_columns(metadata.current_schema())?;
     let list = table
         .manifest_list_reader(snapshot)
         .load()
@@ -395,9 +397,43 @@ pub(crate) async fn plan(
     if list.iter().any(|m| m.content != ManifestContentType::Data) {
         return Ok(None);
     }
+    let (tests, matched) = match_manifests(metadata, &list, columns, scope)?;
+    let file_io = table.file_io();
+    // Futures made up front, not in a stream closure, so the whole append stays `Send`.
+    let loads: Vec<_> = matched
+        .iter()
+        .map(|m| async move {
+            Ok::<_, PortError>((
+                m.partition_spec_id,
+                cache.entries(m, file_io, columns).await?,
+            ))
+        })
+        .collect();
+    let loaded: Vec<(i32, Arc<Vec<FileEntry>>)> = futures::stream::iter(loads)
+        .buffered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    let (files, rows) = select_files(&loaded, &tests, scope);
+    Ok(Some(KeyCheckPlan {
+        files,
+        rows,
+        manifests_listed: list.len() as u64,
+        manifests_matched: matched.len() as u64,
+    }))
+}
+
+/// The manifests of `list` whose partition summaries let a candidate in, with the field tests
+/// of each partition spec they were written with.
+fn match_manifests<'a>(
+    metadata: &TableMetadata,
+    list: &'a [ManifestFile],
+    columns: (i32, i32),
+    scope: &KeyScope,
+) -> Result<(SpecTests, Vec<&'a ManifestFile>), PortError> {
+    let schema = metadata.current_schema();
     let mut tests = HashMap::new();
     let mut matched = Vec::new();
-    for manifest in &list {
+    for manifest in list {
         let spec_id = manifest.partition_spec_id;
         let spec_tests = match tests.entry(spec_id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -415,21 +451,16 @@ pub(crate) async fn plan(
             matched.push(manifest);
         }
     }
-    let file_io = table.file_io();
-    // Futures made up front, not in a stream closure, so the whole append stays `Send`.
-    let loads: Vec<_> = matched
-        .iter()
-        .map(|m| async move {
-            Ok::<_, PortError>((
-                m.partition_spec_id,
-                cache.entries(m, file_io, columns).await?,
-            ))
-        })
-        .collect();
-    let loaded: Vec<(i32, Arc<Vec<FileEntry>>)> = futures::stream::iter(loads)
-        .buffered(CONCURRENCY)
-        .try_collect()
-        .await?;
+    Ok((tests, matched))
+}
+
+/// The data files of the matched manifests' entries that may hold a candidate (by partition
+/// values, campaign bounds and time bounds), each once, with the rows they hold.
+fn select_files(
+    loaded: &[(i32, Arc<Vec<FileEntry>>)],
+    tests: &SpecTests,
+    scope: &KeyScope,
+) -> (Vec<(String, u64)>, u64) {
     let campaigns: Vec<PrimitiveLiteral> = scope
         .campaigns
         .iter()
@@ -442,7 +473,7 @@ pub(crate) async fn plan(
     let mut files = Vec::new();
     let mut rows = 0;
     let mut seen = HashSet::new();
-    for (spec_id, entries) in &loaded {
+    for (spec_id, entries) in loaded {
         let spec_tests = &tests[spec_id];
         for e in entries.iter() {
             let in_partition = spec_tests
@@ -459,12 +490,7 @@ pub(crate) async fn plan(
             }
         }
     }
-    Ok(Some(KeyCheckPlan {
-        files,
-        rows,
-        manifests_listed: list.len() as u64,
-        manifests_matched: matched.len() as u64,
-    }))
+    (files, rows)
 }
 
 /// The root columns of a Parquet file holding `fields` (by Iceberg field id, else by name).
