@@ -71,32 +71,92 @@ pub const EARLIEST_EVENT_TIME: &str = "EARLIEST_EVENT_TIME";
 /// is a broken producer clock (`event_time_in_future`). Default 3600.
 pub const MAX_EVENT_TIME_AHEAD_SECONDS: &str = "MAX_EVENT_TIME_AHEAD_SECONDS";
 
-/// Reads [`EARLIEST_EVENT_TIME`] and [`MAX_EVENT_TIME_AHEAD_SECONDS`].
-fn time_bounds(
-    lookup: &impl Fn(&str) -> Option<String>,
-) -> Result<crate::validate::TimeBounds, ConfigError> {
-    let mut bounds = crate::validate::TimeBounds::default();
-    if let Some(v) = lookup(EARLIEST_EVENT_TIME) {
-        bounds.earliest_ms =
-            crate::time::parse_event_time(v.trim()).map_err(|_| ConfigError::Invalid {
-                name: EARLIEST_EVENT_TIME,
-                value: v.clone(),
-                why: "expected an RFC 3339 time with an offset, such as 2020-01-01T00:00:00Z",
-            })?;
+/// The environment as the `from_lookup` constructors read it: one set of parsers, so every
+/// variable has the same error for the same mistake whichever function reads it.
+struct Env<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    /// The value, if set and not blank.
+    fn non_blank(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
     }
-    if let Some(v) = lookup(MAX_EVENT_TIME_AHEAD_SECONDS) {
-        bounds.max_ahead_ms = match v.trim().parse::<i64>() {
-            Ok(n) if n > 0 && n <= 31_536_000 => n * 1000,
-            _ => {
-                return Err(ConfigError::Invalid {
-                    name: MAX_EVENT_TIME_AHEAD_SECONDS,
-                    value: v,
-                    why: "expected a whole number of seconds from 1 to 31536000",
-                })
-            }
+
+    /// A setting without a default: missing or blank is [`ConfigError::Missing`].
+    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.non_blank(name).ok_or(ConfigError::Missing(name))
+    }
+
+    /// A text setting, `default` when unset.
+    fn text(&self, name: &str, default: &str) -> String {
+        (self.0)(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    /// A whole number above zero, `None` when unset.
+    fn positive_opt<T>(&self, name: &'static str) -> Result<Option<T>, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + Default,
+    {
+        let Some(v) = (self.0)(name) else {
+            return Ok(None);
         };
+        match v.trim().parse::<T>() {
+            Ok(n) if n > T::default() => Ok(Some(n)),
+            _ => Err(ConfigError::Invalid {
+                name,
+                value: v,
+                why: "expected a positive whole number",
+            }),
+        }
     }
-    Ok(bounds)
+
+    /// A whole number above zero, `default` when unset.
+    fn positive<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + Default,
+    {
+        Ok(self.positive_opt(name)?.unwrap_or(default))
+    }
+
+    /// A finite number, zero or more, `default` when unset.
+    fn non_negative(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
+        let Some(v) = (self.0)(name) else {
+            return Ok(default);
+        };
+        match v.trim().parse::<f64>() {
+            Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
+            _ => Err(ConfigError::Invalid {
+                name,
+                value: v,
+                why: "expected a non-negative number",
+            }),
+        }
+    }
+
+    /// Reads [`EARLIEST_EVENT_TIME`] and [`MAX_EVENT_TIME_AHEAD_SECONDS`].
+    fn time_bounds(&self) -> Result<crate::validate::TimeBounds, ConfigError> {
+        let mut bounds = crate::validate::TimeBounds::default();
+        if let Some(v) = (self.0)(EARLIEST_EVENT_TIME) {
+            bounds.earliest_ms =
+                crate::time::parse_event_time(v.trim()).map_err(|_| ConfigError::Invalid {
+                    name: EARLIEST_EVENT_TIME,
+                    value: v.clone(),
+                    why: "expected an RFC 3339 time with an offset, such as 2020-01-01T00:00:00Z",
+                })?;
+        }
+        if let Some(v) = (self.0)(MAX_EVENT_TIME_AHEAD_SECONDS) {
+            bounds.max_ahead_ms = match v.trim().parse::<i64>() {
+                Ok(n) if n > 0 && n <= 31_536_000 => n * 1000,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        name: MAX_EVENT_TIME_AHEAD_SECONDS,
+                        value: v,
+                        why: "expected a whole number of seconds from 1 to 31536000",
+                    })
+                }
+            };
+        }
+        Ok(bounds)
+    }
 }
 
 /// Every variable the joiner reads.
@@ -165,37 +225,18 @@ pub struct JoinerConfig {
 impl JoinerConfig {
     /// Reads the configuration through `lookup` (the process environment in production).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let required = |name: &'static str| {
-            lookup(name)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or(ConfigError::Missing(name))
-        };
-        let text =
-            |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
-        let positive = |name: &'static str, default: i64| -> Result<i64, ConfigError> {
-            match lookup(name) {
-                None => Ok(default),
-                Some(v) => match v.trim().parse::<i64>() {
-                    Ok(n) if n > 0 => Ok(n),
-                    _ => Err(ConfigError::Invalid {
-                        name,
-                        value: v,
-                        why: "expected a positive whole number",
-                    }),
-                },
-            }
-        };
-        let joined_stream = stream_name(&required(JOINED_STREAM_NAME)?).to_owned();
-        let keyed_stream = match lookup(KEYED_STREAM_NAME).filter(|v| !v.trim().is_empty()) {
+        let env = Env(lookup);
+        let joined_stream = stream_name(&env.required(JOINED_STREAM_NAME)?).to_owned();
+        let keyed_stream = match env.non_blank(KEYED_STREAM_NAME) {
             Some(v) => stream_name(&v).to_owned(),
             None => match joined_stream.strip_suffix("-joined") {
                 Some(base) => format!("{base}-keyed"),
                 None => format!("{joined_stream}-keyed"),
             },
         };
-        let retention_ms = positive(STATE_RETENTION_SECONDS, 86_400)? * 1000;
-        let dedup_horizon_ms = positive(DEDUP_HORIZON_HOURS, 48)? * 3_600_000;
-        let bounds = time_bounds(&lookup)?;
+        let retention_ms = env.positive(STATE_RETENTION_SECONDS, 86_400i64)? * 1000;
+        let dedup_horizon_ms = env.positive(DEDUP_HORIZON_HOURS, 48i64)? * 3_600_000;
+        let bounds = env.time_bounds()?;
         if dedup_horizon_ms < retention_ms + bounds.max_ahead_ms {
             return Err(ConfigError::Invalid {
                 name: DEDUP_HORIZON_HOURS,
@@ -203,60 +244,76 @@ impl JoinerConfig {
                 why: "the deduplication horizon must cover the state retention plus the allowed event-time lead",
             });
         }
-        let window_ms = positive(JOIN_WINDOW_MS, 30_000)?;
-        // An on-time event's partners and repeats arrived at most the lead plus the join
-        // window before it: a warm window longer than that serves every on-time event from
-        // memory, and the default adds ten minutes for events a little late.
-        let reach_ms = bounds.max_ahead_ms + window_ms;
-        let warm_window_ms = match lookup(WARM_WINDOW_SECONDS) {
-            None => reach_ms + 600_000,
-            Some(_) => positive(WARM_WINDOW_SECONDS, 0)? * 1000,
-        };
-        if warm_window_ms <= reach_ms {
-            return Err(ConfigError::Invalid {
-                name: WARM_WINDOW_SECONDS,
-                value: (warm_window_ms / 1000).to_string(),
-                why: "the warm window must be longer than the allowed event-time lead plus the join window",
-            });
-        }
-        let max_entries = match lookup(MAX_ENTRIES_IN_MEMORY) {
-            Some(_) => positive(MAX_ENTRIES_IN_MEMORY, 0)? as usize,
-            None => match lookup(AWS_LAMBDA_FUNCTION_MEMORY_SIZE) {
-                Some(_) => positive(AWS_LAMBDA_FUNCTION_MEMORY_SIZE, 0)? as usize * ENTRIES_PER_MB,
-                None => usize::MAX,
-            },
-        };
+        let window_ms = env.positive(JOIN_WINDOW_MS, 30_000i64)?;
+        let warm_window_ms = warm_window_ms(&env, bounds.max_ahead_ms + window_ms)?;
+        let max_entries = max_entries(&env)?;
         Ok(JoinerConfig {
-            impressions_stream: stream_name(&required(IMPRESSIONS_STREAM_NAME)?).to_owned(),
-            clicks_stream: stream_name(&required(CLICKS_STREAM_NAME)?).to_owned(),
+            impressions_stream: stream_name(&env.required(IMPRESSIONS_STREAM_NAME)?).to_owned(),
+            clicks_stream: stream_name(&env.required(CLICKS_STREAM_NAME)?).to_owned(),
             joined_stream,
             keyed_stream,
             dedup_horizon_ms,
             warm_window_ms,
             max_entries,
-            state_log_table: match lookup(STATE_LOG_TABLE_NAME).filter(|v| !v.trim().is_empty()) {
+            state_log_table: match env.non_blank(STATE_LOG_TABLE_NAME) {
                 Some(v) => v,
-                None => format!("{}-log", required(STATE_TABLE_NAME)?),
+                None => format!("{}-log", env.required(STATE_TABLE_NAME)?),
             },
-            state_table: required(STATE_TABLE_NAME)?,
-            dead_letter_bucket: required(DEAD_LETTER_BUCKET)?,
-            dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
-            late_prefix: text(LATE_PREFIX, "late/"),
+            state_table: env.required(STATE_TABLE_NAME)?,
+            dead_letter_bucket: env.required(DEAD_LETTER_BUCKET)?,
+            dead_letter_prefix: env.text(DEAD_LETTER_PREFIX, "dead-letter/"),
+            late_prefix: env.text(LATE_PREFIX, "late/"),
             rules: JoinRules {
                 window_ms,
                 retention_ms,
             },
-            ttl_grace_ms: positive(STATE_TTL_GRACE_SECONDS, 86_400)? * 1000,
-            max_in_flight: positive(MAX_IN_FLIGHT, 32)? as usize,
+            ttl_grace_ms: env.positive(STATE_TTL_GRACE_SECONDS, 86_400i64)? * 1000,
+            max_in_flight: env.positive(MAX_IN_FLIGHT, 32i64)? as usize,
             emit_retry: RetryPolicy {
-                max_attempts: positive(EMIT_MAX_ATTEMPTS, 5)? as u32,
+                max_attempts: env.positive(EMIT_MAX_ATTEMPTS, 5i64)? as u32,
                 base_delay: Duration::from_millis(50),
                 max_delay: Duration::from_secs(2),
             },
-            metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
+            metrics_namespace: env.text(METRICS_NAMESPACE, "adpipe"),
             time_bounds: bounds,
         })
     }
+}
+
+/// [`WARM_WINDOW_SECONDS`] in ms. An on-time event's partners and repeats arrived at most
+/// `reach_ms` (the allowed lead plus the join window) before it: a warm window longer than
+/// that serves every on-time event from memory, and the default adds ten minutes for events
+/// a little late.
+fn warm_window_ms<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+    reach_ms: i64,
+) -> Result<i64, ConfigError> {
+    let warm_window_ms = match env.positive_opt::<i64>(WARM_WINDOW_SECONDS)? {
+        None => reach_ms + 600_000,
+        Some(seconds) => seconds * 1000,
+    };
+    if warm_window_ms <= reach_ms {
+        return Err(ConfigError::Invalid {
+            name: WARM_WINDOW_SECONDS,
+            value: (warm_window_ms / 1000).to_string(),
+            why: "the warm window must be longer than the allowed event-time lead plus the join window",
+        });
+    }
+    Ok(warm_window_ms)
+}
+
+/// [`MAX_ENTRIES_IN_MEMORY`], else [`ENTRIES_PER_MB`] per MB of
+/// [`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`], else no bound.
+fn max_entries<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<usize, ConfigError> {
+    if let Some(n) = env.positive_opt::<i64>(MAX_ENTRIES_IN_MEMORY)? {
+        return Ok(n as usize);
+    }
+    Ok(
+        match env.positive_opt::<i64>(AWS_LAMBDA_FUNCTION_MEMORY_SIZE)? {
+            Some(mb) => mb as usize * ENTRIES_PER_MB,
+            None => usize::MAX,
+        },
+    )
 }
 
 /// The stream name of a name or a stream ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
@@ -401,28 +458,9 @@ pub struct EnricherConfig {
 impl EnricherConfig {
     /// Reads the configuration through `lookup` (the process environment in production).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let required = |name: &'static str| {
-            lookup(name)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or(ConfigError::Missing(name))
-        };
-        let text =
-            |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
-        let number = |name: &'static str, default: f64| -> Result<f64, ConfigError> {
-            match lookup(name) {
-                None => Ok(default),
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
-                    _ => Err(ConfigError::Invalid {
-                        name,
-                        value: v,
-                        why: "expected a non-negative number",
-                    }),
-                },
-            }
-        };
-        let joined_stream = stream_name(&required(JOINED_STREAM_NAME)?).to_owned();
-        let lake = TablesConfig::from_lookup(&lookup)?;
+        let env = Env(lookup);
+        let joined_stream = stream_name(&env.required(JOINED_STREAM_NAME)?).to_owned();
+        let lake = TablesConfig::from_lookup(&env.0)?;
         Ok(EnricherConfig {
             joined_stream,
             lake_bucket: lake.lake_bucket,
@@ -431,27 +469,15 @@ impl EnricherConfig {
             clicks_table: lake.clicks_table,
             impressions_table: lake.impressions_table,
             commit_lease_table: lake.commit_lease_table,
-            dead_letter_bucket: required(DEAD_LETTER_BUCKET)?,
-            dead_letter_prefix: text(DEAD_LETTER_PREFIX, "dead-letter/"),
+            dead_letter_bucket: env.required(DEAD_LETTER_BUCKET)?,
+            dead_letter_prefix: env.text(DEAD_LETTER_PREFIX, "dead-letter/"),
             rules: crate::enrich::EnrichRules {
-                premium_bid_threshold: number(PREMIUM_BID_THRESHOLD, 50.0)?,
-                click_revenue_factor: number(CLICK_REVENUE_FACTOR, 1.2)?,
+                premium_bid_threshold: env.non_negative(PREMIUM_BID_THRESHOLD, 50.0)?,
+                click_revenue_factor: env.non_negative(CLICK_REVENUE_FACTOR, 1.2)?,
             },
-            metrics_namespace: text(METRICS_NAMESPACE, "adpipe"),
-            time_bounds: time_bounds(&lookup)?,
-            max_days_per_batch: match lookup(MAX_DAYS_PER_BATCH) {
-                None => 31,
-                Some(v) => match v.trim().parse::<usize>() {
-                    Ok(n) if n > 0 => n,
-                    _ => {
-                        return Err(ConfigError::Invalid {
-                            name: MAX_DAYS_PER_BATCH,
-                            value: v,
-                            why: "expected a positive whole number",
-                        })
-                    }
-                },
-            },
+            metrics_namespace: env.text(METRICS_NAMESPACE, "adpipe"),
+            time_bounds: env.time_bounds()?,
+            max_days_per_batch: env.positive(MAX_DAYS_PER_BATCH, 31usize)?,
         })
     }
 
@@ -499,20 +525,14 @@ pub struct TablesConfig {
 impl TablesConfig {
     /// Reads [`TABLES_ENV`] through `lookup`, with the enricher's defaults.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let required = |name: &'static str| {
-            lookup(name)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or(ConfigError::Missing(name))
-        };
-        let table =
-            |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
+        let env = Env(lookup);
         Ok(TablesConfig {
-            lake_bucket: required(LAKE_BUCKET)?,
-            lake_prefix: table(LAKE_PREFIX, "lake/"),
-            database: required(GLUE_DATABASE)?,
-            clicks_table: table(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
-            impressions_table: table(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
-            commit_lease_table: required(COMMIT_LEASE_TABLE)?,
+            lake_bucket: env.required(LAKE_BUCKET)?,
+            lake_prefix: env.text(LAKE_PREFIX, "lake/"),
+            database: env.required(GLUE_DATABASE)?,
+            clicks_table: env.text(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
+            impressions_table: env.text(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
+            commit_lease_table: env.required(COMMIT_LEASE_TABLE)?,
         })
     }
 
