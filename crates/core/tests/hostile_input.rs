@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use adpipe_core::enricher::decode_joined;
-use adpipe_core::model::Event;
-use adpipe_core::model::RecordKind;
+use adpipe_core::model::{Event, RecordKind};
 use adpipe_core::validate::{decode, Rejection, TimeBounds};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -39,10 +38,7 @@ const ARRIVAL_MS: i64 = 1_795_169_730_000;
 
 /// What the joiner decides for a record: decoding, then the default event-time bounds.
 fn admit(kind: RecordKind, bytes: &[u8]) -> Result<(), Rejection> {
-    let time_ms = match decode(kind, bytes)? {
-        Event::Impression(i) => i.event_time_ms,
-        Event::Click(c) => c.event_time_ms,
-    };
+    let time_ms = decode(kind, bytes)?.event_time_ms();
     TimeBounds::default().check("event_time", time_ms, Some(ARRIVAL_MS))
 }
 
@@ -144,7 +140,7 @@ proptest! {
             None => { v.as_object_mut().unwrap().remove(field); }
         }
         let bytes = serde_json::to_vec(&v).unwrap();
-        if let Ok(adpipe_core::model::Event::Impression(imp)) = decode(RecordKind::Impression, &bytes) {
+        if let Ok(Event::Impression(imp)) = decode(RecordKind::Impression, &bytes) {
             prop_assert_eq!(Value::String(imp.impression_id), v["impression_id"].clone());
             prop_assert!(imp.bid_price >= 0.0 && imp.bid_price.is_finite());
         }
