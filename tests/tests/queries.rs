@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 
 use adpipe_core::config::EnricherConfig;
 use adpipe_enricher::{aws_enricher, handle, lake_config};
-use adpipe_it::{
-    create_bucket, create_state_table, lake_check, load_event, unique, workspace_root, LocalAws,
-};
+use adpipe_it::{create_bucket, lake_check, load_event, unique, workspace_root, LocalAws};
+use adpipe_local::provision::create_ttl_table;
 use serde_json::{json, Value};
 
 fn close(a: &Value, b: &Value) -> bool {
@@ -41,7 +40,7 @@ async fn named_queries_return_the_expected_numbers_on_the_local_lake() {
         unique("qdb").replace('-', "_"),
     );
     create_bucket(&clients, &bucket).await.unwrap();
-    create_state_table(&clients, &lease).await.unwrap();
+    create_ttl_table(&clients, &lease, false).await.unwrap();
     let vars: BTreeMap<&str, String> = [
         ("JOINED_STREAM_NAME", "adpipe-local-joined".to_owned()),
         ("LAKE_BUCKET", bucket.clone()),
