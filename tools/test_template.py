@@ -443,7 +443,6 @@ class EnvironmentAndNames(unittest.TestCase):
             "EnrichedClicksTableName": "enriched_clicks",
             "ImpressionsTableName": "impressions",
             "AthenaWorkGroupName": {"Ref": "AthenaWorkGroup"},
-            "StateTableName": {"Ref": "StateTable"},
             "StateLogTableName": {"Ref": "StateLogTable"},
             "KeyedStreamName": {"Ref": "KeyedStream"},
             "CommitLeaseTableName": {"Ref": "CommitLeaseTable"},
@@ -697,7 +696,7 @@ class Retention(unittest.TestCase):
         for logical_id in (
             "LakeBucket",
             "GlueDatabase",
-            "StateTable",
+            "StateLogTable",
             "ImpressionsStream",
             "ClicksStream",
             "JoinedStream",
@@ -725,8 +724,8 @@ class Retention(unittest.TestCase):
                 for key in keys(res.get("Properties", {})):
                     self.assertTrue(retained(resource(key)), f"{logical_id} is encrypted with {key}")
 
-    def test_state_table_is_protected_from_deletion(self) -> None:
-        self.assertIs(props("StateTable")["DeletionProtectionEnabled"], True)
+    def test_the_join_state_is_protected_from_deletion(self) -> None:
+        self.assertIs(props("StateLogTable")["DeletionProtectionEnabled"], True)
         for logical_id, res in template()["Resources"].items():
             if res["Type"] == "AWS::DynamoDB::Table" and res["Properties"].get("DeletionProtectionEnabled"):
                 # Otherwise deleting the stack fails on the table instead of leaving it behind.
@@ -845,10 +844,6 @@ class Functions(unittest.TestCase):
         keyed = function_props("JoinerFunction")["Events"]["Keyed"]["Properties"]
         self.assertEqual(keyed["ParallelizationFactor"], 1)
 
-    def test_recovery_lease_cannot_be_shorter_than_the_joiner_timeout(self) -> None:
-        lease = template()["Parameters"]["RecoveryLeaseSeconds"]
-        self.assertGreaterEqual(int(lease["MinValue"]), int(function_props("JoinerFunction")["Timeout"]))
-
     def test_log_level_cannot_filter_out_the_emf_metric_lines(self) -> None:
         # EMF lines carry no level, so Lambda files them as INFO.
         self.assertLessEqual(set(template()["Parameters"]["LogLevel"]["AllowedValues"]), {"TRACE", "DEBUG", "INFO"})
@@ -891,7 +886,7 @@ class LeastPrivilege(unittest.TestCase):
         self.assertEqual(
             resources_of("JoinerRole", "dynamodb"),
             {
-                "dynamodb:UpdateItem": {"StateTable", "StateLogTable"},
+                "dynamodb:UpdateItem": {"StateLogTable"},
                 "dynamodb:PutItem": {"StateLogTable"},
                 "dynamodb:Query": {"StateLogTable"},
                 "dynamodb:GetItem": {"StateLogTable"},
@@ -1103,7 +1098,6 @@ ALARMS = {
     "JoinerLateAlarm": ("EMF", "Late", "joiner"),
     "EnricherCommitRetriesAlarm": ("EMF", "CommitRetries", "enricher"),
     "OnFailureQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "OnFailureQueue"),
-    "StateTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "StateTable"),
     "StateLogTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "StateLogTable"),
     "StateLogTableReadThrottlesAlarm": ("AWS/DynamoDB", "ReadThrottleEvents", "StateLogTable"),
     "KeyedStreamWriteThrottlesAlarm": ("AWS/Kinesis", "WriteProvisionedThroughputExceeded", "KeyedStream"),

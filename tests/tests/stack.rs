@@ -52,7 +52,7 @@ fn template(prefix: &str) -> String {
             GLUE_DATABASE_OUTPUT: {"Value": format!("{}_db", prefix.replace('-', "_"))},
             CLICKS_TABLE_OUTPUT: {"Value": "enriched_clicks"},
             IMPRESSIONS_TABLE_OUTPUT: {"Value": "impressions"},
-            STATE_TABLE_OUTPUT: {"Value": format!("{prefix}-join-state")},
+            STATE_LOG_TABLE_OUTPUT: {"Value": format!("{prefix}-join-log")},
             WORKGROUP_OUTPUT: {"Value": format!("{prefix}-wg")},
             JOINER_FUNCTION_OUTPUT: {"Value": format!("{prefix}-joiner")},
             ENRICHER_FUNCTION_OUTPUT: {"Value": format!("{prefix}-enricher")},
@@ -307,7 +307,7 @@ async fn the_env_file_configures_both_functions_with_the_stacks_names() {
     let joiner = JoinerConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
     assert_eq!(joiner.impressions_stream, t.impressions_stream);
     assert_eq!(joiner.clicks_stream, t.clicks_stream);
-    assert_eq!(joiner.state_table, format!("{}-join-state", s.prefix));
+    assert_eq!(joiner.state_log_table, format!("{}-join-log", s.prefix));
     let enricher = EnricherConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
     assert_eq!(enricher.lake_bucket, format!("{}-lake", s.prefix));
     assert_eq!(

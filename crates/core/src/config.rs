@@ -21,8 +21,6 @@ pub const KEYED_STREAM_NAME: &str = "KEYED_STREAM_NAME";
 pub const DEDUP_HORIZON_HOURS: &str = "DEDUP_HORIZON_HOURS";
 /// DynamoDB table of the keyed joiner's state log (key `pk` S + `sk` N, TTL on `ttl`).
 pub const STATE_LOG_TABLE_NAME: &str = "STATE_LOG_TABLE_NAME";
-/// DynamoDB table holding the join state (hash key `pk`, TTL attribute `ttl`).
-pub const STATE_TABLE_NAME: &str = "STATE_TABLE_NAME";
 /// S3 bucket for dead-letter and late-pair entries.
 pub const DEAD_LETTER_BUCKET: &str = "DEAD_LETTER_BUCKET";
 /// Key prefix of dead-letter entries. Default `dead-letter/`.
@@ -52,12 +50,9 @@ pub const AWS_LAMBDA_FUNCTION_MEMORY_SIZE: &str = "AWS_LAMBDA_FUNCTION_MEMORY_SI
 /// measured at about 0.8 KiB (BENCHMARKS.md, "Memory per entry"), so the budget is about a
 /// third of the function's memory, leaving room for a batch, its outputs and the runtime.
 pub const ENTRIES_PER_MB: usize = 400;
-/// How long DynamoDB keeps an item after its retention, so that a partner arriving then is
-/// recognised as late instead of being buffered as new. Default 86400.
+/// How long a state log item is kept past the deduplication horizon before DynamoDB's TTL
+/// may delete it, in seconds. Default 86400.
 pub const STATE_TTL_GRACE_SECONDS: &str = "STATE_TTL_GRACE_SECONDS";
-/// How long a decided but unemitted pair is left to the invocation that decided it, in
-/// seconds; at least the function timeout. Default 900.
-pub const RECOVERY_LEASE_SECONDS: &str = "RECOVERY_LEASE_SECONDS";
 /// Concurrent DynamoDB / S3 requests per invocation. Default 32.
 pub const MAX_IN_FLIGHT: &str = "MAX_IN_FLIGHT";
 /// Attempts per output entry on partial `PutRecords` failures. Default 5.
@@ -166,7 +161,6 @@ pub const JOINER_ENV: &[&str] = &[
     JOINED_STREAM_NAME,
     KEYED_STREAM_NAME,
     DEDUP_HORIZON_HOURS,
-    STATE_TABLE_NAME,
     STATE_LOG_TABLE_NAME,
     DEAD_LETTER_BUCKET,
     DEAD_LETTER_PREFIX,
@@ -175,7 +169,6 @@ pub const JOINER_ENV: &[&str] = &[
     STATE_RETENTION_SECONDS,
     WARM_WINDOW_SECONDS,
     STATE_TTL_GRACE_SECONDS,
-    RECOVERY_LEASE_SECONDS,
     MAX_IN_FLIGHT,
     EMIT_MAX_ATTEMPTS,
     METRICS_NAMESPACE,
@@ -209,7 +202,6 @@ pub struct JoinerConfig {
     pub warm_window_ms: i64,
     /// See [`MAX_ENTRIES_IN_MEMORY`]; `usize::MAX`: no bound.
     pub max_entries: usize,
-    pub state_table: String,
     pub state_log_table: String,
     pub dead_letter_bucket: String,
     pub dead_letter_prefix: String,
@@ -255,11 +247,7 @@ impl JoinerConfig {
             dedup_horizon_ms,
             warm_window_ms,
             max_entries,
-            state_log_table: match env.non_blank(STATE_LOG_TABLE_NAME) {
-                Some(v) => v,
-                None => format!("{}-log", env.required(STATE_TABLE_NAME)?),
-            },
-            state_table: env.required(STATE_TABLE_NAME)?,
+            state_log_table: env.required(STATE_LOG_TABLE_NAME)?,
             dead_letter_bucket: env.required(DEAD_LETTER_BUCKET)?,
             dead_letter_prefix: env.text(DEAD_LETTER_PREFIX, "dead-letter/"),
             late_prefix: env.text(LATE_PREFIX, "late/"),
@@ -344,7 +332,7 @@ mod tests {
         ),
         (CLICKS_STREAM_NAME, "clicks"),
         (JOINED_STREAM_NAME, "joined"),
-        (STATE_TABLE_NAME, "state"),
+        (STATE_LOG_TABLE_NAME, "state-log"),
         (DEAD_LETTER_BUCKET, "bucket"),
     ];
 
@@ -556,7 +544,7 @@ mod warm_window_tests {
                 (IMPRESSIONS_STREAM_NAME, "i"),
                 (CLICKS_STREAM_NAME, "c"),
                 (JOINED_STREAM_NAME, "j"),
-                (STATE_TABLE_NAME, "t"),
+                (STATE_LOG_TABLE_NAME, "t"),
                 (DEAD_LETTER_BUCKET, "b"),
             ];
             vars.iter()

@@ -1,7 +1,8 @@
 //! Creates the pipeline's resources on the local endpoint, as `template.yaml` does in the
-//! cloud: the three streams, the join-state and commit-lease tables (TTL on `ttl`), and the
-//! lake bucket (which also holds the dead letters) and the mappings' on-failure queue. Idempotent: what exists is left alone. The Glue database and
-//! the Iceberg tables are created by the enricher at start-up (`ensure_tables`).
+//! cloud: the four streams, the join state log and commit-lease tables (TTL on `ttl`), the
+//! lake bucket (which also holds the dead letters) and the mappings' on-failure queue.
+//! Idempotent: what exists is left alone. The Glue database and the Iceberg tables are created
+//! by the enricher at start-up (`ensure_tables`).
 
 use std::time::Duration;
 
@@ -41,19 +42,13 @@ pub async fn provision(
             out.existing.push(label);
         }
     }
-    for table in [&r.state_table, &r.commit_lease_table] {
+    for (table, sorted) in [(&r.state_log_table, true), (&r.commit_lease_table, false)] {
         let label = format!("table {table}");
-        if create_ttl_table(clients, table, false).await? {
+        if create_ttl_table(clients, table, sorted).await? {
             out.created.push(label);
         } else {
             out.existing.push(label);
         }
-    }
-    let label = format!("table {}", r.state_log_table);
-    if create_ttl_table(clients, &r.state_log_table, true).await? {
-        out.created.push(label);
-    } else {
-        out.existing.push(label);
     }
     let mut buckets = vec![&r.lake_bucket, &r.dead_letter_bucket];
     buckets.dedup();

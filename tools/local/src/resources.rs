@@ -48,9 +48,7 @@ pub struct Resources {
     pub joined_stream: StreamSpec,
     /// Both input streams re-keyed by state bucket (the joiner's router writes it).
     pub keyed_stream: StreamSpec,
-    /// Join state of the per-event joiner: hash key `pk` (S), TTL attribute `ttl`.
-    pub state_table: String,
-    /// The keyed joiner's state log: `pk` (S) + `sk` (N), TTL attribute `ttl`.
+    /// The join state, a log per bucket range: `pk` (S) + `sk` (N), TTL attribute `ttl`.
     pub state_log_table: String,
     /// The enricher's commit leases: hash key `pk` (S), TTL attribute `ttl`.
     pub commit_lease_table: String,
@@ -255,7 +253,6 @@ impl Resources {
             clicks_stream: s.stream("clicks_stream")?,
             joined_stream: s.stream("joined_stream")?,
             keyed_stream: s.stream("keyed_stream")?,
-            state_table: s.name("state_table")?,
             state_log_table: s.name("state_log_table")?,
             commit_lease_table: s.name("commit_lease_table")?,
             lake_bucket: s.name("lake_bucket")?,
@@ -290,7 +287,6 @@ impl Resources {
             rename(&mut s.name, new);
         }
         for name in [
-            &mut r.state_table,
             &mut r.state_log_table,
             &mut r.commit_lease_table,
             &mut r.lake_bucket,
@@ -390,7 +386,7 @@ mod tests {
         let joiner = r.joiner_env();
         let c = JoinerConfig::from_lookup(|k| joiner.get(k).cloned()).unwrap();
         assert_eq!(c.impressions_stream, r.impressions_stream.name);
-        assert_eq!(c.state_table, r.state_table);
+        assert_eq!(c.state_log_table, r.state_log_table);
         assert!(joiner.keys().all(|k| JOINER_ENV.contains(&k.as_str())));
         let enricher = r.enricher_env();
         let c = EnricherConfig::from_lookup(|k| enricher.get(k).cloned()).unwrap();
@@ -432,7 +428,7 @@ mod tests {
         assert_ne!(r.lake_bucket, Resources::local().lake_bucket);
         assert_eq!(r.dead_letter_bucket, r.lake_bucket);
         // The functions' environments follow the renamed resources.
-        assert_eq!(r.joiner_env()["STATE_TABLE_NAME"], r.state_table);
+        assert_eq!(r.joiner_env()["STATE_LOG_TABLE_NAME"], r.state_log_table);
         assert_eq!(r.enricher_env()["GLUE_DATABASE"], r.glue_database);
         assert_eq!(r.enricher_env()["LAKE_BUCKET"], r.lake_bucket);
     }

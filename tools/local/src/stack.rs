@@ -21,7 +21,7 @@ pub const GLUE_DATABASE_OUTPUT: &str = "GlueDatabaseName";
 pub const CLICKS_TABLE_OUTPUT: &str = "EnrichedClicksTableName";
 pub const IMPRESSIONS_TABLE_OUTPUT: &str = "ImpressionsTableName";
 pub const WORKGROUP_OUTPUT: &str = "AthenaWorkGroupName";
-pub const STATE_TABLE_OUTPUT: &str = "StateTableName";
+pub const STATE_LOG_TABLE_OUTPUT: &str = "StateLogTableName";
 pub const COMMIT_LEASE_TABLE_OUTPUT: &str = "CommitLeaseTableName";
 pub const METRICS_NAMESPACE_OUTPUT: &str = "MetricsNamespace";
 
@@ -104,8 +104,8 @@ impl StackTarget {
             (c::CLICKS_STREAM_NAME, self.clicks_stream.clone()),
             (c::JOINED_STREAM_NAME, self.joined_stream.clone()),
             (
-                c::STATE_TABLE_NAME,
-                self.output(STATE_TABLE_OUTPUT)?.to_owned(),
+                c::STATE_LOG_TABLE_NAME,
+                self.output(STATE_LOG_TABLE_OUTPUT)?.to_owned(),
             ),
             (c::DEAD_LETTER_BUCKET, bucket.to_owned()),
             (c::LAKE_BUCKET, bucket.to_owned()),
