@@ -15,10 +15,6 @@ use adpipe_local::endpoint::{endpoint_server, LocalEndpoint};
 use anyhow::{bail, Context, Result};
 use aws_credential_types::Credentials;
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    TimeToLiveSpecification,
-};
 use aws_sdk_kinesis::types::ShardIteratorType;
 
 /// The workspace root.
@@ -127,39 +123,10 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Creates the join-state table: key `pk`, on-demand, TTL on `ttl` (as `template.yaml` does).
-pub async fn create_state_table(clients: &Clients, name: &str) -> Result<()> {
-    clients
-        .dynamodb
-        .create_table()
-        .table_name(name)
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()?,
-        )
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()?,
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await?;
-    clients
-        .dynamodb
-        .update_time_to_live()
-        .table_name(name)
-        .time_to_live_specification(
-            TimeToLiveSpecification::builder()
-                .attribute_name("ttl")
-                .enabled(true)
-                .build()?,
-        )
-        .send()
-        .await?;
+/// Creates the enricher's commit-lease table: key `pk`, on-demand, TTL on `ttl` (as
+/// `template.yaml`'s CommitLeaseTable).
+pub async fn create_lease_table(clients: &Clients, name: &str) -> Result<()> {
+    adpipe_local::provision::create_ttl_table(clients, name, false).await?;
     Ok(())
 }
 

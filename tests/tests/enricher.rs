@@ -10,7 +10,7 @@ use adpipe_core::config::EnricherConfig;
 use adpipe_core::enricher::{BatchEnricher, EnricherSettings};
 use adpipe_core::ports::{AppendReport, LakeAppend, LakeTable, PortError, TableWriter};
 use adpipe_enricher::{aws_enricher, handle, lake_config, AwsEnricher};
-use adpipe_it::{create_bucket, create_state_table, load_event, read_objects, unique, LocalAws};
+use adpipe_it::{create_bucket, create_lease_table, load_event, read_objects, unique, LocalAws};
 use adpipe_lake::{iceberg_schema, DynamoDbCommitLease, IcebergLake};
 use arrow_array::{Array, RecordBatch};
 use futures::TryStreamExt;
@@ -33,7 +33,7 @@ async fn env() -> Env {
         unique("db").replace('-', "_"),
     );
     create_bucket(&clients, &bucket).await.unwrap();
-    create_state_table(&clients, &lease).await.unwrap();
+    create_lease_table(&clients, &lease).await.unwrap();
     let vars: BTreeMap<&str, String> = [
         ("JOINED_STREAM_NAME", "adpipe-local-joined".to_owned()),
         ("LAKE_BUCKET", bucket.clone()),

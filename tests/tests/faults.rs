@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adpipe_it::{create_state_table, sdk_config_at, unique, FaultProxy, LocalAws};
+use adpipe_it::{create_lease_table, sdk_config_at, unique, FaultProxy, LocalAws};
 use adpipe_lake::DynamoDbCommitLease;
 use adpipe_local::esm::FunctionError;
 use adpipe_local::generator::{generate, DelayMix, Traffic, TrafficConfig};
@@ -216,7 +216,7 @@ fn every(name: &str, service: &str, operation: &str, fault: &str, n: u32) -> Val
 async fn a_lost_answer_to_the_commit_lease_put_does_not_block_the_table() {
     let proxy = FaultProxy::start(&LocalAws::shared().endpoint).unwrap();
     let table = unique("lease");
-    create_state_table(&LocalAws::shared().clients().await, &table)
+    create_lease_table(&LocalAws::shared().clients().await, &table)
         .await
         .unwrap();
     let client = aws_sdk_dynamodb::Client::new(&sdk_config_at(&proxy.url).await);

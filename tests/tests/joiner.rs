@@ -62,7 +62,6 @@ async fn env(extra: &[(&str, &str)]) -> Env {
         ("KEYED_STREAM_NAME", keyed.as_str()),
         ("JOINED_STREAM_NAME", joined.as_str()),
         // Still required by `JoinerConfig::from_lookup` on this branch; nothing reads it.
-        ("STATE_TABLE_NAME", "unused"),
         ("STATE_LOG_TABLE_NAME", log.as_str()),
         ("DEAD_LETTER_BUCKET", bucket.as_str()),
         ("EMIT_MAX_ATTEMPTS", "2"),

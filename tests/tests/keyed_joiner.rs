@@ -23,7 +23,6 @@ fn config(table: &str) -> JoinerConfig {
         ("IMPRESSIONS_STREAM_NAME", "impressions"),
         ("CLICKS_STREAM_NAME", "clicks"),
         ("JOINED_STREAM_NAME", "joined"),
-        ("STATE_TABLE_NAME", "unused"),
         ("STATE_LOG_TABLE_NAME", table),
         ("DEAD_LETTER_BUCKET", "bucket"),
         ("EMIT_MAX_ATTEMPTS", "2"),

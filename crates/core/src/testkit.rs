@@ -783,7 +783,7 @@ pub fn test_config(emit_max_attempts: u32) -> crate::config::JoinerConfig {
                 "IMPRESSIONS_STREAM_NAME" => "impressions",
                 "CLICKS_STREAM_NAME" => "clicks",
                 "JOINED_STREAM_NAME" => "joined",
-                "STATE_TABLE_NAME" => "state",
+                "STATE_LOG_TABLE_NAME" => "state-log",
                 "DEAD_LETTER_BUCKET" => "bucket",
                 "EMIT_MAX_ATTEMPTS" => attempts.as_str(),
                 _ => return None,

@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
 
     // End to end through the real enricher against the local endpoint.
     use adpipe_aws::Clients;
-    use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
+    use adpipe_it::{create_bucket, create_lease_table, unique, LocalAws};
     let local = LocalAws::shared();
     let clients = Clients::new(&local.sdk_config().await);
     let (bucket, lease, db) = (
@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         unique("bench").replace('-', "_"),
     );
     create_bucket(&clients, &bucket).await?;
-    create_state_table(&clients, &lease).await?;
+    create_lease_table(&clients, &lease).await?;
     let vars = [
         ("JOINED_STREAM_NAME", "joined".to_owned()),
         ("LAKE_BUCKET", bucket.clone()),

@@ -20,8 +20,7 @@ use adpipe_core::config::JoinerConfig;
 use adpipe_core::metrics::Counts;
 use adpipe_core::testkit::{Scenario, ScenarioSize, ShardPoller};
 use adpipe_it::{
-    create_bucket, create_log_table, create_state_table, create_stream, read_records, read_stream,
-    unique, LocalAws,
+    create_bucket, create_log_table, create_stream, read_records, read_stream, unique, LocalAws,
 };
 use adpipe_local::cli::share;
 use clap::Parser;
@@ -90,14 +89,12 @@ async fn main() -> anyhow::Result<()> {
     let local = LocalAws::shared();
     let sdk = local.sdk_config().await;
     let setup = Clients::new(&sdk);
-    let (table, log_table, keyed_stream, joined_stream, bucket) = (
-        unique("cost-state"),
+    let (log_table, keyed_stream, joined_stream, bucket) = (
         unique("cost-log"),
         unique("cost-keyed"),
         unique("cost-joined"),
         unique("cost-dlq"),
     );
-    create_state_table(&setup, &table).await?;
     create_log_table(&setup, &log_table).await?;
     create_stream(&setup, &keyed_stream, keyed_shards as i32).await?;
     create_stream(&setup, &joined_stream, 1).await?;
@@ -107,7 +104,6 @@ async fn main() -> anyhow::Result<()> {
         ("CLICKS_STREAM_NAME", "clicks".to_owned()),
         ("JOINED_STREAM_NAME", joined_stream.clone()),
         ("KEYED_STREAM_NAME", keyed_stream.clone()),
-        ("STATE_TABLE_NAME", table),
         ("STATE_LOG_TABLE_NAME", log_table),
         ("DEAD_LETTER_BUCKET", bucket),
     ];

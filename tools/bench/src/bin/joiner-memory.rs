@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         ("IMPRESSIONS_STREAM_NAME", "impressions".to_owned()),
         ("CLICKS_STREAM_NAME", "clicks".to_owned()),
         ("JOINED_STREAM_NAME", "joined".to_owned()),
-        ("STATE_TABLE_NAME", "state".to_owned()),
+        ("STATE_LOG_TABLE_NAME", "state-log".to_owned()),
         ("DEAD_LETTER_BUCKET", "bucket".to_owned()),
         ("MAX_EVENT_TIME_AHEAD_SECONDS", "660".to_owned()),
         ("WARM_WINDOW_SECONDS", args.warm_window_s.to_string()),

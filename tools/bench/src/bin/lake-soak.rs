@@ -34,7 +34,7 @@ use adpipe_core::enrich::{enrich_click, enrich_impression, EnrichRules};
 use adpipe_core::lake::{clicks_batch, impressions_batch};
 use adpipe_core::model::{Click, Impression, ImpressionRecord, JoinedRecord};
 use adpipe_core::ports::{InputRange, LakeAppend, LakeTable, TableWriter};
-use adpipe_it::{create_bucket, create_state_table, unique, LocalAws};
+use adpipe_it::{create_bucket, create_lease_table, unique, LocalAws};
 use adpipe_lake::{key_check_candidates, DynamoDbCommitLease, IcebergLake, KeyScope};
 use adpipe_local::cli::share;
 use anyhow::Context;
@@ -535,7 +535,7 @@ async fn main() -> anyhow::Result<()> {
         unique("soak").replace('-', "_"),
     );
     create_bucket(&direct, &bucket).await?;
-    create_state_table(&direct, &lease_table).await?;
+    create_lease_table(&direct, &lease_table).await?;
     let vars = [
         ("JOINED_STREAM_NAME", "adpipe-joined".to_owned()),
         ("LAKE_BUCKET", bucket.clone()),
