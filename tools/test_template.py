@@ -835,9 +835,9 @@ class Functions(unittest.TestCase):
         self.assertEqual(contract()["env"]["joiner"]["WARM_WINDOW_SECONDS"], {"parameter": "WarmWindowSeconds", "default": str(p["WarmWindowSeconds"]["Default"])})
 
     def test_the_keyed_stream_has_no_more_shards_than_state_buckets(self) -> None:
-        # Each state bucket lives on exactly one keyed shard (crates/core/src/keyed.rs); a shard
+        # Each state bucket lives on exactly one keyed shard (crates/core/src/join/buckets.rs); a shard
         # beyond the bucket count would own none and the joiner would refuse its batches.
-        source = (ROOT / "crates/core/src/keyed.rs").read_text()
+        source = (ROOT / "crates/core/src/join/buckets.rs").read_text()
         bits = int(re.search(r"pub const BUCKET_BITS: u32 = (\d+);", source).group(1))
         self.assertEqual(int(template()["Parameters"]["KeyedShardCount"]["MaxValue"]), 2**bits)
         # One writer per shard: a second concurrent batch of a shard would race the first.
