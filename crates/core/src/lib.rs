@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod packed;
 pub mod ports;
+pub mod rng;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod time;
