@@ -25,7 +25,6 @@ use adpipe_core::testkit::ShardPoller;
 use adpipe_enricher::ROW_GROUP_ROWS;
 use adpipe_lake::writer_properties;
 use adpipe_local::cli::share;
-use adpipe_local::functions::add_counts;
 use adpipe_local::generator::{generate, TrafficConfig};
 use adpipe_local::resources::Resources;
 use clap::Parser;
@@ -168,7 +167,7 @@ async fn round(
             "in-memory joiner failed: {:?}",
             report.failures
         );
-        add_counts(&mut counts, &report.counts);
+        counts += &report.counts;
         last_ms = *now_ms;
     }
     let joiner_s = t.elapsed().as_secs_f64();
