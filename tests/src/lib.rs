@@ -162,7 +162,6 @@ pub async fn create_state_table(clients: &Clients, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates a stream and waits until it is active.
 /// Creates the keyed joiner's state log table: `pk` (S) + `sk` (N), TTL on `ttl`, as the
 /// template's StateLogTable.
 pub async fn create_log_table(clients: &Clients, name: &str) -> Result<()> {
@@ -202,6 +201,7 @@ pub async fn read_records(
     Ok(out)
 }
 
+/// Creates a stream and waits until it is active.
 pub async fn create_stream(clients: &Clients, name: &str, shards: i32) -> Result<()> {
     clients
         .kinesis
