@@ -15,7 +15,6 @@ use adpipe_local::endpoint::{endpoint_server, LocalEndpoint};
 use anyhow::{bail, Context, Result};
 use aws_credential_types::Credentials;
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_sdk_kinesis::types::ShardIteratorType;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -130,7 +129,6 @@ pub async fn create_lease_table(clients: &Clients, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates a stream and waits until it is active.
 /// Creates the keyed joiner's state log table: `pk` (S) + `sk` (N), TTL on `ttl`, as the
 /// template's StateLogTable.
 pub async fn create_log_table(clients: &Clients, name: &str) -> Result<()> {
@@ -146,52 +144,31 @@ pub async fn read_records(
     after: &std::collections::BTreeMap<String, String>,
     max_per_shard: usize,
 ) -> Result<Vec<adpipe_core::model::InputRecord>> {
-    use aws_sdk_kinesis::types::ShardIteratorType;
-    let shards = clients
-        .kinesis
-        .list_shards()
-        .stream_name(name)
-        .send()
-        .await?;
+    use adpipe_local::stream_read::{shard_ids, ShardReader, Start};
     let mut out = Vec::new();
-    for shard in shards.shards() {
-        let id = shard.shard_id().to_owned();
-        let mut request = clients
-            .kinesis
-            .get_shard_iterator()
-            .stream_name(name)
-            .shard_id(&id);
-        request = match after.get(&id) {
-            Some(seq) => request
-                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(seq),
-            None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
-        };
-        let iterator = request.send().await?.shard_iterator;
-        let Some(iterator) = iterator else { continue };
-        let page = clients
-            .kinesis
-            .get_records()
-            .shard_iterator(iterator)
-            .limit(max_per_shard as i32)
-            .send()
-            .await?;
-        for r in page.records() {
+    for id in shard_ids(&clients.kinesis, name).await? {
+        let start = after
+            .get(&id)
+            .map_or(Start::TrimHorizon, |seq| Start::After(seq));
+        let limit = Some(max_per_shard as i32);
+        let mut reader = ShardReader::open(&clients.kinesis, name, &id, start, limit).await?;
+        for r in reader.page().await? {
             out.push(adpipe_core::model::InputRecord {
                 position: adpipe_core::model::SourcePosition {
                     stream: name.to_owned(),
                     shard: id.clone(),
                     sequence_number: r.sequence_number().to_owned(),
                 },
-                data: r.data().as_ref().to_vec(),
                 invalid_base64: None,
                 arrival_ms: r.approximate_arrival_timestamp().map(|t| t.secs() * 1000),
+                data: r.data.into_inner(),
             });
         }
     }
     Ok(out)
 }
 
+/// Creates a stream and waits until it is active.
 pub async fn create_stream(clients: &Clients, name: &str, shards: i32) -> Result<()> {
     clients
         .kinesis
@@ -225,40 +202,10 @@ pub async fn create_bucket(clients: &Clients, name: &str) -> Result<()> {
 
 /// Every record on every shard of a stream, from the start.
 pub async fn read_stream(clients: &Clients, name: &str) -> Result<Vec<Vec<u8>>> {
-    let shards = clients
-        .kinesis
-        .list_shards()
-        .stream_name(name)
-        .send()
-        .await?;
-    let mut out = Vec::new();
-    for shard in shards.shards() {
-        let mut iterator = clients
-            .kinesis
-            .get_shard_iterator()
-            .stream_name(name)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await?
-            .shard_iterator
-            .context("no shard iterator")?;
-        loop {
-            let page = clients
-                .kinesis
-                .get_records()
-                .shard_iterator(&iterator)
-                .send()
-                .await?;
-            let empty = page.records().is_empty();
-            out.extend(page.records().iter().map(|r| r.data().as_ref().to_vec()));
-            match page.next_shard_iterator {
-                Some(next) if !empty => iterator = next,
-                _ => break,
-            }
-        }
-    }
-    Ok(out)
+    let read = adpipe_local::stream_read::read_stream(&clients.kinesis, name, None, |r| {
+        r.data.into_inner()
+    });
+    Ok(read.await?)
 }
 
 /// Every object under a prefix, with its body, sorted by key.

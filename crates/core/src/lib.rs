@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod ports;
+pub mod rng;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod time;

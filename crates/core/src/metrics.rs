@@ -52,6 +52,52 @@ impl Counts {
     }
 }
 
+/// Adds another batch's counts, field by field (rejections reason by reason): how the tools
+/// total a run.
+impl std::ops::AddAssign<&Counts> for Counts {
+    fn add_assign(&mut self, c: &Counts) {
+        // Destructured, so that a new field cannot be left out of the sum.
+        let Counts {
+            records_in,
+            impressions,
+            clicks,
+            joined,
+            forwarded,
+            buffered,
+            duplicates,
+            late,
+            unmatched,
+            deferred,
+            rejected,
+            failed,
+            emit_retries,
+            mark_failures,
+            orphaned,
+            skipped,
+            evicted,
+        } = c;
+        self.records_in += records_in;
+        self.impressions += impressions;
+        self.clicks += clicks;
+        self.joined += joined;
+        self.forwarded += forwarded;
+        self.buffered += buffered;
+        self.duplicates += duplicates;
+        self.late += late;
+        self.unmatched += unmatched;
+        self.deferred += deferred;
+        for (reason, n) in rejected {
+            *self.rejected.entry(*reason).or_default() += n;
+        }
+        self.failed += failed;
+        self.emit_retries += emit_retries;
+        self.mark_failures += mark_failures;
+        self.orphaned += orphaned;
+        self.skipped += skipped;
+        self.evicted += evicted;
+    }
+}
+
 /// The invocation a metrics line belongs to: its Lambda request id (a property of the line, so
 /// CloudWatch Logs Insights finds the invocation's other logs from a metric's data point) and
 /// whether it was the execution environment's first (`ColdStart`, a metric).
@@ -182,6 +228,29 @@ mod tests {
             let name = m["Name"].as_str().unwrap();
             assert!(v[name].is_u64(), "{name} declared but not set");
         }
+    }
+
+    #[test]
+    fn adding_counts_sums_every_field_and_each_reject_reason() {
+        let mut one = Counts {
+            records_in: 3,
+            joined: 1,
+            evicted: 2,
+            ..Counts::default()
+        };
+        one.reject(RejectReason::InvalidJson);
+        let mut total = Counts::default();
+        total += &one;
+        total += &one;
+        let mut expected = Counts {
+            records_in: 6,
+            joined: 2,
+            evicted: 4,
+            ..Counts::default()
+        };
+        expected.reject(RejectReason::InvalidJson);
+        expected.reject(RejectReason::InvalidJson);
+        assert_eq!(total, expected);
     }
 
     #[test]

@@ -23,40 +23,8 @@ use crate::ports::{
 };
 pub use crate::validate::{encode_click as click_json, encode_impression as impression_json};
 
-/// A small deterministic PRNG (SplitMix64), so a scenario is a pure function of its seed.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
+/// The seeded PRNG a scenario is a pure function of.
+pub use crate::rng::Rng;
 
 /// Offsets (click − impression event time, ms) that probe the window edges.
 const EDGE_OFFSETS: [i64; 9] = [-30_001, -30_000, -29_999, -1, 0, 1, 29_999, 30_000, 30_001];

@@ -1,54 +1,11 @@
 //! The pure parts of `lake-soak` (see BENCHMARKS.md, "Lake soak: commit cost as the table
-//! ages"): a seeded generator, the Zipf-like campaign sampler, strict option parsing, per-window
-//! statistics, the CSV table, the chart and the summary line.
+//! ages"): the seeded generator (adpipe-core's), the Zipf-like campaign sampler, strict option
+//! parsing, per-window statistics, the CSV table, the chart and the summary line.
 
 use std::fmt::Write;
 
-/// SplitMix64: a small seeded generator, so a run is reproducible from `--seed`.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n` (`n` > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.unit() * n as f64) as usize % n.max(1)
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
-
-    /// A random UUID-shaped id (version 4 layout), as production impression ids are.
-    pub fn uuid(&mut self) -> String {
-        let (a, b) = (self.next_u64(), self.next_u64());
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
-            (a >> 16) & 0xffff,
-            a & 0xfff,
-            0x8000 | ((b >> 48) & 0x3fff),
-            b & 0xffff_ffff_ffff
-        )
-    }
-}
+/// The seeded generator (SplitMix64), so a run is reproducible from `--seed`.
+pub use adpipe_core::rng::Rng;
 
 /// Zipf-like popularity over `n` items: item `k` (0-based) has weight `1 / (k + 1)^s`.
 #[derive(Debug, Clone)]
@@ -402,17 +359,6 @@ mod tests {
         // s = 0: uniform.
         let u = Zipf::new(4, 0.0);
         assert!((u.probability(3) - 0.25).abs() < 1e-12);
-    }
-
-    #[test]
-    fn the_generator_is_reproducible_and_ids_are_uuid_shaped() {
-        let (mut a, mut b) = (Rng::new(1), Rng::new(1));
-        assert_eq!(a.next_u64(), b.next_u64());
-        let id = a.uuid();
-        assert_eq!(id.len(), 36);
-        assert_eq!(id.matches('-').count(), 4);
-        assert_eq!(&id[14..15], "4");
-        assert!((0..1000).all(|_| a.below(7) < 7));
     }
 
     #[test]

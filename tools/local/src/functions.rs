@@ -52,28 +52,6 @@ impl<T> Pool<T> {
     }
 }
 
-/// Adds one batch's counts to a total.
-pub fn add_counts(total: &mut Counts, c: &Counts) {
-    total.records_in += c.records_in;
-    total.impressions += c.impressions;
-    total.clicks += c.clicks;
-    total.joined += c.joined;
-    total.forwarded += c.forwarded;
-    total.buffered += c.buffered;
-    total.duplicates += c.duplicates;
-    total.late += c.late;
-    total.unmatched += c.unmatched;
-    total.deferred += c.deferred;
-    for (reason, n) in &c.rejected {
-        *total.rejected.entry(*reason).or_default() += n;
-    }
-    total.failed += c.failed;
-    total.emit_retries += c.emit_retries;
-    total.mark_failures += c.mark_failures;
-    total.orphaned += c.orphaned;
-    total.skipped += c.skipped;
-}
-
 /// The joiner function.
 pub struct JoinerFunction {
     arn: String,
@@ -142,10 +120,7 @@ impl KinesisFunction for JoinerFunction {
                 &invocation(cold),
             )
             .await;
-            add_counts(
-                &mut self.totals.lock().unwrap_or_else(|p| p.into_inner()),
-                &report.counts,
-            );
+            *self.totals.lock().unwrap_or_else(|p| p.into_inner()) += &report.counts;
             self.pool.put(env);
             serde_json::to_value(&response).map_err(|e| FunctionError::Unhandled(e.to_string()))
         })
@@ -260,7 +235,7 @@ impl KinesisFunction for EnricherFunction {
             .await;
             {
                 let mut t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-                crate::functions::add_counts(&mut t.counts, &report.counts);
+                t.counts += &report.counts;
                 for a in [&report.clicks, &report.impressions] {
                     t.rows_written += a.rows_written;
                     t.files_written += a.files_written;

@@ -6,59 +6,11 @@
 use std::f64::consts::TAU;
 
 use adpipe_core::model::{Click, Impression};
+use adpipe_core::rng::Rng;
 use adpipe_core::validate::{
     derive_click_id, encode_click as click_json, encode_impression as impression_json,
 };
 use serde_json::json;
-
-/// SplitMix64: tiny, fast, and a pure function of its seed on every platform.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n` (`n` > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn between(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1).max(1) as u64) as i64
-    }
-
-    pub fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
-
-    fn pick<'a, T>(&mut self, weighted: &'a [(T, u32)]) -> &'a T {
-        let total: u32 = weighted.iter().map(|(_, w)| w).sum();
-        let mut x = self.below(u64::from(total)) as u32;
-        for (v, w) in weighted {
-            if x < *w {
-                return v;
-            }
-            x -= w;
-        }
-        &weighted[0].0
-    }
-}
 
 /// How click delays (click time − impression time) are distributed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -579,13 +531,7 @@ mod tests {
         assert!((0.1..0.35).contains(&ctr), "ctr {ctr}");
         // Out of order: some click precedes, in delivery, a click with an earlier event time.
         let (clicks, _) = decoded(RecordKind::Click, &t.click_records);
-        let times: Vec<i64> = clicks
-            .iter()
-            .map(|e| match e {
-                Event::Click(c) => c.event_time_ms,
-                Event::Impression(i) => i.event_time_ms,
-            })
-            .collect();
+        let times: Vec<i64> = clicks.iter().map(Event::event_time_ms).collect();
         assert!(times.windows(2).any(|w| w[0] > w[1]));
         // Every impression lies in the configured span.
         let cfg = small();

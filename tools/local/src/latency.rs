@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use adpipe_core::model::{JoinedStreamRecord, RecordKind};
-use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
 
 use crate::LocalError;
@@ -15,45 +14,14 @@ pub async fn read_with_arrival(
     kinesis: &Client,
     stream: &str,
 ) -> Result<Vec<(i64, Vec<u8>)>, LocalError> {
-    let shards = kinesis
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .map_err(|e| LocalError::aws("Kinesis ListShards", e))?;
-    let mut out = Vec::new();
-    for shard in shards.shards() {
-        let mut iterator = kinesis
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .map_err(|e| LocalError::aws("Kinesis GetShardIterator", e))?
-            .shard_iterator;
-        while let Some(it) = iterator {
-            let page = kinesis
-                .get_records()
-                .shard_iterator(it)
-                .limit(10_000)
-                .send()
-                .await
-                .map_err(|e| LocalError::aws("Kinesis GetRecords", e))?;
-            if page.records().is_empty() {
-                break;
-            }
-            for r in page.records() {
-                let at = r
-                    .approximate_arrival_timestamp()
-                    .map(|t| t.secs() * 1000 + i64::from(t.subsec_nanos() / 1_000_000))
-                    .unwrap_or_default();
-                out.push((at, r.data().as_ref().to_vec()));
-            }
-            iterator = page.next_shard_iterator;
-        }
-    }
-    Ok(out)
+    crate::stream_read::read_stream(kinesis, stream, Some(10_000), |r| {
+        let at = r
+            .approximate_arrival_timestamp()
+            .map(|t| t.secs() * 1000 + i64::from(t.subsec_nanos() / 1_000_000))
+            .unwrap_or_default();
+        (at, r.data.into_inner())
+    })
+    .await
 }
 
 /// Latencies in ms, one per attributed click found on both streams.

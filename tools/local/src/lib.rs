@@ -24,6 +24,7 @@ pub mod resources;
 pub mod runner;
 pub mod stack;
 pub mod status;
+pub mod stream_read;
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 

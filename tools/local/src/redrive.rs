@@ -12,10 +12,10 @@
 //! each table on its own (one may have committed the batch and the other not). Records of the
 //! input streams are put back byte for byte: the joiner's state recognises them.
 
-use aws_sdk_kinesis::types::ShardIteratorType;
 use serde_json::Value;
 
 use crate::replay::StreamWriter;
+use crate::stream_read::{ShardReader, Start};
 use crate::LocalError;
 
 /// What a redrive did.
@@ -42,38 +42,19 @@ pub async fn read_range(
     first: &str,
     last: &str,
 ) -> Result<Vec<(String, Vec<u8>)>, LocalError> {
-    let mut iterator = kinesis
-        .get_shard_iterator()
-        .stream_name(stream)
-        .shard_id(shard)
-        .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
-        .starting_sequence_number(first)
-        .send()
-        .await
-        .map_err(|e| LocalError::aws("Kinesis GetShardIterator", e))?
-        .shard_iterator;
+    let mut reader =
+        ShardReader::open(kinesis, stream, shard, Start::At(first), Some(10_000)).await?;
     let mut out = Vec::new();
-    while let Some(it) = iterator {
-        let page = kinesis
-            .get_records()
-            .shard_iterator(it)
-            .limit(10_000)
-            .send()
-            .await
-            .map_err(|e| LocalError::aws("Kinesis GetRecords", e))?;
-        if page.records().is_empty() {
-            break; // the range ends beyond what the shard holds (trimmed or never written)
-        }
-        for r in page.records() {
+    // Drained before `last`: the range ends beyond what the shard holds (trimmed or never
+    // written).
+    while let Some(page) = reader.next_records().await? {
+        for r in page {
             if seq_cmp(r.sequence_number(), last).is_gt() {
                 return Ok(out);
             }
-            out.push((
-                r.partition_key().unwrap_or("redrive").to_owned(),
-                r.data().as_ref().to_vec(),
-            ));
+            let key = r.partition_key.unwrap_or_else(|| "redrive".to_owned());
+            out.push((key, r.data.into_inner()));
         }
-        iterator = page.next_shard_iterator;
     }
     Ok(out)
 }

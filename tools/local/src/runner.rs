@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_sdk_kinesis::types::{EncryptionType, Record, ShardIteratorType};
+use aws_sdk_kinesis::types::{EncryptionType, Record};
 use aws_sdk_kinesis::Client;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ use crate::esm::{
     judge, Attempt, BatchRecord, Completion, EsmSettings, FunctionError, Outcome, ShardState,
     StartingPosition, Step,
 };
+use crate::stream_read::{shard_ids, ShardReader, Start};
 use crate::LocalError;
 
 /// An invocation in flight. It need not be `Send`: the handlers' futures are not provably
@@ -529,25 +530,7 @@ async fn describe(kinesis: &Client, stream: &str) -> Result<(String, Vec<String>
         .stream_description_summary()
         .map(|s| s.stream_arn().to_owned())
         .unwrap_or_default();
-    let mut shards = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let mut req = kinesis.list_shards();
-        req = match &next {
-            Some(token) => req.next_token(token),
-            None => req.stream_name(stream),
-        };
-        let page = req
-            .send()
-            .await
-            .map_err(|e| LocalError::aws("Kinesis ListShards", e))?;
-        shards.extend(page.shards().iter().map(|s| s.shard_id().to_owned()));
-        match page.next_token() {
-            Some(t) => next = Some(t.to_owned()),
-            None => break,
-        }
-    }
-    Ok((arn, shards))
+    Ok((arn, shard_ids(kinesis, stream).await?))
 }
 
 fn now_ms() -> i64 {
@@ -571,28 +554,15 @@ struct ShardTask {
 const MAX_READ_ERRORS: u32 = 20;
 
 impl ShardTask {
-    async fn iterator(&self, after: Option<&str>) -> Result<Option<String>, LocalError> {
-        let mut req = self
-            .kinesis
-            .get_shard_iterator()
-            .stream_name(&self.mapping.stream)
-            .shard_id(&self.source.shard_id);
-        req = match after {
-            Some(seq) => req
-                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(seq),
-            None => match self.mapping.settings.starting_position {
-                StartingPosition::TrimHorizon => {
-                    req.shard_iterator_type(ShardIteratorType::TrimHorizon)
-                }
-                StartingPosition::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
-            },
+    /// The shard, read from just after `after`, or from the mapping's starting position.
+    async fn open(&self, after: Option<&str>) -> Result<ShardReader, LocalError> {
+        let start = match (after, self.mapping.settings.starting_position) {
+            (Some(seq), _) => Start::After(seq),
+            (None, StartingPosition::TrimHorizon) => Start::TrimHorizon,
+            (None, StartingPosition::Latest) => Start::Latest,
         };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| LocalError::aws("Kinesis GetShardIterator", e))?;
-        Ok(out.shard_iterator)
+        let (stream, shard) = (&self.mapping.stream, &self.source.shard_id);
+        ShardReader::open(&self.kinesis, stream, shard, start, Some(self.read_limit)).await
     }
 
     async fn run(self) -> Result<(ShardKey, Option<String>), LocalError> {
@@ -601,7 +571,7 @@ impl ShardTask {
         let mut state: ShardState<ShardRecord> =
             ShardState::new(self.mapping.settings.clone(), self.checkpoint.clone());
         let mut last_read = self.checkpoint.clone();
-        let mut iterator = self.iterator(last_read.as_deref()).await?;
+        let mut reader = self.open(last_read.as_deref()).await?;
         let mut read_errors = 0u32;
         let clock = Instant::now();
         let elapsed_ms = || clock.elapsed().as_millis() as u64;
@@ -617,40 +587,30 @@ impl ShardTask {
                     // Read the flag *before* polling: an empty poll after the upstream was
                     // done proves nothing more can come.
                     let upstream_done = self.upstream_done.load(Ordering::SeqCst);
-                    let Some(it) = iterator.clone() else {
+                    if reader.is_closed() {
                         // The shard is closed and everything in it was read.
                         if invoke_by_ms.is_none() && state.is_idle() {
                             break;
                         }
                         tokio::time::sleep(self.poll_interval).await;
                         continue;
-                    };
-                    let page = self
-                        .kinesis
-                        .get_records()
-                        .shard_iterator(it)
-                        .limit(self.read_limit)
-                        .send()
-                        .await;
-                    let page = match page {
+                    }
+                    let records = match reader.page().await {
                         Ok(p) => {
                             read_errors = 0;
                             p
                         }
                         Err(e) => {
                             read_errors += 1;
-                            let e = LocalError::aws("Kinesis GetRecords", e);
                             if read_errors >= MAX_READ_ERRORS {
                                 return Err(e);
                             }
                             tracing::warn!(stream = %self.mapping.stream, shard = %self.source.shard_id, error = %e, "GetRecords failed; reopening the shard");
                             tokio::time::sleep(self.poll_interval).await;
-                            iterator = self.iterator(last_read.as_deref()).await?;
+                            reader = self.open(last_read.as_deref()).await?;
                             continue;
                         }
                     };
-                    iterator = page.next_shard_iterator().map(str::to_owned);
-                    let records = page.records();
                     if let Some(last) = records.last() {
                         last_read = Some(last.sequence_number().to_owned());
                         stats

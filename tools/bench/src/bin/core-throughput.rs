@@ -28,7 +28,6 @@ use adpipe_core::testkit::{MemoryKeyedStream, ShardPoller};
 use adpipe_enricher::ROW_GROUP_ROWS;
 use adpipe_lake::writer_properties;
 use adpipe_local::cli::share;
-use adpipe_local::functions::add_counts;
 use adpipe_local::generator::{generate, TrafficConfig};
 use adpipe_local::resources::Resources;
 use clap::Parser;
@@ -185,7 +184,7 @@ async fn round(
             "router: {:?}",
             report.failures
         );
-        add_counts(&mut counts, &report.counts);
+        counts += &report.counts;
         while cursor < keyed.len(0) {
             let batch = keyed.read(0, cursor, r.keyed_mapping.batch_size);
             cursor += batch.len();
@@ -197,7 +196,7 @@ async fn round(
                 "joiner: {:?}",
                 report.failures
             );
-            add_counts(&mut counts, &report.counts);
+            counts += &report.counts;
         }
         last_ms = *now_ms;
     }

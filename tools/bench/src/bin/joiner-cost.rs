@@ -166,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
             now_ms += 100;
             let report = function.router.process(&records, now_ms).await;
             p.checkpoint(records.len(), report.first_failure);
-            add(&mut totals, &report.counts);
+            totals += &report.counts;
             done += records.len();
         }
         drain_keyed(
@@ -328,7 +328,7 @@ async fn drain_keyed(
         }
         for (shard, records) in by_shard {
             let report = function.keyed.process(&records, now_ms).await;
-            add(totals, &report.counts);
+            *totals += &report.counts;
             let upto = report.first_failure.unwrap_or(records.len());
             if upto == 0 {
                 anyhow::bail!("keyed batch failed: {:?}", report.failures);
@@ -354,16 +354,6 @@ fn summary_line(events: u64, wcu: u64, rcu: u64, ddb_requests: u64, put_units: u
         per(ddb_requests) * 1000.0,
         per(put_units)
     )
-}
-
-fn add(t: &mut Counts, c: &Counts) {
-    t.joined += c.joined;
-    t.forwarded += c.forwarded;
-    t.buffered += c.buffered;
-    t.duplicates += c.duplicates;
-    t.unmatched += c.unmatched;
-    t.skipped += c.skipped;
-    t.evicted += c.evicted;
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ impl Shard {
         for i in 0..p.rows {
             let click = self.rng.chance(p.click_share / (1.0 + p.click_share));
             if click && !recent.is_empty() {
-                let imp = recent[self.rng.below(recent.len())].clone();
+                let imp = recent[self.rng.scaled_below(recent.len())].clone();
                 let c = Click {
                     ad_id: imp.ad_id.clone(),
                     impression_id: imp.impression_id.clone(),
@@ -201,16 +201,17 @@ impl Shard {
             }
             let campaign = zipf.sample(&mut self.rng);
             let imp = Impression {
-                ad_id: format!("ad-{campaign}-{}", self.rng.below(20)),
+                ad_id: format!("ad-{campaign}-{}", self.rng.scaled_below(20)),
                 impression_id: self.rng.uuid(),
                 campaign_id: format!("camp-{campaign:05}"),
-                publisher_id: format!("pub-{}", self.rng.below(500)),
+                publisher_id: format!("pub-{}", self.rng.scaled_below(500)),
                 event_time_ms: minute + i as i64 * 50,
-                device_type: ["mobile", "tablet", "desktop", "ios", "tv"][self.rng.below(5)].into(),
+                device_type: ["mobile", "tablet", "desktop", "ios", "tv"][self.rng.scaled_below(5)]
+                    .into(),
                 geo_location: "US-CA".into(),
                 platform: "android".into(),
                 ad_type: "banner".into(),
-                bid_price: self.rng.below(10_000) as f64 / 100.0,
+                bid_price: self.rng.scaled_below(10_000) as f64 / 100.0,
             };
             recent.push(imp.clone());
             recs.push(Rec::Imp(imp));
@@ -225,7 +226,7 @@ impl Shard {
                 .collect();
             let mut chosen: Vec<Rec> = Vec::new();
             for _ in 0..p.repeat_rows.min(imps.len()) {
-                let r = imps[self.rng.below(imps.len())].clone();
+                let r = imps[self.rng.scaled_below(imps.len())].clone();
                 let id = |r: &Rec| match r {
                     Rec::Imp(i) => i.impression_id.clone(),
                     Rec::Click(pair) => pair.1.click_id.clone(),
