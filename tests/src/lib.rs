@@ -158,6 +158,7 @@ pub async fn read_records(
                     stream: name.to_owned(),
                     shard: id.clone(),
                     sequence_number: r.sequence_number().to_owned(),
+                    sub_sequence_number: None,
                 },
                 invalid_base64: None,
                 arrival_ms: r.approximate_arrival_timestamp().map(|t| t.secs() * 1000),

@@ -304,3 +304,124 @@ async fn batches_out_of_retries_go_to_the_on_failure_queue_and_free_the_shard() 
     assert_eq!((imps.records_done, imps.discarded), (10, 0), "{imps:?}");
     assert_eq!(f.joiner.totals().rejected_total(), 10);
 }
+
+/// Records packed by the reference implementation of the KPL aggregation format (Python's
+/// aws-kinesis-agg, not adpipe's own), plain and aggregated mixed on both input streams, plus
+/// three aggregates spoilt three ways: the lake is exactly what the same records sent plain
+/// give, each malformed user record is dead-lettered on its own at its sub-sequence number, and
+/// each spoilt aggregate once, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kpl_aggregates_of_the_reference_library_land_like_plain_records() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let t = traffic(31, "kpl-");
+    let encode =
+        |records: &[Vec<u8>]| -> Vec<String> { records.iter().map(|r| b64.encode(r)).collect() };
+    // Valid impressions of ids nobody else sends: spoilt, they must reach only the dead letters.
+    let spoilt: Vec<String> = (0..3)
+        .map(|n| {
+            let mut v: Value = serde_json::from_slice(&t.impression_records[0]).unwrap();
+            v["impression_id"] = format!("kpl-spoilt-{n}").into();
+            b64.encode(serde_json::to_vec(&v).unwrap())
+        })
+        .collect();
+    let job = serde_json::json!({
+        "seed": 31,
+        "max_group": 12,
+        "streams": {"impressions": encode(&t.impression_records), "clicks": encode(&t.click_records)},
+        "corrupt": {"impressions": spoilt},
+    });
+    let packed = kpl_aggregate(&job);
+    let stream = |name: &str| -> Vec<Vec<u8>> {
+        packed["streams"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| b64.decode(r.as_str().unwrap()).unwrap())
+            .collect()
+    };
+    let (imps, clicks) = (stream("impressions"), stream("clicks"));
+    let count = |k: &str| packed[k].as_u64().unwrap();
+    let counts = ["aggregates", "user_records", "plain"].map(count);
+    assert!(counts[0] > 20 && counts[2] > 0, "{counts:?}");
+    assert_eq!(count("corrupt"), 3);
+    assert_eq!(
+        count("user_records") + count("plain"),
+        (t.impression_records.len() + t.click_records.len()) as u64
+    );
+
+    let p = pipeline().await;
+    send(&p, &imps, &clicks).await;
+    let f = p.functions().unwrap();
+    drain(&p, &f).await;
+    let totals = f.joiner.totals();
+    assert_eq!(totals.user_records, count("user_records"), "{totals:?}");
+    check_lake_with(&p, &t, 3).await;
+
+    let letters = p.dead_letter_objects("dead-letter/joiner/").await.unwrap();
+    let whole: Vec<&Value> = letters
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["reason"] == "invalid_aggregate")
+        .collect();
+    assert_eq!(whole.len(), 3, "each spoilt aggregate once");
+    let details: Vec<&str> = whole
+        .iter()
+        .map(|v| v["detail"].as_str().unwrap())
+        .collect();
+    for why in ["MD5", "does not decode", "partition key index"] {
+        assert!(
+            details.iter().any(|d| d.contains(why)),
+            "{why}: {details:?}"
+        );
+    }
+    let inside: Vec<&String> = letters
+        .iter()
+        .filter(|(_, v)| v.get("sub_sequence_number").is_some())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(!inside.is_empty(), "malformed user records of aggregates");
+    for key in inside {
+        let stem = key.trim_end_matches(".json");
+        assert!(
+            stem.rsplit_once('.').is_some(),
+            "{key} names its sub-sequence number"
+        );
+    }
+    eprintln!(
+        "kpl: {} aggregates holding {} user records, {} plain records, {} spoilt aggregates; \
+         {} pairs joined",
+        count("aggregates"),
+        count("user_records"),
+        count("plain"),
+        count("corrupt"),
+        totals.joined
+    );
+}
+
+/// `tools/kpl_aggregate.py` (the project venv's Python) on a job, its JSON answer.
+fn kpl_aggregate(job: &Value) -> Value {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let root = adpipe_it::workspace_root();
+    let mut child = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tools/kpl_aggregate.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tools/kpl_aggregate.py (run scripts/venv.sh first)");
+    // A script that fails early closes its input: its error, below, says why.
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(job.to_string().as_bytes());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kpl_aggregate.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -63,8 +63,14 @@ pub fn rejected(
     rejection: &Rejection,
     now_ms: i64,
 ) -> DeadLetter {
+    // A user record of a KPL aggregate adds `.<sub-sequence number>`: `.` is always escaped
+    // inside a segment, so the two forms cannot meet.
+    let sub = position
+        .sub_sequence_number
+        .map(|n| format!(".{n}"))
+        .unwrap_or_default();
     let key = format!(
-        "{prefix}{}/{}/{}/{}.json",
+        "{prefix}{}/{}/{}/{}{sub}.json",
         key_segment(function),
         key_segment(&position.stream),
         key_segment(&position.shard),
@@ -81,6 +87,9 @@ pub fn rejected(
         "recorded_at": format_millis(now_ms),
         "data_base64": base64::engine::general_purpose::STANDARD.encode(data),
     });
+    if let Some(sub) = position.sub_sequence_number {
+        body["sub_sequence_number"] = json!(sub);
+    }
     if let Ok(text) = std::str::from_utf8(data) {
         body["data"] = json!(text);
     }
@@ -226,6 +235,7 @@ mod tests {
             stream: long.clone(),
             shard: long.clone(),
             sequence_number: long.clone(),
+            sub_sequence_number: None,
         };
         let rej = Rejection::new(RejectReason::InvalidJson, "bad");
         let letter = rejected("dead-letter/", &long, &pos, b"x", &rej, 0);
@@ -238,6 +248,7 @@ mod tests {
             stream: "adpipe-local-impressions".into(),
             shard: "shardId-000000000001".into(),
             sequence_number: "4959".into(),
+            sub_sequence_number: None,
         };
         let rej = Rejection::new(RejectReason::InvalidJson, "bad");
         let letter = rejected("dead-letter/", "joiner", &pos, b"\xffoops", &rej, 0);
@@ -250,5 +261,24 @@ mod tests {
         assert_eq!(body["sequence_number"], "4959");
         assert_eq!(body["data_base64"], "/29vcHM=");
         assert!(body.get("data").is_none(), "not UTF-8, so only base64");
+        assert!(body.get("sub_sequence_number").is_none());
+
+        // The user records of one KPL aggregate share its sequence number: each has its own
+        // entry, none meets the aggregate's own.
+        let mut user = pos.clone();
+        user.sub_sequence_number = Some(12);
+        let letter = rejected("dead-letter/", "joiner", &user, b"{}", &rej, 0);
+        assert_eq!(
+            letter.key,
+            "dead-letter/joiner/adpipe-local-impressions/shardId-000000000001/4959.12.json"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
+        assert_eq!(body["sub_sequence_number"], 12);
+        user.sequence_number = "4959.12".into();
+        user.sub_sequence_number = None;
+        assert_ne!(
+            rejected("dead-letter/", "joiner", &user, b"{}", &rej, 0).key,
+            letter.key
+        );
     }
 }

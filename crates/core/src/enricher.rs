@@ -444,6 +444,7 @@ mod tests {
                 stream: "joined".into(),
                 shard: "shardId-000000000000".into(),
                 sequence_number: format!("{n:020}"),
+                sub_sequence_number: None,
             },
             data: serde_json::to_vec(&JoinedStreamRecord::Impression(ImpressionRecord::new(
                 &imp, false,

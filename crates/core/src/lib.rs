@@ -11,6 +11,7 @@ pub mod enrich;
 pub mod enricher;
 pub mod in_memory;
 pub mod join;
+pub mod kpl;
 pub mod lake;
 pub mod ledger;
 pub mod metrics;

@@ -9,7 +9,10 @@ use crate::validate::RejectReason;
 /// What one batch did. Emitted once per batch, never per record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Kinesis records in the batch (a KPL aggregate is one).
     pub records_in: u64,
+    /// User records unpacked from KPL aggregates (a plain record is not counted here).
+    pub user_records: u64,
     pub impressions: u64,
     pub clicks: u64,
     /// Joined records accepted by the output stream (new pairs and completed re-emissions).
@@ -59,6 +62,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
         // Destructured, so that a new field cannot be left out of the sum.
         let Counts {
             records_in,
+            user_records,
             impressions,
             clicks,
             joined,
@@ -77,6 +81,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
             evicted,
         } = c;
         self.records_in += records_in;
+        self.user_records += user_records;
         self.impressions += impressions;
         self.clicks += clicks;
         self.joined += joined;
@@ -141,6 +146,7 @@ pub fn emf_line(
 ) -> String {
     let mut values: Vec<(String, u64)> = vec![
         ("RecordsIn".into(), counts.records_in),
+        ("UserRecords".into(), counts.user_records),
         ("Impressions".into(), counts.impressions),
         ("Clicks".into(), counts.clicks),
         ("Joined".into(), counts.joined),

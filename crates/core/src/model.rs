@@ -19,30 +19,17 @@ pub enum RecordKind {
 }
 
 /// Where an input record sits in Kinesis. Sequence numbers are opaque strings: real ones have
-/// up to 129 digits, local endpoints use short ones, so they are never parsed as numbers.
+/// up to 129 digits, local endpoints use short ones, so they are never parsed as numbers. A
+/// user record of a KPL aggregate also has its sub-sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourcePosition {
     pub stream: String,
     pub shard: String,
     pub sequence_number: String,
-}
-
-impl SourcePosition {
-    /// A short, stable digest of the position, stored with each side of the join state so a
-    /// later delivery can tell whether it is the very record that wrote that side (a Lambda
-    /// retry) or another delivery of the same event.
-    pub fn key(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for part in [&self.stream, &self.shard, &self.sequence_number] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        h.finalize()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
+    /// The user record's index in a KPL aggregate (`None` for a plain record): the records of
+    /// one aggregate share its sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_sequence_number: Option<u64>,
 }
 
 /// Orders Kinesis sequence numbers: decimal digit strings compare as numbers. Anything else is

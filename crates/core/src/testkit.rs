@@ -290,6 +290,7 @@ impl ShardPoller {
                     shard: self.shard.clone(),
                     // Opaque, zero-padded like real ones; never parsed as a number.
                     sequence_number: format!("4960{i:020}"),
+                    sub_sequence_number: None,
                 },
                 data: self.records[i].clone(),
                 invalid_base64: None,
@@ -520,6 +521,7 @@ impl RecordSink for MemoryKeyedStream {
                         stream: self.stream.clone(),
                         shard: Self::shard_id(i),
                         sequence_number: format!("4970{n:020}"),
+                        sub_sequence_number: None,
                     },
                     data: r.data.clone(),
                     invalid_base64: None,

@@ -22,6 +22,9 @@ pub const MAX_FIELD_BYTES: usize = 256;
 pub enum RejectReason {
     /// The Kinesis envelope's `data` is not valid base64.
     InvalidBase64,
+    /// A KPL-aggregated record that cannot be read (a wrong MD5 trailer, a truncated or invalid
+    /// protobuf, a key index outside its table, no user record, too many): refused whole.
+    InvalidAggregate,
     /// The bytes are not valid UTF-8.
     InvalidUtf8,
     /// The bytes are not one JSON document (syntax error, trailing data, number out of range).
@@ -78,8 +81,9 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 23] = [
+    pub const ALL: [RejectReason; 24] = [
         RejectReason::InvalidBase64,
+        RejectReason::InvalidAggregate,
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
         RejectReason::NotAnObject,
@@ -107,6 +111,7 @@ impl RejectReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::InvalidBase64 => "invalid_base64",
+            RejectReason::InvalidAggregate => "invalid_aggregate",
             RejectReason::InvalidUtf8 => "invalid_utf8",
             RejectReason::InvalidJson => "invalid_json",
             RejectReason::NotAnObject => "not_an_object",

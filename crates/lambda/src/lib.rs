@@ -75,6 +75,7 @@ fn position(event_id: Option<&str>, arn: Option<&str>, sequence_number: &str) ->
         stream: stream_name(arn.unwrap_or_default()).to_owned(),
         shard,
         sequence_number: sequence_number.to_owned(),
+        sub_sequence_number: None,
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::generator::{DelayMix, TrafficConfig};
+use crate::generator::{DelayMix, Traffic, TrafficConfig};
 use crate::replay::Order;
 
 /// The demo's default size: about 20k events pass the local endpoint in a few minutes (moto
@@ -273,9 +273,25 @@ pub struct TrafficArgs {
     #[arg(long, value_name = "P", default_value_t = TrafficConfig::default().derived_click_ids,
           value_parser = share)]
     pub derived_click_ids: f64,
+    /// Send KPL-aggregated records of up to N user records each (at most 51,200 bytes, the
+    /// Kinesis Producer Library's default), as KPL producers do [default: plain records]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub kpl: Option<usize>,
 }
 
 impl TrafficArgs {
+    /// The traffic's records as they are sent: plain, or KPL-aggregated with `--kpl`.
+    pub fn records(&self, traffic: &Traffic) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (imps, clicks) = (&traffic.impression_records, &traffic.click_records);
+        match self.kpl {
+            Some(n) => (
+                crate::replay::kpl_aggregates(imps, n),
+                crate::replay::kpl_aggregates(clicks, n),
+            ),
+            None => (imps.clone(), clicks.clone()),
+        }
+    }
+
     /// The generator's configuration; without `--start`, traffic ends at the last whole minute
     /// before `now_ms`, so it looks recent.
     pub fn config(&self, now_ms: i64) -> TrafficConfig {

@@ -16,7 +16,7 @@ use adpipe_local::athena::{AthenaQueries, QueryEngine};
 use adpipe_local::chart::{self, CHART_SQL};
 use adpipe_local::cli::{
     Cli, Command, DemoArgs, EndpointArgs, GenerateArgs, QueryArgs, ReplayArgs, RunArgs, Stage,
-    UpArgs,
+    TrafficArgs, UpArgs,
 };
 use adpipe_local::endpoint::{endpoint_server, workspace_root, LocalEndpoint};
 use adpipe_local::generator::{generate, Traffic};
@@ -281,15 +281,10 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         Command::Generate(a) => {
             let traffic = generate(&a.traffic.config(adpipe_lambda::now_ms()))?;
             if let Some(dir) = &a.out {
-                return write_traffic(&traffic, dir);
+                return write_traffic(&traffic, &a.traffic, dir);
             }
-            send(
-                traffic.impression_records,
-                traffic.click_records,
-                a.order,
-                a.rate,
-            )
-            .await
+            let (imps, clicks) = a.traffic.records(&traffic);
+            send(imps, clicks, a.order, a.rate).await
         }
         Command::Replay(a) => {
             let (imps, clicks) = read_replay_files(&a)?;
@@ -611,6 +606,13 @@ async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
         s.malformed
     );
     let input = (traffic.impression_records.len() + traffic.click_records.len()) as u64;
+    let (imps, clicks) = a.traffic.records(&traffic);
+    if a.traffic.kpl.is_some() {
+        eprintln!(
+            "sent as {} KPL-aggregated and plain Kinesis records (--kpl)",
+            thousands((imps.len() + clicks.len()) as u64)
+        );
+    }
 
     // The traffic goes out while the functions run, as producers and Lambda overlap in
     // production, so the attribution latency below means what it says.
@@ -622,14 +624,7 @@ async fn demo(a: &DemoArgs, root: &Path) -> Result<()> {
     options.producers_done = producers.clone();
     let (send_time, report) = tokio::join!(
         async {
-            let sent = send_traffic(
-                &p,
-                &traffic.impression_records,
-                &traffic.click_records,
-                Order::Interleaved,
-                a.rate,
-            )
-            .await;
+            let sent = send_traffic(&p, &imps, &clicks, Order::Interleaved, a.rate).await;
             producers.store(true, Ordering::SeqCst);
             sent
         },
@@ -799,23 +794,20 @@ async fn generate_cmd(a: &GenerateArgs, root: &Path) -> Result<()> {
         traffic.stats.malformed
     );
     if let Some(dir) = &a.out {
-        return write_traffic(&traffic, dir);
+        return write_traffic(&traffic, &a.traffic, dir);
     }
     let p = pipeline(&a.endpoint, root).await?;
-    let took = send_traffic(
-        &p,
-        &traffic.impression_records,
-        &traffic.click_records,
-        a.order,
-        a.rate,
-    )
-    .await?;
+    let (imps, clicks) = a.traffic.records(&traffic);
+    let took = send_traffic(&p, &imps, &clicks, a.order, a.rate).await?;
     println!("sent in {:.1}s", took.as_secs_f64());
     Ok(())
 }
 
 /// Writes generated traffic as `impressions.jsonl` and `clicks.jsonl` into `dir`.
-fn write_traffic(traffic: &Traffic, dir: &Path) -> Result<()> {
+fn write_traffic(traffic: &Traffic, args: &TrafficArgs, dir: &Path) -> Result<()> {
+    if args.kpl.is_some() {
+        bail!("--kpl sends binary aggregates; JSONL (--out) holds one text record per line, so they do not go together");
+    }
     write_jsonl(&dir.join("impressions.jsonl"), &traffic.impression_records)?;
     write_jsonl(&dir.join("clicks.jsonl"), &traffic.click_records)?;
     println!(

@@ -73,6 +73,44 @@ pub fn write_jsonl(path: &Path, records: &[Vec<u8>]) -> Result<(), LocalError> {
     std::fs::write(path, bytes).map_err(LocalError::io("writing a JSONL file"))
 }
 
+/// The KPL's default `AggregationMaxSize`: a producer closes an aggregate before it passes it.
+pub const KPL_MAX_AGGREGATE_BYTES: usize = 51_200;
+
+/// Records packed as the Kinesis Producer Library packs them: runs of up to `per_aggregate`
+/// user records (each under its own partition key) in one KPL-aggregated record of at most
+/// [`KPL_MAX_AGGREGATE_BYTES`]. A run of one (the last, or a record too big to share) is sent
+/// plain, as the KPL sends it.
+pub fn kpl_aggregates(records: &[Vec<u8>], per_aggregate: usize) -> Vec<Vec<u8>> {
+    // Upper bounds of what a user record adds to an aggregate: its data, its partition key in
+    // the table, and at most 12 bytes of protobuf framing; the magic and the MD5 trailer add 20.
+    let size = |data: &[u8], key: &str| data.len() + 12 + key.len() + 3;
+    let mut out = Vec::new();
+    let mut run: Vec<(String, &[u8])> = Vec::new();
+    let mut bytes = 20;
+    let flush = |run: &mut Vec<(String, &[u8])>, out: &mut Vec<Vec<u8>>| match run.len() {
+        0 => {}
+        1 => out.push(run.pop().expect("one record").1.to_vec()),
+        _ => {
+            out.push(adpipe_core::kpl::aggregate(
+                run.iter().map(|(k, d)| (k.as_str(), *d)),
+            ));
+            run.clear();
+        }
+    };
+    for data in records {
+        let key = partition_key(data);
+        let add = size(data, &key);
+        if run.len() >= per_aggregate.max(1) || bytes + add > KPL_MAX_AGGREGATE_BYTES {
+            flush(&mut run, &mut out);
+            bytes = 20;
+        }
+        bytes += add;
+        run.push((key, data));
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 /// The partition key a producer would use: the record's `impression_id` (so an impression and
 /// its clicks hash alike), or a digest of the bytes for records that have none.
 pub fn partition_key(data: &[u8]) -> String {
@@ -300,6 +338,43 @@ mod tests {
         let round = to_jsonl(&records).unwrap();
         assert_eq!(parse_jsonl(&round), records);
         assert_eq!(to_jsonl(&[b"a\nb".to_vec()]), Err(0));
+    }
+
+    #[test]
+    fn kpl_aggregates_hold_every_record_once_in_order_within_the_size_limit() {
+        let records: Vec<Vec<u8>> = (0..250)
+            .map(|i| {
+                let pad = "x".repeat(if i % 50 == 7 { 30_000 } else { i * 7 });
+                format!(r#"{{"impression_id":"imp-{i}","pad":"{pad}"}}"#).into_bytes()
+            })
+            .collect();
+        for per in [1, 2, 10, 1_000] {
+            let sent = kpl_aggregates(&records, per);
+            let mut back = Vec::new();
+            for r in &sent {
+                assert!(
+                    r.len() <= KPL_MAX_AGGREGATE_BYTES.max(31_000),
+                    "{}",
+                    r.len()
+                );
+                if adpipe_core::kpl::is_aggregate(r) {
+                    assert!(r.len() <= KPL_MAX_AGGREGATE_BYTES);
+                    let users = adpipe_core::kpl::deaggregate(r).unwrap();
+                    assert!(
+                        users.len() >= 2 && users.len() <= per,
+                        "{per}: {}",
+                        users.len()
+                    );
+                    back.extend(users);
+                } else {
+                    back.push(r.clone());
+                }
+            }
+            assert_eq!(back, records, "per {per}");
+            if per == 1 {
+                assert_eq!(sent, records, "one per aggregate is plain records");
+            }
+        }
     }
 
     #[test]

@@ -54,8 +54,8 @@ fn kind_of(config: &JoinerConfig, stream: &str) -> Option<RecordKind> {
     }
 }
 
-/// Validates one input record: its envelope, its source stream, its fields and its event time.
-/// The router and the per-event joiner share it, so both refuse exactly the same records.
+/// Validates one input record (a plain record, or one user record of a KPL aggregate): its
+/// envelope, its source stream, its fields and its event time.
 pub fn parse_input(config: &JoinerConfig, record: &InputRecord) -> Result<Event, Rejection> {
     if let Some(detail) = &record.invalid_base64 {
         return Err(Rejection::new(RejectReason::InvalidBase64, detail.clone()));

@@ -19,6 +19,7 @@ use crate::dead_letter;
 use crate::join::buckets::{bucket_of, explicit_hash_key};
 use crate::join::emit;
 use crate::join::input::{parse_input, BatchReport, FUNCTION};
+use crate::kpl;
 use crate::metrics::Counts;
 use crate::model::{Click, Event, Impression, InputRecord, SourcePosition};
 use crate::ports::{DeadLetterSink, OutRecord, RecordSink};
@@ -201,33 +202,70 @@ impl<K: RecordSink, D: DeadLetterSink> BatchRouter<K, D> {
     }
 
     /// Routes one batch of one input shard. A record is finished when it is dead-lettered or
-    /// its keyed record was accepted; the first unfinished one is reported for redelivery.
+    /// its keyed records were accepted; the first unfinished one is reported for redelivery.
     /// A redelivery may put an event on the keyed stream twice: the joiner recognises it.
+    ///
+    /// KPL aggregates are unpacked into their user records, each routed or dead-lettered on its
+    /// own; an aggregate is finished when all of its user records are. A batch is unpacked in
+    /// runs of at most [`kpl::MAX_USER_RECORDS_IN_MEMORY`] user records, so what it holds in
+    /// memory is bounded whatever its aggregates carry.
     pub async fn process(&self, records: &[InputRecord], now_ms: i64) -> BatchReport {
+        let mut report = BatchReport::new(records.len());
+        for run in kpl::runs(records) {
+            let start = run.start;
+            let part = self.route(&records[run], start, now_ms).await;
+            report.counts += &part.counts;
+            report.failures.extend(part.failures);
+            if !report.failures.is_empty() {
+                // What follows the first failure is redelivered anyway.
+                break;
+            }
+        }
+        report.counts.records_in = records.len() as u64;
+        report.first_failure = report.failures.keys().next().copied();
+        report.counts.failed = report
+            .first_failure
+            .map_or(0, |f| (records.len() - f) as u64);
+        report
+    }
+
+    /// Routes consecutive records, the first at index `offset` of the batch; failures are
+    /// keyed by the batch's indexes.
+    async fn route(&self, records: &[InputRecord], offset: usize, now_ms: i64) -> BatchReport {
         let cfg = &self.config;
-        let mut counts = Counts {
-            records_in: records.len() as u64,
-            ..Counts::default()
-        };
+        let mut counts = Counts::default();
         let mut failures: BTreeMap<usize, String> = BTreeMap::new();
         let mut letters = Vec::new();
         let mut events = Vec::new();
-        for (i, record) in records.iter().enumerate() {
-            match parse_input(cfg, record) {
+        let units: Vec<kpl::UserRecord<'_>> = records
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| kpl::user_records(offset + i, r))
+            .collect();
+        for unit in &units {
+            let record = unit.record.as_ref();
+            if record.position.sub_sequence_number.is_some() {
+                counts.user_records += 1;
+            }
+            let parsed = match &unit.refused {
+                Some(rejection) => Err(rejection.clone()),
+                None => parse_input(cfg, record),
+            };
+            match parsed {
                 Ok(event) => {
                     match &event {
                         Event::Impression(_) => counts.impressions += 1,
                         Event::Click(_) => counts.clicks += 1,
                     }
                     events.push((
-                        i,
+                        unit.index,
                         KeyedEvent::new(event, record.position.clone(), record.arrival_ms),
                     ));
                 }
                 Err(rejection) => {
                     counts.reject(rejection.reason);
                     letters.push((
-                        i,
+                        unit.index,
                         dead_letter::rejected(
                             &cfg.dead_letter_prefix,
                             FUNCTION,
@@ -240,6 +278,7 @@ impl<K: RecordSink, D: DeadLetterSink> BatchRouter<K, D> {
                 }
             }
         }
+        drop(units);
         let packed = pack(events);
         let out: Vec<OutRecord> = packed.iter().map(|(r, _)| r.clone()).collect();
         // A keyed record that may have been written is sent again as it is: the joiner
@@ -266,10 +305,8 @@ impl<K: RecordSink, D: DeadLetterSink> BatchRouter<K, D> {
                 failures.entry(i).or_insert_with(|| e.to_string());
             }
         }
-        let first_failure = failures.keys().next().copied();
-        counts.failed = first_failure.map_or(0, |f| (records.len() - f) as u64);
         BatchReport {
-            first_failure,
+            first_failure: None,
             failures,
             counts,
         }
@@ -294,7 +331,7 @@ mod tests {
                     device_type: "mobile".into(), geo_location: "US".into(), platform: "ios".into(),
                     ad_type: "banner".into(), bid_price: 1.0,
                 };
-                let pos = SourcePosition { stream: "s".into(), shard: "shardId-0".into(), sequence_number: i.to_string() };
+                let pos = SourcePosition { stream: "s".into(), shard: "shardId-0".into(), sequence_number: i.to_string(), sub_sequence_number: None };
                 (i, KeyedEvent::new(Event::Impression(imp), pos, Some(i as i64)))
             }).collect();
             let packed = pack(events.clone());

@@ -219,6 +219,7 @@ async fn round(
                             "4960{:020}",
                             b * r.enricher_mapping.batch_size + i
                         ),
+                        sub_sequence_number: None,
                     },
                     data: rec.data.clone(),
                     invalid_base64: None,
