@@ -459,6 +459,19 @@ class EnvironmentAndNames(unittest.TestCase):
         # The conditional audit bucket is the only output not listed above.
         self.assertEqual(set(outputs) - set(wanted), {"LakeDataEventsBucketName"})
 
+    def test_each_resource_s_output_in_the_contract_names_it(self) -> None:
+        # `adpipe --stack NAME env` finds each resource-backed variable's value through the
+        # output deploy/resources.json names for the resource.
+        outputs = template()["Outputs"]
+        env = contract()["env"]
+        needed = {s["resource"] for f in ("joiner", "enricher") for s in env[f].values() if "resource" in s}
+        for key, spec in contract()["resources"].items():
+            with self.subTest(resource=key):
+                if key in needed:
+                    self.assertIn("output", spec, f"{key} backs a variable but names no output")
+                if "output" in spec:
+                    self.assertEqual(outputs[spec["output"]]["Value"], {"Ref": spec["logical_id"]})
+
     def test_every_output_the_cli_reads_exists(self) -> None:
         # `adpipe --stack` reads the outputs named by the *_OUTPUT constants of
         # tools/local/src/stack.rs (and the role ARNs by name in main.rs).

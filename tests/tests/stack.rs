@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adpipe_core::config::{EnricherConfig, JoinerConfig};
+use adpipe_core::config::{EnricherConfig, JoinerConfig, ENRICHER_ENV, JOINER_ENV};
 use adpipe_it::{read_stream, unique, workspace_root, LocalAws};
 use adpipe_local::events::StageNames;
 use adpipe_local::generator::{generate, TrafficConfig};
@@ -23,6 +23,9 @@ fn template(prefix: &str) -> String {
     };
     serde_json::json!({
         "AWSTemplateFormatVersion": "2010-09-09",
+        // One of template.yaml's parameters, left at a default other than the code's, so the
+        // env file shows that parameters come from the stack.
+        "Parameters": {"WarmWindowSeconds": {"Type": "String", "Default": "5000"}},
         "Resources": {
             "ImpressionsStream": stream("impressions"),
             "ClicksStream": stream("clicks"),
@@ -53,6 +56,7 @@ fn template(prefix: &str) -> String {
             CLICKS_TABLE_OUTPUT: {"Value": "enriched_clicks"},
             IMPRESSIONS_TABLE_OUTPUT: {"Value": "impressions"},
             STATE_LOG_TABLE_OUTPUT: {"Value": format!("{prefix}-join-log")},
+            "KeyedStreamName": {"Value": format!("{prefix}-keyed")},
             WORKGROUP_OUTPUT: {"Value": format!("{prefix}-wg")},
             JOINER_FUNCTION_OUTPUT: {"Value": format!("{prefix}-joiner")},
             ENRICHER_FUNCTION_OUTPUT: {"Value": format!("{prefix}-enricher")},
@@ -304,10 +308,16 @@ fn stage_names(t: &StackTarget) -> StageNames {
 async fn the_env_file_configures_both_functions_with_the_stacks_names() {
     let (s, t) = resolved().await;
     let env = env_of(&t);
+    // Every variable either function reads, not only the names this test looks at.
+    for var in JOINER_ENV.iter().chain(ENRICHER_ENV) {
+        assert!(env.contains_key(*var), "{var} is not in the env file");
+    }
     let joiner = JoinerConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
     assert_eq!(joiner.impressions_stream, t.impressions_stream);
     assert_eq!(joiner.clicks_stream, t.clicks_stream);
     assert_eq!(joiner.state_log_table, format!("{}-join-log", s.prefix));
+    assert_eq!(joiner.keyed_stream, format!("{}-keyed", s.prefix));
+    assert_eq!(joiner.warm_window_ms, 5_000_000, "the stack's parameter");
     let enricher = EnricherConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
     assert_eq!(enricher.lake_bucket, format!("{}-lake", s.prefix));
     assert_eq!(

@@ -176,6 +176,11 @@ pub const JOINER_ENV: &[&str] = &[
     MAX_EVENT_TIME_AHEAD_SECONDS,
 ];
 
+/// Variables the joiner reads that the template leaves unset: Lambda sets the memory size, and
+/// the memory budget is an override for tests and tuning.
+pub const JOINER_ENV_NOT_SET_BY_TEMPLATE: &[&str] =
+    &[MAX_ENTRIES_IN_MEMORY, AWS_LAMBDA_FUNCTION_MEMORY_SIZE];
+
 /// A missing or malformed setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -576,6 +581,43 @@ mod warm_window_tests {
                 ..
             })
         ));
+    }
+
+    /// The lists the deploy contract and `adpipe env` are checked against are what the
+    /// configurations read: a variable read but not listed would be missing from every
+    /// environment file.
+    #[test]
+    fn the_listed_variables_are_exactly_those_read() {
+        use std::collections::BTreeSet;
+        use std::sync::Mutex;
+        fn read(build: impl Fn(&dyn Fn(&str) -> Option<String>)) -> BTreeSet<String> {
+            let asked = Mutex::new(BTreeSet::new());
+            build(&|k: &str| {
+                asked.lock().unwrap().insert(k.to_owned());
+                // The required names only; every other setting keeps its default, so no
+                // lookup stops early on a value out of range.
+                let required = k.ends_with("_NAME")
+                    || k.ends_with("BUCKET")
+                    || k.ends_with("_TABLE")
+                    || k == GLUE_DATABASE;
+                required.then(|| "x".to_owned())
+            });
+            asked.into_inner().unwrap()
+        }
+        let joiner = read(|l| {
+            let _ = JoinerConfig::from_lookup(l);
+        });
+        let listed: BTreeSet<String> = JOINER_ENV
+            .iter()
+            .chain(JOINER_ENV_NOT_SET_BY_TEMPLATE)
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(joiner, listed);
+        let enricher = read(|l| {
+            let _ = EnricherConfig::from_lookup(l);
+        });
+        let listed: BTreeSet<String> = ENRICHER_ENV.iter().map(|s| s.to_string()).collect();
+        assert_eq!(enricher, listed);
     }
 
     #[test]

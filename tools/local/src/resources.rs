@@ -388,6 +388,11 @@ mod tests {
         assert_eq!(c.impressions_stream, r.impressions_stream.name);
         assert_eq!(c.state_log_table, r.state_log_table);
         assert!(joiner.keys().all(|k| JOINER_ENV.contains(&k.as_str())));
+        // And every one of them: `adpipe env` prints them all for the local stage.
+        let file = r.lambda_env_file("http://127.0.0.1:4566");
+        for var in JOINER_ENV.iter().chain(ENRICHER_ENV) {
+            assert!(file.contains(&format!("\n{var}=")), "{var} missing:\n{file}");
+        }
         let enricher = r.enricher_env();
         let c = EnricherConfig::from_lookup(|k| enricher.get(k).cloned()).unwrap();
         assert_eq!(c.database, r.glue_database);

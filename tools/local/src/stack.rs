@@ -36,6 +36,8 @@ pub struct StackTarget {
     pub on_failure_queue_url: String,
     /// Every output of the stack, for the commands that need more ([`StackTarget::output`]).
     pub outputs: BTreeMap<String, String>,
+    /// The stack's parameter values (as deployed, defaults included).
+    pub parameters: BTreeMap<String, String>,
 }
 
 impl StackTarget {
@@ -63,6 +65,7 @@ impl StackTarget {
             joined_stream: get(JOINED_STREAM_OUTPUT)?,
             on_failure_queue_url: get(ON_FAILURE_QUEUE_OUTPUT)?,
             outputs: outputs.clone(),
+            parameters: BTreeMap::new(),
         })
     }
 
@@ -86,55 +89,50 @@ impl StackTarget {
         cfn: &aws_sdk_cloudformation::Client,
         stack: &str,
     ) -> Result<StackTarget, LocalError> {
-        StackTarget::from_outputs(stack, &stack_outputs(cfn, stack).await?)
+        let (outputs, parameters) = stack_outputs(cfn, stack).await?;
+        let mut target = StackTarget::from_outputs(stack, &outputs)?;
+        target.parameters = parameters;
+        Ok(target)
     }
 }
 
 impl StackTarget {
-    /// The functions' environment against this stack's resources, for
-    /// `cargo lambda watch --env-file` (the functions then run on this machine and read and
-    /// write the deployed streams, tables and bucket with the default credential chain).
-    /// Settings the template leaves at their defaults are left out: the code has the same
-    /// defaults (checked by the deploy contract tests).
+    /// The functions' environment against this stack, for `cargo lambda watch --env-file`
+    /// (the functions then run on this machine and read and write the deployed streams,
+    /// tables and bucket with the default credential chain): every variable the template sets
+    /// for the joiner and the enricher, from `deploy/resources.json`'s `env`, which the
+    /// template tests hold to `template.yaml` and the deploy contract tests to what the code
+    /// reads. A resource's name comes from the output the contract names for it, a parameter's
+    /// value from the stack's parameters (its default if the stack has none: a comment says
+    /// so), a fixed value as it is.
     pub fn lambda_env_file(&self) -> Result<String, LocalError> {
-        use adpipe_core::config as c;
-        let bucket = self.output(LAKE_BUCKET_OUTPUT)?;
-        let vars: Vec<(&str, String)> = vec![
-            (c::IMPRESSIONS_STREAM_NAME, self.impressions_stream.clone()),
-            (c::CLICKS_STREAM_NAME, self.clicks_stream.clone()),
-            (c::JOINED_STREAM_NAME, self.joined_stream.clone()),
-            (
-                c::STATE_LOG_TABLE_NAME,
-                self.output(STATE_LOG_TABLE_OUTPUT)?.to_owned(),
-            ),
-            (c::DEAD_LETTER_BUCKET, bucket.to_owned()),
-            (c::LAKE_BUCKET, bucket.to_owned()),
-            (
-                c::GLUE_DATABASE,
-                self.output(GLUE_DATABASE_OUTPUT)?.to_owned(),
-            ),
-            (
-                c::CLICKS_TABLE,
-                self.output(CLICKS_TABLE_OUTPUT)?.to_owned(),
-            ),
-            (
-                c::IMPRESSIONS_TABLE,
-                self.output(IMPRESSIONS_TABLE_OUTPUT)?.to_owned(),
-            ),
-            (
-                c::COMMIT_LEASE_TABLE,
-                self.output(COMMIT_LEASE_TABLE_OUTPUT)?.to_owned(),
-            ),
-            (
-                c::METRICS_NAMESPACE,
-                self.output(METRICS_NAMESPACE_OUTPUT)?.to_owned(),
-            ),
-        ];
+        let contract: serde_json::Value = serde_json::from_str(crate::resources::CONTRACT)
+            .map_err(|e| LocalError::Stack(format!("deploy/resources.json: {e}")))?;
+        let mut vars: BTreeMap<String, String> = BTreeMap::new();
+        let mut notes = Vec::new();
+        for function in ["joiner", "enricher"] {
+            let env = contract["env"][function].as_object().ok_or_else(|| {
+                LocalError::Stack(format!("deploy/resources.json has no env.{function}"))
+            })?;
+            for (var, source) in env {
+                let value = self.env_value(&contract, var, source, &mut notes)?;
+                if let Some(other) = vars.insert(var.clone(), value.clone()) {
+                    if other != value {
+                        return Err(LocalError::Stack(format!(
+                            "{var} is {other:?} for one function and {value:?} for another"
+                        )));
+                    }
+                }
+            }
+        }
         let mut out = format!(
             "# Written by `adpipe --stack {} env`: the functions' environment against the \
              deployed stack's resources.\n",
             self.stack
         );
+        for note in notes {
+            out.push_str(&format!("# {note}\n"));
+        }
         if let Some(region) = self.outputs.get("Region") {
             out.push_str(&format!("AWS_REGION={region}\n"));
         }
@@ -143,13 +141,50 @@ impl StackTarget {
         }
         Ok(out)
     }
+
+    fn env_value(
+        &self,
+        contract: &serde_json::Value,
+        var: &str,
+        source: &serde_json::Value,
+        notes: &mut Vec<String>,
+    ) -> Result<String, LocalError> {
+        use serde_json::Value;
+        if let Some(resource) = source.get("resource").and_then(Value::as_str) {
+            let output = contract["resources"][resource]["output"]
+                .as_str()
+                .ok_or_else(|| {
+                    LocalError::Stack(format!(
+                        "deploy/resources.json names no output for {resource} ({var})"
+                    ))
+                })?;
+            return self.output(output).map(str::to_owned);
+        }
+        if let Some(parameter) = source.get("parameter").and_then(Value::as_str) {
+            if let Some(v) = self.parameters.get(parameter) {
+                return Ok(v.clone());
+            }
+            let default = source.get("default").and_then(Value::as_str).unwrap_or("");
+            notes.push(format!(
+                "{var}: the stack has no parameter {parameter}; the template's default {default:?}"
+            ));
+            return Ok(default.to_owned());
+        }
+        match source.get("value") {
+            Some(Value::String(v)) => Ok(v.clone()),
+            Some(v) => Ok(v.to_string()),
+            None => Err(LocalError::Stack(format!(
+                "deploy/resources.json: {var} has neither resource, parameter nor value"
+            ))),
+        }
+    }
 }
 
-/// The outputs of one stack, key → value.
+/// The outputs and the parameters of one stack, key → value each.
 pub async fn stack_outputs(
     cfn: &aws_sdk_cloudformation::Client,
     stack: &str,
-) -> Result<BTreeMap<String, String>, LocalError> {
+) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), LocalError> {
     let out = cfn
         .describe_stacks()
         .stack_name(stack)
@@ -169,11 +204,20 @@ pub async fn stack_outputs(
         .stacks()
         .first()
         .ok_or_else(|| LocalError::Stack(format!("no stack {stack}")))?;
-    Ok(found
+    let outputs = found
         .outputs()
         .iter()
         .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
-        .collect())
+        .collect();
+    let parameters = found
+        .parameters()
+        .iter()
+        .filter_map(|p| {
+            let value = p.resolved_value().or(p.parameter_value())?;
+            Some((p.parameter_key()?.to_owned(), value.to_owned()))
+        })
+        .collect();
+    Ok((outputs, parameters))
 }
 
 #[cfg(test)]
@@ -205,11 +249,51 @@ mod tests {
                 joined_stream: "dev-joined".into(),
                 on_failure_queue_url: "https://sqs/q".into(),
                 outputs: outputs(),
+                parameters: BTreeMap::new(),
             }
         );
         assert_eq!(t.output("DashboardName").unwrap(), "d");
         let e = t.output(WORKGROUP_OUTPUT).unwrap_err().to_string();
         assert!(e.contains("AthenaWorkGroupName"), "{e}");
+    }
+
+    /// Every variable either function reads gets a value: resources through the outputs the
+    /// contract names, parameters from the stack (or their defaults, said in a comment).
+    #[test]
+    fn the_env_file_sets_every_variable_of_both_functions() {
+        use adpipe_core::config::{EnricherConfig, JoinerConfig, ENRICHER_ENV, JOINER_ENV};
+        let contract: serde_json::Value = serde_json::from_str(crate::resources::CONTRACT).unwrap();
+        let mut o = outputs();
+        for spec in contract["resources"].as_object().unwrap().values() {
+            if let Some(key) = spec["output"].as_str() {
+                o.entry(key.to_owned())
+                    .or_insert_with(|| format!("out-{key}"));
+            }
+        }
+        let mut t = StackTarget::from_outputs("adpipe-dev", &o).unwrap();
+        t.parameters
+            .insert("WarmWindowSeconds".into(), "5000".into());
+        let file = t.lambda_env_file().unwrap();
+        let env: BTreeMap<String, String> = file
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        for var in JOINER_ENV.iter().chain(ENRICHER_ENV) {
+            assert!(env.contains_key(*var), "{var} missing:\n{file}");
+        }
+        let joiner = JoinerConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(joiner.keyed_stream, "out-KeyedStreamName");
+        assert_eq!(joiner.state_log_table, "out-StateLogTableName");
+        assert_eq!(env["WARM_WINDOW_SECONDS"], "5000");
+        assert_eq!(joiner.warm_window_ms, 5_000_000);
+        assert!(
+            file.contains("# DEDUP_HORIZON_HOURS: the stack has no parameter DedupHorizonHours")
+        );
+        assert_eq!(env["DEDUP_HORIZON_HOURS"], "48");
+        let enricher = EnricherConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(enricher.database, "out-GlueDatabaseName");
     }
 
     #[test]
