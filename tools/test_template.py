@@ -1402,5 +1402,83 @@ class SamLevelLint(unittest.TestCase):
         self.assert_caught("Runtime: provided.al2023", "Runtime: provided.al2O23", "'provided.al2O23' is not one of")
 
 
+def doc_table(path: str, header: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header line starts with `header`, cells stripped."""
+    lines = (ROOT / path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+class DocsMatchTemplate(unittest.TestCase):
+    """The tables of docs/DEPLOY.md that list what template.yaml declares (parameters and their
+    defaults, outputs, alarms, what a deleted stack keeps and what a re-attach imports) are
+    checked against it, so a change to the template that the docs miss fails here."""
+
+    def test_the_outputs_table_lists_every_output(self) -> None:
+        listed = [name for row in doc_table("docs/DEPLOY.md", "| output | what |") for name in ticked(row[0])]
+        self.assertEqual(len(listed), len(set(listed)), "an output listed twice")
+        self.assertEqual(set(listed), set(template()["Outputs"]))
+
+    def test_the_parameters_table_lists_every_parameter_with_its_default(self) -> None:
+        params = template()["Parameters"]
+        listed = []
+        for row in doc_table("docs/DEPLOY.md", "| parameter | default | what |"):
+            names = ticked(row[0])
+            # "30 (at least 7)", "`true`, 2", "empty": the defaults in the names' order.
+            defaults = [re.sub(r"\s*\(.*\)$", "", d).strip().strip("`") for d in row[1].split(",")]
+            self.assertEqual(len(defaults), len(names), row)
+            for name, default in zip(names, defaults):
+                with self.subTest(parameter=name):
+                    self.assertIn(name, params)
+                    want = str(params[name].get("Default", ""))
+                    self.assertEqual("" if default == "empty" else default.replace(",", ""), want)
+                listed.append(name)
+        self.assertEqual(sorted(listed), sorted(params), "every parameter, once")
+
+    def test_the_alarm_table_and_count_are_the_template_s(self) -> None:
+        names = set()
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] == "AWS::CloudWatch::Alarm":
+                name = res["Properties"]["AlarmName"]
+                text = name["Fn::Sub"] if isinstance(name, dict) else name
+                names.add(text.replace("adpipe-${Stage}", "*"))
+        listed = {n for row in doc_table("docs/DEPLOY.md", "| alarm | metric | fires when |") for n in ticked(row[0])}
+        self.assertEqual(listed, names)
+        text = (ROOT / "docs/DEPLOY.md").read_text()
+        self.assertIn(f"Alarms ({len(names)};", text)
+        self.assertIn(f"{len(names)} alarms", text)
+
+    def test_what_a_deleted_stack_keeps_and_a_re_attach_imports_is_every_retained_resource(self) -> None:
+        retained_ids = {lid for lid, res in template()["Resources"].items() if res.get("DeletionPolicy") == "Retain"}
+        kept = doc_table("docs/DEPLOY.md", "| kept | why |")
+        # One row per retained resource, the streams together in one row that says how many.
+        streams = {lid for lid in retained_ids if resource(lid)["Type"] == "AWS::Kinesis::Stream"}
+        self.assertEqual(len(kept), len(retained_ids) - len(streams) + 1)
+        words = {2: "two", 3: "three", 4: "four", 5: "five"}
+        self.assertTrue(any(row[0].startswith(f"the {words[len(streams)]} streams") for row in kept), kept)
+        text = (ROOT / "docs/DEPLOY.md").read_text()
+        section = text[text.index("## Re-attaching a retained lake") :]
+        section = section[: section.index("\n## ", 1)]
+        for logical_id in sorted(retained_ids - {"IcebergTables"}):
+            with self.subTest(resource=logical_id):
+                self.assertIn(f"`{logical_id}`", section, "the re-attach section names it")
+
+    def test_no_doc_says_the_tables_are_partitioned_by_day(self) -> None:
+        for path in ("docs/DEPLOY.md", "docs/SCHEMAS.md", "docs/DESIGN.md", "README.md"):
+            text = (ROOT / path).read_text()
+            with self.subTest(doc=path):
+                found = re.search(r".{60}partitioned by day.{60}", text, re.S)
+                self.assertIsNone(found, found and found.group(0))
+
+
 if __name__ == "__main__":
     unittest.main()
