@@ -689,8 +689,20 @@ DISPOSABLE = {
 }
 
 
-def retained(res: dict[str, Any]) -> bool:
-    return res.get("DeletionPolicy") == "Retain" and res.get("UpdateReplacePolicy") == "Retain"
+def policy(value: Any, keep_data: bool) -> Any:
+    """A DeletionPolicy, UpdateReplacePolicy or property value with `!If [KeepData, a, b]`
+    resolved as a stack with RetainData true (`keep_data`) or false sees it."""
+    if isinstance(value, dict) and list(value) == ["Fn::If"]:
+        condition, then, otherwise = value["Fn::If"]
+        assert condition == "KeepData", f"only KeepData decides what a deletion keeps: {value}"
+        return then if keep_data else otherwise
+    return value
+
+
+def retained(res: dict[str, Any], keep_data: bool = True) -> bool:
+    """Kept on stack deletion and on replacement, with RetainData as `keep_data` (the default,
+    true, is what production runs)."""
+    return all(policy(res.get(k), keep_data) == "Retain" for k in ("DeletionPolicy", "UpdateReplacePolicy"))
 
 
 class Retention(unittest.TestCase):
@@ -738,11 +750,40 @@ class Retention(unittest.TestCase):
                     self.assertTrue(retained(resource(key)), f"{logical_id} is encrypted with {key}")
 
     def test_the_join_state_is_protected_from_deletion(self) -> None:
-        self.assertIs(props("StateLogTable")["DeletionProtectionEnabled"], True)
+        protection = props("StateLogTable")["DeletionProtectionEnabled"]
+        self.assertIs(policy(protection, True), True)
+        for keep in (True, False):
+            for logical_id, res in template()["Resources"].items():
+                if res["Type"] == "AWS::DynamoDB::Table" and policy(res["Properties"].get("DeletionProtectionEnabled"), keep):
+                    # Otherwise deleting the stack fails on the table instead of leaving it behind.
+                    self.assertTrue(retained(res, keep), logical_id)
+
+    def test_retain_data_is_a_switch_that_defaults_to_keeping(self) -> None:
+        parameter = template()["Parameters"]["RetainData"]
+        self.assertEqual((parameter["Default"], parameter["AllowedValues"]), ("true", ["true", "false"]))
+        self.assertEqual(template()["Conditions"]["KeepData"], {"Fn::Equals": [{"Ref": "RetainData"}, "true"]})
+        self.assertIn("AWS::LanguageExtensions", template()["Transform"])
+
+    def test_a_stage_that_does_not_keep_its_data_deletes_cleanly(self) -> None:
+        # RetainData=false: nothing is retained (the same stage can be deployed again, as no
+        # fixed name is left behind) and nothing is protected from deletion (which would make
+        # the stack's deletion fail).
         for logical_id, res in template()["Resources"].items():
-            if res["Type"] == "AWS::DynamoDB::Table" and res["Properties"].get("DeletionProtectionEnabled"):
-                # Otherwise deleting the stack fails on the table instead of leaving it behind.
-                self.assertTrue(retained(res), logical_id)
+            with self.subTest(resource=logical_id):
+                for key in ("DeletionPolicy", "UpdateReplacePolicy"):
+                    self.assertIn(policy(res.get(key), False), (None, "Delete"), key)
+                protection = res.get("Properties", {}).get("DeletionProtectionEnabled")
+                self.assertIn(policy(protection, False), (None, False))
+
+    def test_the_dev_stage_is_disposable_and_prod_keeps_its_data(self) -> None:
+        text = (ROOT / "samconfig.toml").read_text()
+        overrides = dict(re.findall(r'^\[(\w+)\.deploy\.parameters\][^\[]*?parameter_overrides = "([^\n]*)"$', text, re.M | re.S))
+        self.assertIn('RetainData=\\"false\\"', overrides["default"])
+        self.assertNotIn("RetainData", overrides["prod"], "prod keeps the template's default, true")
+
+    def test_the_dashboard_name_carries_the_region(self) -> None:
+        # Dashboards are account-wide: two regions' stacks of one stage would share a name.
+        self.assertEqual(props("Dashboard")["DashboardName"], {"Fn::Sub": "adpipe-${Stage}-${AWS::Region}"})
 
 
 class Functions(unittest.TestCase):
@@ -1458,7 +1499,7 @@ class DocsMatchTemplate(unittest.TestCase):
         self.assertIn(f"{len(names)} alarms", text)
 
     def test_what_a_deleted_stack_keeps_and_a_re_attach_imports_is_every_retained_resource(self) -> None:
-        retained_ids = {lid for lid, res in template()["Resources"].items() if res.get("DeletionPolicy") == "Retain"}
+        retained_ids = {lid for lid, res in template()["Resources"].items() if retained(res)}
         kept = doc_table("docs/DEPLOY.md", "| kept | why |")
         # One row per retained resource, the streams together in one row that says how many.
         streams = {lid for lid in retained_ids if resource(lid)["Type"] == "AWS::Kinesis::Stream"}

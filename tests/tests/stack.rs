@@ -25,7 +25,11 @@ fn template(prefix: &str) -> String {
         "AWSTemplateFormatVersion": "2010-09-09",
         // One of template.yaml's parameters, left at a default other than the code's, so the
         // env file shows that parameters come from the stack.
-        "Parameters": {"WarmWindowSeconds": {"Type": "String", "Default": "5000"}},
+        "Parameters": {
+            "WarmWindowSeconds": {"Type": "String", "Default": "5000"},
+            // A disposable stage, as the dev stage in samconfig.toml.
+            "RetainData": {"Type": "String", "Default": "false"},
+        },
         "Resources": {
             "ImpressionsStream": stream("impressions"),
             "ClicksStream": stream("clicks"),
@@ -554,4 +558,62 @@ async fn named_queries_run_through_athena_in_the_stacks_workgroup() {
     sent.sort();
     want.sort();
     assert_eq!(sent, want);
+}
+
+/// `adpipe --stack S empty-buckets`: every version and delete marker of a versioned bucket is
+/// counted, then deleted, so CloudFormation can delete the bucket with the stack.
+#[tokio::test]
+async fn empty_buckets_leaves_no_version_and_no_delete_marker() {
+    let (s, t) = resolved().await;
+    let s3 = aws_sdk_s3::Client::new(&s.sdk);
+    let bucket = t.output(LAKE_BUCKET_OUTPUT).unwrap().to_owned();
+    s3.put_bucket_versioning()
+        .bucket(&bucket)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    // 1,203 keys (more than one DeleteObjects request), one overwritten (two versions), one
+    // deleted (a version and a delete marker).
+    for i in 0..1_203 {
+        let key = format!("lake/t/data/{i:05}.parquet");
+        s3.put_object()
+            .bucket(&bucket)
+            .key(&key)
+            .body(vec![1u8].into())
+            .send()
+            .await
+            .unwrap();
+    }
+    s3.put_object()
+        .bucket(&bucket)
+        .key("lake/t/data/00000.parquet")
+        .body(vec![2u8].into())
+        .send()
+        .await
+        .unwrap();
+    s3.delete_object()
+        .bucket(&bucket)
+        .key("lake/t/data/00001.parquet")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(t.disposable_buckets().unwrap(), vec![bucket.clone()]);
+    let counted = empty_bucket(&s3, &bucket, true).await.unwrap();
+    assert_eq!(counted, 1_205);
+    assert_eq!(empty_bucket(&s3, &bucket, false).await.unwrap(), 1_205);
+    let left = s3
+        .list_object_versions()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(left.versions().is_empty() && left.delete_markers().is_empty());
+    // Empty, the bucket can be deleted (what CloudFormation does next).
+    s3.delete_bucket().bucket(&bucket).send().await.unwrap();
 }

@@ -84,6 +84,11 @@ pub enum Command {
     Events(EventsArgs),
     /// Show iterator age, the on-failure queue, dead letters and the tables' last commits.
     Status(EndpointArgs),
+    /// With --stack only, before `sam delete` of a stage deployed with RetainData=false:
+    /// delete every object version and delete marker in the stack's buckets (lake, Athena
+    /// results, CloudTrail logs), so CloudFormation can delete them. Refuses a stack that
+    /// keeps its data.
+    EmptyBuckets(EmptyBucketsArgs),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
@@ -196,6 +201,13 @@ pub struct ChartArgs {
     /// The chart's HTML file [default: .local/out/ctr.html of the workspace]
     #[arg(long, value_name = "FILE.html")]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct EmptyBucketsArgs {
+    /// Really delete: without it, only count what would be deleted
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Args)]

@@ -192,6 +192,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", status::render(&status::local(&p).await?));
             Ok(())
         }
+        Command::EmptyBuckets(_) => bail!(
+            "`adpipe empty-buckets` acts on a deployed stack only (--stack NAME); the local endpoint's buckets go with it"
+        ),
     }
 }
 
@@ -205,7 +208,7 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         Ok(())
     };
     let unsupported = |what: &str, why: &str| {
-        bail!("`adpipe {what}` acts on the local stage only{why}; against --stack NAME there are generate, replay, query, redrive, status, events and env")
+        bail!("`adpipe {what}` acts on the local stage only{why}; against --stack NAME there are generate, replay, query, redrive, status, events, env and empty-buckets")
     };
     // Check what runs before the credential chain is asked anything.
     match &command {
@@ -230,7 +233,7 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         }
         Command::Query(a) => refuse_endpoint(&a.endpoint)?,
         Command::Status(a) | Command::Env(a) => refuse_endpoint(a)?,
-        Command::Events(_) => {}
+        Command::Events(_) | Command::EmptyBuckets(_) => {}
         Command::Chart(_) => {
             return unsupported("chart", " (the stack's dashboard charts CTR per minute)")
         }
@@ -330,6 +333,24 @@ async fn on_stack(stack: &str, region: Option<&str>, command: Command) -> Result
         }
         Command::Env(_) => {
             print!("{}", target.lambda_env_file()?);
+            Ok(())
+        }
+        Command::EmptyBuckets(a) => {
+            let s3 = aws_sdk_s3::Client::new(&sdk);
+            for bucket in target.disposable_buckets()? {
+                let n = stack::empty_bucket(&s3, &bucket, !a.yes).await?;
+                if a.yes {
+                    println!(
+                        "{bucket}: deleted {} object versions and delete markers",
+                        thousands(n)
+                    );
+                } else {
+                    println!("{bucket}: {} object versions and delete markers (add --yes to delete them)", thousands(n));
+                }
+            }
+            if a.yes {
+                println!("now: sam delete --stack-name {}", target.stack);
+            }
             Ok(())
         }
         Command::Events(a) => {

@@ -391,7 +391,10 @@ mod tests {
         // And every one of them: `adpipe env` prints them all for the local stage.
         let file = r.lambda_env_file("http://127.0.0.1:4566");
         for var in JOINER_ENV.iter().chain(ENRICHER_ENV) {
-            assert!(file.contains(&format!("\n{var}=")), "{var} missing:\n{file}");
+            assert!(
+                file.contains(&format!("\n{var}=")),
+                "{var} missing:\n{file}"
+            );
         }
         let enricher = r.enricher_env();
         let c = EnricherConfig::from_lookup(|k| enricher.get(k).cloned()).unwrap();

@@ -180,6 +180,134 @@ impl StackTarget {
     }
 }
 
+/// Outputs naming the stack's buckets: what `adpipe --stack NAME empty-buckets` empties.
+pub const BUCKET_OUTPUTS: [&str; 3] = [
+    LAKE_BUCKET_OUTPUT,
+    "AthenaResultsBucketName",
+    "LakeDataEventsBucketName",
+];
+
+impl StackTarget {
+    /// The stack's buckets, if the stack was deployed to be disposable (`RetainData=false`):
+    /// emptying the buckets of a stack that keeps its data would destroy what the stack is
+    /// set to keep, so it is refused.
+    pub fn disposable_buckets(&self) -> Result<Vec<String>, LocalError> {
+        match self.parameters.get("RetainData").map(String::as_str) {
+            Some("false") => {}
+            other => {
+                return Err(LocalError::Stack(format!(
+                    "stack {} keeps its data (RetainData is {}): its buckets are not emptied. \
+                     Deploy it with RetainData=false first if it is really disposable",
+                    self.stack,
+                    other.unwrap_or("not set, so the template's default, true")
+                )))
+            }
+        }
+        Ok(BUCKET_OUTPUTS
+            .iter()
+            .filter_map(|k| self.outputs.get(*k))
+            .filter(|b| !b.is_empty())
+            .cloned()
+            .collect())
+    }
+}
+
+/// Deletes every object version and delete marker of a bucket (1,000 per request), or with
+/// `dry_run` only counts them. Returns how many.
+pub async fn empty_bucket(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    dry_run: bool,
+) -> Result<u64, LocalError> {
+    use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+    let mut total = 0u64;
+    loop {
+        let page = s3
+            .list_object_versions()
+            .bucket(bucket)
+            .max_keys(1000)
+            .send()
+            .await
+            .map_err(|e| LocalError::aws("S3 ListObjectVersions", e))?;
+        let mut ids = Vec::new();
+        let versions = page.versions().iter().map(|v| (v.key(), v.version_id()));
+        let markers = page
+            .delete_markers()
+            .iter()
+            .map(|m| (m.key(), m.version_id()));
+        for (key, version) in versions.chain(markers) {
+            let Some(key) = key else { continue };
+            let id = ObjectIdentifier::builder()
+                .key(key)
+                .set_version_id(version.map(str::to_owned))
+                .build()
+                .map_err(|e| LocalError::Stack(format!("object {key}: {e}")))?;
+            ids.push(id);
+        }
+        if ids.is_empty() {
+            return Ok(total);
+        }
+        total += ids.len() as u64;
+        if dry_run {
+            // Counting only: the listing does not shrink, so follow its markers instead.
+            if page.is_truncated() != Some(true) {
+                return Ok(total);
+            }
+            let more = count_rest(s3, bucket, &page).await?;
+            return Ok(total + more);
+        }
+        let delete = Delete::builder()
+            .set_objects(Some(ids))
+            .quiet(true)
+            .build()
+            .map_err(|e| LocalError::Stack(format!("bucket {bucket}: {e}")))?;
+        let out = s3
+            .delete_objects()
+            .bucket(bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| LocalError::aws("S3 DeleteObjects", e))?;
+        if let Some(err) = out.errors().first() {
+            return Err(LocalError::Stack(format!(
+                "bucket {bucket}: {} could not be deleted: {} {}",
+                err.key().unwrap_or_default(),
+                err.code().unwrap_or_default(),
+                err.message().unwrap_or_default()
+            )));
+        }
+    }
+}
+
+/// The versions and delete markers after a listing page, counted.
+async fn count_rest(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    first: &aws_sdk_s3::operation::list_object_versions::ListObjectVersionsOutput,
+) -> Result<u64, LocalError> {
+    let (mut key, mut version) = (
+        first.next_key_marker().map(str::to_owned),
+        first.next_version_id_marker().map(str::to_owned),
+    );
+    let mut total = 0;
+    while key.is_some() {
+        let page = s3
+            .list_object_versions()
+            .bucket(bucket)
+            .set_key_marker(key.take())
+            .set_version_id_marker(version.take())
+            .send()
+            .await
+            .map_err(|e| LocalError::aws("S3 ListObjectVersions", e))?;
+        total += (page.versions().len() + page.delete_markers().len()) as u64;
+        if page.is_truncated() == Some(true) {
+            key = page.next_key_marker().map(str::to_owned);
+            version = page.next_version_id_marker().map(str::to_owned);
+        }
+    }
+    Ok(total)
+}
+
 /// The outputs and the parameters of one stack, key → value each.
 pub async fn stack_outputs(
     cfn: &aws_sdk_cloudformation::Client,
@@ -294,6 +422,23 @@ mod tests {
         assert_eq!(env["DEDUP_HORIZON_HOURS"], "48");
         let enricher = EnricherConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
         assert_eq!(enricher.database, "out-GlueDatabaseName");
+    }
+
+    #[test]
+    fn only_a_stack_that_does_not_keep_its_data_has_its_buckets_emptied() {
+        let mut o = outputs();
+        o.insert(LAKE_BUCKET_OUTPUT.into(), "lake".into());
+        o.insert("AthenaResultsBucketName".into(), "results".into());
+        let mut t = StackTarget::from_outputs("adpipe-dev", &o).unwrap();
+        let e = t.disposable_buckets().unwrap_err().to_string();
+        assert!(
+            e.contains("keeps its data") && e.contains("default, true"),
+            "{e}"
+        );
+        t.parameters.insert("RetainData".into(), "true".into());
+        assert!(t.disposable_buckets().is_err());
+        t.parameters.insert("RetainData".into(), "false".into());
+        assert_eq!(t.disposable_buckets().unwrap(), vec!["lake", "results"]);
     }
 
     #[test]
