@@ -17,6 +17,13 @@ lock; holding the lock there would stall every other client, including the one w
 `SendMessage` would end the wait. Connections are still served on threads, so a slow client
 (reading a response, say) delays nobody; only the application of requests is serialised.
 
+Glue's `UpdateTable` with a `VersionId`: Glue applies it only if the table is still at that
+version, and otherwise answers `ConcurrentModificationException` ("Update table failed due to
+concurrent modifications.", HTTP 400) and changes nothing. Every Iceberg writer on Glue (Java's
+`GlueTableOperations`, pyiceberg, iceberg-rust, adpipe's own commit) relies on that check to never
+overwrite another writer's commit; moto ignores the `VersionId`, so here it is enforced as Glue
+does (`strict_glue_update_table`).
+
 Everything else is moto's own server (`moto.server.main`): the same dispatcher, backends and
 request handler.
 """
@@ -38,6 +45,8 @@ from moto.moto_server.werkzeug_app import (
     MotoRequestHandler,
     create_backend_app,
 )
+from moto.core.exceptions import JsonRESTError
+from moto.glue.responses import GlueResponse
 from werkzeug.serving import run_simple
 
 SIGNING_SERVICE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request")
@@ -83,6 +92,38 @@ class Serialised:
         return [body]
 
 
+class ConcurrentModificationException(JsonRESTError):
+    code = 400
+
+    def __init__(self) -> None:
+        super().__init__(
+            "ConcurrentModificationException",
+            "Update table failed due to concurrent modifications.",
+        )
+
+
+def strict_glue_update_table() -> None:
+    """Makes moto's Glue `UpdateTable` refuse a stale `VersionId`, as Glue does.
+
+    moto numbers a table's versions from 1 and adds one per update (Glue from 0; clients only
+    ever echo what `GetTable` returned). An update without `VersionId` is applied
+    unconditionally, as on Glue. The check and the update run under the endpoint's request
+    lock, so two updates from the same version cannot both pass.
+    """
+    original = GlueResponse.update_table
+
+    def update_table(self: GlueResponse) -> Any:
+        version = self.parameters.get("VersionId")
+        if version is not None:
+            name = (self.parameters.get("TableInput") or {}).get("Name")
+            table = self.glue_backend.get_table(self.parameters.get("DatabaseName"), name)
+            if str(version) != str(table._current_version):
+                raise ConcurrentModificationException()
+        return original(self)
+
+    GlueResponse.update_table = update_table  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind")
@@ -91,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     # moto builds some URLs (SQS queue URLs, for one) from MOTO_PORT, as moto_server sets it.
     os.environ.setdefault("MOTO_PORT", str(args.port))
 
+    strict_glue_update_table()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     app = DomainDispatcherApplication(create_backend_app)

@@ -362,14 +362,22 @@ class EnvironmentAndNames(unittest.TestCase):
             if res["Type"] == "AWS::Glue::TableOptimizer":
                 self.assertEqual(res.get("DependsOn"), "IcebergTables", logical_id)
         # The enricher recognises committed batches by its commit ledger, which forgets a shard
-        # after LedgerLimits::default().horizon_ms (crates/core/src/ledger.rs): 8,760 + 168
-        # hours. A replay can be as old as the stream retention plus the mappings' maximum
-        # record age, whatever values the parameters allow.
-        ledger_horizon_s = (8760 + 168) * 3600
-        ledger_source = (ROOT / "crates/core/src/ledger.rs").read_text()
-        self.assertIn("horizon_ms: (8_760 + 168) * 3_600_000", ledger_source)
-        replay = int(params["StreamRetentionHours"]["MaxValue"]) * 3600 + int(params["MaximumRecordAgeSeconds"]["MaxValue"])
-        self.assertGreaterEqual(ledger_horizon_s, replay)
+        # after the stream retention plus the mappings' maximum record age (TablesConfig,
+        # crates/core/src/config.rs): both reach both lake functions from those parameters.
+        config_source = (ROOT / "crates/core/src/config.rs").read_text()
+        self.assertIn("ledger_horizon_ms: env.positive(STREAM_RETENTION_HOURS", config_source)
+        self.assertIn("+ env.positive(MAXIMUM_RECORD_AGE_SECONDS", config_source)
+        for function in ("EnricherFunction", "TablesFunction"):
+            env = props(function)["Environment"]["Variables"]
+            self.assertEqual(env["STREAM_RETENTION_HOURS"], {"Ref": "StreamRetentionHours"}, function)
+            self.assertEqual(env["MAXIMUM_RECORD_AGE_SECONDS"], {"Ref": "MaximumRecordAgeSeconds"}, function)
+            self.assertEqual(env["SNAPSHOT_RETENTION_HOURS"], {"Ref": "SnapshotRetentionHours"}, function)
+        # Glue compacts an hour's partition once it holds fewer files than an hour brings (~60).
+        for logical_id, res in template()["Resources"].items():
+            if res["Type"] == "AWS::Glue::TableOptimizer" and res["Properties"]["Type"] == "compaction":
+                config = res["Properties"]["TableOptimizerConfiguration"]["CompactionConfiguration"]
+                self.assertEqual(config["IcebergConfiguration"]["MinInputFiles"], {"Ref": "CompactionMinInputFiles"}, logical_id)
+        self.assertLess(int(params["CompactionMinInputFiles"]["Default"]), 60)
 
     def test_bucket_lifecycle_covers_dead_letter_late_and_temporary_prefixes(self) -> None:
         prefixes = contract()["prefixes"]
@@ -1151,6 +1159,7 @@ ALARMS = {
     "EnricherFailedAlarm": ("EMF", "Failed", "enricher"),
     "JoinerLateAlarm": ("EMF", "Late", "joiner"),
     "EnricherCommitRetriesAlarm": ("EMF", "CommitRetries", "enricher"),
+    "EnricherForeignColumnsAlarm": ("EMF", "ForeignColumns", "enricher"),
     "OnFailureQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "OnFailureQueue"),
     "StateLogTableThrottlesAlarm": ("AWS/DynamoDB", "WriteThrottleEvents", "StateLogTable"),
     "StateLogTableReadThrottlesAlarm": ("AWS/DynamoDB", "ReadThrottleEvents", "StateLogTable"),

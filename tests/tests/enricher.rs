@@ -1248,7 +1248,15 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
     // 2026-11-20T00:00:00Z; 40 batches of a minute each stay within the day.
     const DAY_START_MS: i64 = 1_795_132_800_000;
     let env = env().await;
-    let e = enricher(&env, "soak").await;
+    // Snapshots expire by age; an age of zero leaves the newest `min_snapshots`, so the bound
+    // is exact here (the age itself: the unit tests of `snapshots_to_expire`).
+    let mut lake = local_lake_config(&env);
+    lake.commit.snapshot_max_age_ms = 0;
+    lake.commit.min_snapshots = 8;
+    let settings = lake.commit;
+    let e = aws_enricher(&env.clients, env.config.clone(), lake, "soak".into())
+        .await
+        .unwrap();
     let rules = EnrichRules::default();
     let impression = |b: usize, i: usize| Impression {
         ad_id: "ad-1".into(),
@@ -1393,7 +1401,6 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
 
     // The commits' own metadata is bounded by the settings, not by the 40 commits: merged
     // manifests, expired snapshots, and a ledger of one shard.
-    let settings = adpipe_lake::CommitSettings::default();
     let table = e.lake.catalog().load_table(&ident).await.unwrap();
     let metadata = table.metadata();
     let manifests = table
@@ -1407,7 +1414,40 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
         (1..settings.manifest_merge_count).contains(&manifests),
         "{manifests} manifests after 40 commits"
     );
-    assert_eq!(metadata.snapshots().len(), settings.snapshots_retained);
+    assert_eq!(metadata.snapshots().len(), settings.min_snapshots);
+    assert_eq!(
+        metadata
+            .properties()
+            .get("history.expire.min-snapshots-to-keep")
+            .map(String::as_str),
+        Some("8"),
+        "the table carries the retention its writers use"
+    );
+    assert!(
+        metadata.metadata_log().len() <= settings.previous_metadata,
+        "{} previous metadata files listed",
+        metadata.metadata_log().len()
+    );
+    // The files that fell out of the log are deleted: the listed ones and the current one stay
+    // (over 40 commits, 42 metadata files were written).
+    let prefix = format!(
+        "{}/metadata/",
+        metadata
+            .location()
+            .split_once(&format!("{}/", env.config.lake_bucket))
+            .unwrap()
+            .1
+    );
+    let metadata_files = read_objects(&env.clients, &env.config.lake_bucket, &prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.ends_with(".metadata.json"))
+        .count();
+    assert!(
+        metadata_files <= settings.previous_metadata + 1,
+        "{metadata_files} metadata.json files under {prefix}"
+    );
     let ledger = adpipe_lake::commit::ledger_of(&table, settings.ledger).unwrap();
     assert_eq!(ledger.shards.len(), 1);
     assert_eq!(
@@ -1424,4 +1464,374 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
         column(&rows(&e, LakeTable::Impressions).await, "impression_id").len(),
         40 * ROWS
     );
+}
+
+/// The lake among its peers: while two enricher environments (a shard at
+/// `ParallelizationFactor` 2) land batch after batch into `impressions`, a second Iceberg
+/// implementation (pyiceberg, `tools/foreign_writer.py`) commits to the same table over and
+/// over: appends, row deletes, a compaction-like rewrite of a partition into one file, an
+/// added column and a tag. Every commit of either side is conditional on what it read (Glue's
+/// `VersionId`, which the local endpoint enforces as Glue does), so neither overwrites the
+/// other: every foreign commit lands within its own retries, every enricher row lands exactly
+/// once, deleted rows stay deleted, the tag and the new column survive the enricher's commits
+/// (its snapshot expiry keeps refs), a new enricher environment starts on the altered table and
+/// writes null in the foreign column, and pyiceberg and DuckDB read the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_lost() {
+    use adpipe_core::enrich::{enrich_impression, EnrichRules};
+    use adpipe_core::lake::impressions_batch;
+    use adpipe_core::model::{Impression, ImpressionRecord};
+    use adpipe_core::ports::InputRange;
+    use std::collections::BTreeMap;
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const ROWS: usize = 25;
+    const MIN_BATCHES: usize = 6;
+    let env = env().await;
+    let e = enricher(&env, "enricher-0").await;
+    let ident = e.lake.ident(LakeTable::Impressions);
+    let now_ms = adpipe_it::recent_start_ms(0);
+    let rules = EnrichRules::default();
+    let batch = move |lane: usize, b: usize| {
+        let seq = (2 * b + lane) * 1_000;
+        let imps: Vec<Impression> = (0..ROWS)
+            .map(|i| Impression {
+                ad_id: "ad-1".into(),
+                impression_id: format!("imp-{lane}-{b:03}-{i:02}"),
+                campaign_id: format!("camp-{}", i % 5),
+                publisher_id: "pub-1".into(),
+                // Three event hours, so partitions gather several files each.
+                event_time_ms: now_ms - (b % 3) as i64 * 3_600_000 + i as i64,
+                device_type: "mobile".into(),
+                geo_location: "US".into(),
+                platform: "ios".into(),
+                ad_type: "banner".into(),
+                bid_price: 10.0,
+            })
+            .collect();
+        let rows: Vec<_> = imps
+            .iter()
+            .map(|imp| {
+                let record = ImpressionRecord::new(imp, false);
+                enrich_impression(&rules, record, imp.event_time_ms + 1).unwrap()
+            })
+            .collect();
+        LakeAppend {
+            table: LakeTable::Impressions,
+            input: InputRange {
+                stream: "adpipe-local-joined".into(),
+                shard: "shardId-000000000000".into(),
+                first_sequence: format!("{seq:012}"),
+                last_sequence: format!("{:012}", seq + ROWS - 1),
+            },
+            rows: impressions_batch(&rows).unwrap(),
+            keys: imps
+                .iter()
+                .map(|i| (i.impression_id.clone(), String::new()))
+                .collect(),
+            in_doubt: vec![false; ROWS],
+        }
+    };
+
+    // The foreign writer, until the enricher is done.
+    let until = std::env::temp_dir().join(unique("foreign-writer-done"));
+    let root = adpipe_it::workspace_root();
+    let foreign = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tools/foreign_writer.py"))
+        .args([
+            "--endpoint",
+            &env.endpoint,
+            "--database",
+            &env.config.database,
+        ])
+        .args(["--table", ident.name(), "--key-column", "impression_id"])
+        .args(["--until-file", until.to_str().unwrap()])
+        .args([
+            "--max-seconds",
+            "400",
+            "--min-rounds",
+            "2",
+            "--max-retries",
+            "200",
+        ])
+        .args(["--seed", "7", "--new-column", "analyst_note"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+
+    // Two lanes of one shard, each its own environment (its own writer name), until the
+    // foreign writer's column and tag are in the table and each lane landed MIN_BATCHES.
+    let altered = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    let lake0 = Arc::new(lake_of(&env, "enricher-0").await);
+    let lake1 = Arc::new(lake_of(&env, "enricher-1").await);
+    for (lane, lake) in [(0usize, lake0.clone()), (1, lake1.clone())] {
+        let altered = altered.clone();
+        handles.push(tokio::spawn(async move {
+            let (mut landed, mut retries, mut foreign_columns) = (0usize, 0u32, 0u64);
+            let started = std::time::Instant::now();
+            let mut b = 0;
+            while b < MIN_BATCHES
+                || (!altered.load(Ordering::SeqCst) && started.elapsed().as_secs() < 300)
+            {
+                let report = lake.append(batch(lane, b)).await.unwrap();
+                assert_eq!(report.rows_written, ROWS as u64, "lane {lane} batch {b}");
+                retries += report.commit_retries;
+                foreign_columns = foreign_columns.max(report.foreign_columns);
+                landed += 1;
+                b += 1;
+                // A lane commits about once a second: the stack's lanes commit once per
+                // batching window (60 s by default), so this is a busy table, time compressed.
+                tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+            }
+            (landed, retries, foreign_columns)
+        }));
+    }
+    // Watch for the column and the tag.
+    let watcher = {
+        let altered = altered.clone();
+        let lake = lake0.clone();
+        let ident = ident.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            while started.elapsed().as_secs() < 300 {
+                let t = lake.catalog().load_table(&ident).await.unwrap();
+                let column = t
+                    .metadata()
+                    .current_schema()
+                    .field_by_name("analyst_note")
+                    .is_some();
+                if column && t.metadata().snapshot_for_ref("audit-7").is_some() {
+                    altered.store(true, Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let mut lane_batches = BTreeMap::new();
+    let mut enricher_retries = 0;
+    let mut saw_foreign_columns = 0;
+    for (lane, h) in handles.into_iter().enumerate() {
+        let (landed, retries, foreign_columns) = h.await.unwrap();
+        lane_batches.insert(lane, landed);
+        enricher_retries += retries;
+        saw_foreign_columns = saw_foreign_columns.max(foreign_columns);
+    }
+    watcher.await.unwrap();
+    assert!(
+        altered.load(Ordering::SeqCst),
+        "the foreign column and tag appeared"
+    );
+
+    // A new environment starts on the altered table (ensure_tables accepts the foreign column)
+    // and lands a batch with null there.
+    let late = aws_enricher(
+        &env.clients,
+        env.config.clone(),
+        local_lake_config(&env),
+        "enricher-2".into(),
+    )
+    .await
+    .expect("a cold start accepts a table with a foreign column");
+    let report = late.lake.append(batch(0, 500)).await.unwrap();
+    assert_eq!(report.rows_written, ROWS as u64);
+    assert_eq!(report.foreign_columns, 1, "analyst_note, written as null");
+    std::fs::write(&until, b"done").unwrap();
+    let output = foreign.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    println!(
+        "foreign writer: {}",
+        serde_json::to_string_pretty(&summary).unwrap()
+    );
+    println!(
+        "enricher: {lane_batches:?} batches per lane + 1, {enricher_retries} commit retries, foreign columns seen {saw_foreign_columns}"
+    );
+    assert!(
+        output.status.success() && summary["error"].is_null(),
+        "{summary}"
+    );
+    let ops = &summary["ops"];
+    for op in ["append", "delete", "add_column", "tag"] {
+        assert!(
+            ops[op]["landed"].as_u64().unwrap() >= 1,
+            "{op} landed: {summary}"
+        );
+        assert_eq!(ops[op]["abandoned"], 0, "{op}: {summary}");
+    }
+
+    // Every enricher row exactly once unless deleted; deleted rows stay deleted; the foreign
+    // rows are there; the new column is null in every enricher row.
+    let deleted: std::collections::HashSet<String> = summary["deleted_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    assert!(!deleted.is_empty());
+    let mut expected: Vec<String> = lane_batches
+        .iter()
+        .flat_map(|(lane, n)| {
+            (0..*n).flat_map(move |b| (0..ROWS).map(move |i| format!("imp-{lane}-{b:03}-{i:02}")))
+        })
+        .chain((0..ROWS).map(|i| format!("imp-0-500-{i:02}")))
+        .filter(|k| !deleted.contains(k))
+        .collect();
+    let foreign_keys: Vec<String> = summary["appended_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    expected.extend(foreign_keys.iter().cloned());
+    expected.sort();
+    let batches = rows(&late, LakeTable::Impressions).await;
+    assert_eq!(column(&batches, "impression_id"), expected, "each row once");
+    for b in &batches {
+        let keys = arrow_array::cast::as_string_array(b.column_by_name("impression_id").unwrap());
+        let note = b.column_by_name("analyst_note").unwrap();
+        for row in 0..b.num_rows() {
+            if keys.value(row).starts_with("imp-") {
+                assert!(note.is_null(row), "{}", keys.value(row));
+            }
+        }
+    }
+    // The tag survived every enricher commit, and main kept the retention it had.
+    let t = late.lake.catalog().load_table(&ident).await.unwrap();
+    let tagged = summary["tag"]["snapshot_id"].as_i64().unwrap();
+    assert_eq!(
+        t.metadata()
+            .snapshot_for_ref("audit-7")
+            .map(|s| s.snapshot_id()),
+        Some(tagged)
+    );
+    assert!(t
+        .metadata()
+        .properties()
+        .get("commit.retry.num-retries")
+        .is_none());
+
+    // pyiceberg and DuckDB read both tables.
+    let db = env.config.database.clone();
+    let scan = adpipe_it::lake_check(
+        &env.endpoint,
+        &[
+            "scan",
+            "--database",
+            &db,
+            "--table",
+            "enriched_clicks",
+            "--table",
+            "impressions",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        scan["impressions"]["rows"].as_array().unwrap().len(),
+        expected.len()
+    );
+    let dir = std::env::temp_dir().join(unique("foreign-sql"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sql = dir.join("counts.sql");
+    std::fs::write(
+        &sql,
+        "SELECT (SELECT count(*) FROM enriched_clicks) AS clicks, (SELECT count(*) FROM impressions) AS impressions",
+    )
+    .unwrap();
+    let q = adpipe_it::lake_check(
+        &env.endpoint,
+        &["query", "--database", &db, "--file", sql.to_str().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(
+        q["counts.sql"]["rows"][0],
+        serde_json::json!([0, expected.len()])
+    );
+}
+
+/// Glue applies an `UpdateTable` that carries a `VersionId` only if the table is still at that
+/// version; every Iceberg writer on Glue (the enricher's commit, pyiceberg, Java's
+/// `GlueTableOperations`) relies on it never to overwrite another's commit. The local endpoint
+/// enforces it as Glue does (plain moto ignores the `VersionId` and passes this test's stale
+/// update): a writer that read the table before the enricher's commit is refused with
+/// `ConcurrentModificationException` and the commit stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_glue_table_version_is_refused_as_glue_refuses_it() {
+    let env = env().await;
+    let e = enricher(&env, "test-writer").await;
+    let glue = aws_sdk_glue::Client::new(&LocalAws::shared().sdk_config().await);
+    let name = e.lake.ident(LakeTable::Impressions).name().to_owned();
+    let read = glue
+        .get_table()
+        .database_name(&env.config.database)
+        .name(&name)
+        .send()
+        .await
+        .unwrap()
+        .table
+        .unwrap();
+    let stale_version = read.version_id().unwrap().to_owned();
+    // The enricher commits meanwhile.
+    let (response, _) = handle(&e, "adpipe", &load_event("joined.json"), NOW_MS).await;
+    assert!(response.batch_item_failures.is_empty());
+    let committed = glue
+        .get_table()
+        .database_name(&env.config.database)
+        .name(&name)
+        .send()
+        .await
+        .unwrap()
+        .table
+        .unwrap();
+    let location =
+        |t: &aws_sdk_glue::types::Table| t.parameters().unwrap()["metadata_location"].clone();
+    assert_ne!(committed.version_id(), Some(stale_version.as_str()));
+    // The stale writer points the table back at what it read.
+    let input = aws_sdk_glue::types::TableInput::builder()
+        .name(&name)
+        .set_table_type(read.table_type().map(str::to_owned))
+        .set_parameters(read.parameters().cloned())
+        .build()
+        .unwrap();
+    let refused = glue
+        .update_table()
+        .database_name(&env.config.database)
+        .table_input(input.clone())
+        .version_id(&stale_version)
+        .send()
+        .await
+        .expect_err("a stale VersionId is refused");
+    let service = refused.into_service_error();
+    assert!(
+        service.is_concurrent_modification_exception(),
+        "{service:?}"
+    );
+    let after = glue
+        .get_table()
+        .database_name(&env.config.database)
+        .name(&name)
+        .send()
+        .await
+        .unwrap()
+        .table
+        .unwrap();
+    assert_eq!(location(&after), location(&committed), "the commit stays");
+    assert_eq!(after.version_id(), committed.version_id());
+    // The current version is accepted (and, without a VersionId, any update, as on Glue).
+    glue.update_table()
+        .database_name(&env.config.database)
+        .table_input(
+            aws_sdk_glue::types::TableInput::builder()
+                .name(&name)
+                .set_table_type(after.table_type().map(str::to_owned))
+                .set_parameters(after.parameters().cloned())
+                .build()
+                .unwrap(),
+        )
+        .version_id(after.version_id().unwrap())
+        .send()
+        .await
+        .unwrap();
 }

@@ -208,6 +208,36 @@ fn every(name: &str, service: &str, operation: &str, fault: &str, n: u32) -> Val
     json!({"name": name, "service": service, "operation": operation, "fault": fault, "every": n})
 }
 
+/// A holder that dies mid-commit never releases its lease. A waiter outlives it: it takes the
+/// lease once the dead holder's runs out, instead of giving up first (it used to wait about
+/// 30 s for a 60 s lease, so every writer of the table failed until the lease expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_outlives_the_lease_of_a_holder_that_died() {
+    let clients = LocalAws::shared().clients().await;
+    let table = unique("lease");
+    create_lease_table(&clients, &table).await.unwrap();
+    let lease = DynamoDbCommitLease::new(clients.dynamodb.clone(), &table)
+        .with_duration(Duration::from_millis(1_500));
+    assert!(lease.max_wait > lease.duration);
+    // Held and never released.
+    let _dead = lease
+        .acquire("db.impressions", "died-mid-commit")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let taken = lease
+        .acquire("db.impressions", "next-writer")
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_000) && waited <= lease.max_wait + Duration::from_secs(1),
+        "waited {waited:?} for a lease of {:?}",
+        lease.duration
+    );
+    lease.release(taken).await.unwrap();
+}
+
 /// A commit lease whose `PutItem` was applied but whose answer was lost: the SDK's retry finds
 /// the lease held by that same acquisition and takes it. (It used to find it "held by another
 /// writer" and wait out its own 60 s lease, every writer of the table queued behind it, until
@@ -221,9 +251,9 @@ async fn a_lost_answer_to_the_commit_lease_put_does_not_block_the_table() {
         .unwrap();
     let client = aws_sdk_dynamodb::Client::new(&sdk_config_at(&proxy.url).await);
     let mut lease = DynamoDbCommitLease::new(client, &table);
-    // Without the fix every attempt after the lost answer is refused; 5 attempts of at most
-    // 200 ms are far short of the lease's 60 s.
-    lease.max_attempts = 5;
+    // Without the fix every attempt after the lost answer is refused; a second of waiting is
+    // far short of the lease's 60 s.
+    lease.max_wait = std::time::Duration::from_secs(1);
     proxy
         .set_rules(
             1,
@@ -236,7 +266,7 @@ async fn a_lost_answer_to_the_commit_lease_put_does_not_block_the_table() {
     proxy.set_rules(0, json!([])).unwrap();
     // Held: another writer is refused until it is released, then gets it at once.
     let mut other = lease.clone();
-    other.max_attempts = 2;
+    other.max_wait = std::time::Duration::from_millis(300);
     let refused = other.acquire("db.clicks", "writer-b").await;
     assert!(refused.is_err(), "two holders: {refused:?}");
     lease.release(held).await.unwrap();

@@ -411,6 +411,16 @@ pub const CLICK_REVENUE_FACTOR: &str = "CLICK_REVENUE_FACTOR";
 /// Default 31.
 pub const MAX_DAYS_PER_BATCH: &str = "MAX_DAYS_PER_BATCH";
 
+/// Lake: how long the tables keep snapshots, in hours (`history.expire.max-snapshot-age-ms`).
+/// Default 1.
+pub const SNAPSHOT_RETENTION_HOURS: &str = "SNAPSHOT_RETENTION_HOURS";
+/// Lake: how long the streams keep records, in hours (the template's `StreamRetentionHours`).
+/// With the next, it sets how long the commit ledger remembers a shard. Default 24.
+pub const STREAM_RETENTION_HOURS: &str = "STREAM_RETENTION_HOURS";
+/// Lake: the oldest record Lambda still delivers, in seconds (the template's
+/// `MaximumRecordAgeSeconds`). Default 3600.
+pub const MAXIMUM_RECORD_AGE_SECONDS: &str = "MAXIMUM_RECORD_AGE_SECONDS";
+
 /// Every variable the enricher reads.
 pub const ENRICHER_ENV: &[&str] = &[
     JOINED_STREAM_NAME,
@@ -428,6 +438,9 @@ pub const ENRICHER_ENV: &[&str] = &[
     EARLIEST_EVENT_TIME,
     MAX_EVENT_TIME_AHEAD_SECONDS,
     MAX_DAYS_PER_BATCH,
+    SNAPSHOT_RETENTION_HOURS,
+    STREAM_RETENTION_HOURS,
+    MAXIMUM_RECORD_AGE_SECONDS,
 ];
 
 /// The enricher's settings.
@@ -446,6 +459,10 @@ pub struct EnricherConfig {
     pub metrics_namespace: String,
     pub time_bounds: crate::validate::TimeBounds,
     pub max_days_per_batch: usize,
+    /// [`TablesConfig::snapshot_max_age_ms`].
+    pub snapshot_max_age_ms: i64,
+    /// [`TablesConfig::ledger_horizon_ms`].
+    pub ledger_horizon_ms: i64,
 }
 
 impl EnricherConfig {
@@ -462,6 +479,8 @@ impl EnricherConfig {
             clicks_table: lake.clicks_table,
             impressions_table: lake.impressions_table,
             commit_lease_table: lake.commit_lease_table,
+            snapshot_max_age_ms: lake.snapshot_max_age_ms,
+            ledger_horizon_ms: lake.ledger_horizon_ms,
             dead_letter_bucket: env.required(DEAD_LETTER_BUCKET)?,
             dead_letter_prefix: env.text(DEAD_LETTER_PREFIX, "dead-letter/"),
             rules: crate::enrich::EnrichRules {
@@ -488,6 +507,8 @@ impl EnricherConfig {
             clicks_table: self.clicks_table.clone(),
             impressions_table: self.impressions_table.clone(),
             commit_lease_table: self.commit_lease_table.clone(),
+            snapshot_max_age_ms: self.snapshot_max_age_ms,
+            ledger_horizon_ms: self.ledger_horizon_ms,
         }
     }
 }
@@ -501,6 +522,9 @@ pub const TABLES_ENV: &[&str] = &[
     CLICKS_TABLE,
     IMPRESSIONS_TABLE,
     COMMIT_LEASE_TABLE,
+    SNAPSHOT_RETENTION_HOURS,
+    STREAM_RETENTION_HOURS,
+    MAXIMUM_RECORD_AGE_SECONDS,
 ];
 
 /// What the tables function needs: where the lake is, its tables, and the commit lease a
@@ -513,6 +537,12 @@ pub struct TablesConfig {
     pub clicks_table: String,
     pub impressions_table: String,
     pub commit_lease_table: String,
+    /// Snapshots younger than this stay in the tables (milliseconds).
+    pub snapshot_max_age_ms: i64,
+    /// How long after a shard's last commit a redelivery of its records can still arrive, so
+    /// the commit ledger must remember it (milliseconds): the stream's retention plus the
+    /// oldest record Lambda delivers.
+    pub ledger_horizon_ms: i64,
 }
 
 impl TablesConfig {
@@ -526,6 +556,9 @@ impl TablesConfig {
             clicks_table: env.text(CLICKS_TABLE, crate::lake::CLICKS_TABLE),
             impressions_table: env.text(IMPRESSIONS_TABLE, crate::lake::IMPRESSIONS_TABLE),
             commit_lease_table: env.required(COMMIT_LEASE_TABLE)?,
+            snapshot_max_age_ms: env.positive(SNAPSHOT_RETENTION_HOURS, 1i64)? * 3_600_000,
+            ledger_horizon_ms: env.positive(STREAM_RETENTION_HOURS, 24i64)? * 3_600_000
+                + env.positive(MAXIMUM_RECORD_AGE_SECONDS, 3_600i64)? * 1_000,
         })
     }
 

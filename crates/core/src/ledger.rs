@@ -45,8 +45,9 @@ impl Default for LedgerLimits {
         LedgerLimits {
             recent_batches: 16,
             ranges_per_shard: 16,
-            // Kinesis's longest retention (365 days) plus Lambda's longest record age (7 days).
-            horizon_ms: (8_760 + 168) * 3_600_000,
+            // The template's defaults: the streams' retention (24 h) plus the oldest record
+            // Lambda delivers (1 h). The functions read theirs (`TablesConfig::ledger_horizon_ms`).
+            horizon_ms: 25 * 3_600_000,
         }
     }
 }

@@ -224,6 +224,13 @@ pub struct AppendReport {
     pub bytes_written: u64,
     /// Commit attempts beyond the first (conflicts with concurrent writers).
     pub commit_retries: u32,
+    /// Columns of the table this version does not write (another writer's): null in every
+    /// row written.
+    pub foreign_columns: u64,
+    /// Previous metadata files the commit deleted.
+    pub metadata_deleted: u64,
+    /// Snapshots the commit expired before their age, to keep the table's snapshot cap.
+    pub snapshots_expired_early: u64,
 }
 
 /// A lake table that appends idempotently per input range.

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use adpipe_core::ports::{AppendReport, InputRange, LakeAppend, PortError, TableWriter};
-use arrow_array::BooleanArray;
+use arrow_array::{BooleanArray, RecordBatch};
 use iceberg::spec::DataFile;
 use iceberg::table::Table;
 use iceberg::TableIdent;
@@ -17,15 +17,15 @@ use crate::{
 };
 
 impl IcebergLake {
-    /// One commit attempt under the lease. `Ok(None)`: the range was already in the table.
+    /// One commit attempt under the lease, of `files` written for partition spec `spec_id`.
     async fn commit_once(
         &self,
         ident: &TableIdent,
         batch_id: &str,
         input: &InputRange,
-        files: &[DataFile],
+        (spec_id, files): (i32, &[DataFile]),
         loaded: &Table,
-    ) -> Result<Option<CommitStats>, PortError> {
+    ) -> Result<Attempt, PortError> {
         let lease = self.lease.acquire(&ident.to_string(), &self.owner).await?;
         let result = async {
             // The catalog entry first: its version guards the update, so whatever changes the
@@ -45,7 +45,7 @@ impl IcebergLake {
             }
             let mut ledger = commit::ledger_of(&table, self.config.commit.ledger)?;
             if ledger.has_batch(input, batch_id) {
-                return Ok(None);
+                return Ok(Attempt::AlreadyThere);
             }
             ledger.record(input, batch_id, lease::now_ms(), self.config.commit.ledger);
             let props = HashMap::from([
@@ -55,16 +55,32 @@ impl IcebergLake {
                 (INPUT_FIRST.to_owned(), input.first_sequence.clone()),
                 (INPUT_LAST.to_owned(), input.last_sequence.clone()),
             ]);
-            let (staged, stats) =
+            // Files written for another partition spec than the table's current one (another
+            // writer changed the spec since) would be listed under the wrong spec: write
+            // them again for the current one.
+            if table.metadata().default_partition_spec_id() != spec_id {
+                return Ok(Attempt::SpecChanged);
+            }
+            let staged =
                 commit::stage_append(&table, files, props, &ledger, &self.config.commit).await?;
-            commit::publish(&self.glue, &self.config.database, &entry, &table, &staged).await?;
-            Ok(Some(stats))
+            commit::publish(
+                &self.glue,
+                &self.config.database,
+                &entry,
+                &table,
+                &staged.metadata,
+            )
+            .await?;
+            let mut stats = staged.stats;
+            stats.metadata_deleted =
+                commit::delete_expired_metadata(&table, &staged.expired_metadata).await;
+            Ok(Attempt::Committed(stats))
         }
         .await;
         let released = self.lease.release(lease).await;
-        let stats = result?;
+        let attempt = result?;
         released?;
-        Ok(stats)
+        Ok(attempt)
     }
 
     /// Whether the table's ledger holds exactly this batch (after a commit whose outcome is
@@ -118,23 +134,38 @@ impl TableWriter for IcebergLake {
             return Ok(report);
         }
 
-        let files = self.write_files(&table, &batch_id, &rows).await?;
-        report.files_written = files.len() as u64;
-        report.bytes_written = files.iter().map(|f| f.file_size_in_bytes()).sum();
-        report.rows_written = files.iter().map(|f| f.record_count()).sum();
-
+        let mut table = table;
+        let (mut spec_id, mut files) = self
+            .write_report(&table, &batch_id, &rows, &mut report)
+            .await?;
         let attempts = self.config.max_commit_attempts.max(1);
         for attempt in 1..=attempts {
-            match self
-                .commit_once(&ident, &batch_id, &append.input, &files, &table)
-                .await
-            {
-                Ok(stats) => {
-                    report.already_committed = stats.is_none();
-                    if stats.is_none() {
-                        report.rows_written = 0;
-                    }
+            let outcome = self
+                .commit_once(&ident, &batch_id, &append.input, (spec_id, &files), &table)
+                .await;
+            match outcome {
+                Ok(Attempt::Committed(stats)) => {
+                    report.metadata_deleted = stats.metadata_deleted as u64;
+                    report.snapshots_expired_early = stats.snapshots_expired_early as u64;
                     return Ok(report);
+                }
+                Ok(Attempt::AlreadyThere) => {
+                    report.already_committed = true;
+                    report.rows_written = 0;
+                    return Ok(report);
+                }
+                Ok(Attempt::SpecChanged) if attempt < attempts => {
+                    report.commit_retries += 1;
+                    tracing::warn!(table = %ident, "partition spec changed; writing the batch's files again");
+                    table = self.load(&ident).await?;
+                    (spec_id, files) = self
+                        .write_report(&table, &batch_id, &rows, &mut report)
+                        .await?;
+                }
+                Ok(Attempt::SpecChanged) => {
+                    return Err(PortError::Unavailable(format!(
+                        "{ident}: the partition spec kept changing while the batch was written"
+                    )));
                 }
                 Err(e) => {
                     // Never re-append blindly: the failed attempt may have landed.
@@ -151,4 +182,33 @@ impl TableWriter for IcebergLake {
         }
         Ok(report)
     }
+}
+
+impl IcebergLake {
+    /// Writes the rows' data files for `table`'s current partition spec and schema, and counts
+    /// them in `report`. Returns the spec id they were written for.
+    async fn write_report(
+        &self,
+        table: &Table,
+        batch_id: &str,
+        rows: &RecordBatch,
+        report: &mut AppendReport,
+    ) -> Result<(i32, Vec<DataFile>), PortError> {
+        let spec_id = table.metadata().default_partition_spec_id();
+        let written = self.write_files(table, batch_id, rows).await?;
+        report.files_written = written.files.len() as u64;
+        report.bytes_written = written.files.iter().map(|f| f.file_size_in_bytes()).sum();
+        report.rows_written = written.files.iter().map(|f| f.record_count()).sum();
+        report.foreign_columns = written.foreign_columns as u64;
+        Ok((spec_id, written.files))
+    }
+}
+
+/// How one commit attempt ended, short of an error.
+enum Attempt {
+    Committed(CommitStats),
+    /// The batch's range was already in the table (a lost response of an earlier attempt).
+    AlreadyThere,
+    /// The table's partition spec is not the one the files were written for.
+    SpecChanged,
 }

@@ -17,8 +17,11 @@ pub struct DynamoDbCommitLease {
     table: String,
     /// How long a holder may keep the lease; longer than any commit takes.
     pub duration: Duration,
-    /// Attempts to acquire before giving up (the batch then fails and is redelivered).
-    pub max_attempts: u32,
+    /// How long to wait for the lease before giving up (the batch then fails and is
+    /// redelivered). Longer than `duration`: a holder that died mid-commit never releases, and
+    /// a waiter that gave up before its lease ran out would fail every writer of the table
+    /// until then.
+    pub max_wait: Duration,
 }
 
 /// A held lease; release it with [`DynamoDbCommitLease::release`].
@@ -67,9 +70,18 @@ impl DynamoDbCommitLease {
         DynamoDbCommitLease {
             client,
             table: table.into(),
-            duration: Duration::from_secs(60),
-            max_attempts: 200,
+            duration: Duration::ZERO,
+            max_wait: Duration::ZERO,
         }
+        .with_duration(Duration::from_secs(60))
+    }
+
+    /// This lease with holders keeping it up to `duration`, and waiters waiting a quarter
+    /// longer than that (so a holder that died is always outlived).
+    pub fn with_duration(mut self, duration: Duration) -> Self {
+        self.duration = duration;
+        self.max_wait = duration + duration / 4;
+        self
     }
 
     /// Waits for the lease on `resource` (bounded), then holds it.
@@ -80,7 +92,13 @@ impl DynamoDbCommitLease {
         let key = format!("commit-lease#{resource}");
         let owner = acquisition_token(owner);
         let mut delay = Duration::from_millis(20);
-        for _ in 0..self.max_attempts {
+        let started = std::time::Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            if attempts > 0 && started.elapsed() >= self.max_wait {
+                break;
+            }
+            attempts += 1;
             let now = now_ms();
             let expires = now + self.duration.as_millis() as i64;
             let result = self
@@ -115,8 +133,9 @@ impl DynamoDbCommitLease {
             }
         }
         Err(PortError::Throttled(format!(
-            "commit lease on {resource} still held by another writer after {} attempts",
-            self.max_attempts
+            "commit lease on {resource} still held by another writer after {:.1} s \
+             ({attempts} attempts)",
+            started.elapsed().as_secs_f64()
         )))
     }
 

@@ -2,8 +2,9 @@
 //! Glue Data Catalog with iceberg-rust.
 //!
 //! Idempotency (see `docs/DESIGN.md`, "The lake"):
-//! - data files are named after the input range (`InputRange::batch_id`) and the partition, so
-//!   a retried batch rewrites the same objects;
+//! - data files are named after the input range (`InputRange::batch_id`), the attempt and the
+//!   partition: an attempt never overwrites an object another attempt wrote (which a commit may
+//!   list), and the files of a failed attempt are orphans that orphan file deletion removes;
 //! - every commit records its input range in the snapshot summary and in the table's commit
 //!   ledger (`adpipe_core::ledger`, a table property), and a batch found in the ledger is never
 //!   appended again. After any commit error the table is reloaded and checked before retrying:
@@ -41,7 +42,7 @@ pub use commit::{CommitSettings, CommitStats};
 pub use keycheck::{KeyCheckPlan, ManifestCache, ManifestReads, MANIFEST_CACHE_BYTES};
 pub use keys::{key_check_candidates, query_plan, KeyScope};
 pub use lease::DynamoDbCommitLease;
-pub use tables::{schema_additions, TableSetup};
+pub use tables::{property_changes, schema_additions, table_properties, SchemaPlan, TableSetup};
 
 /// Snapshot summary keys recording the input a commit covers.
 pub const BATCH_ID: &str = "adpipe.batch-id";
@@ -91,7 +92,14 @@ impl LakeConfig {
             credentials: None,
             row_group_rows,
             max_commit_attempts: 5,
-            commit: CommitSettings::default(),
+            commit: CommitSettings {
+                snapshot_max_age_ms: tables.snapshot_max_age_ms,
+                ledger: adpipe_core::ledger::LedgerLimits {
+                    horizon_ms: tables.ledger_horizon_ms,
+                    ..adpipe_core::ledger::LedgerLimits::default()
+                },
+                ..CommitSettings::default()
+            },
         }
     }
 }

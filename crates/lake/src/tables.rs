@@ -13,7 +13,7 @@ use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, TableCreation, TableIdent};
 
-use crate::{iceberg_schema, lake_error, IcebergLake};
+use crate::{iceberg_schema, lake_error, CommitSettings, IcebergLake};
 
 /// What [`IcebergLake::ensure_tables`] did to one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +197,7 @@ impl IcebergLake {
             .map_err(|e| lake_error("checking a table", e))?
         {
             let added = self.migrate_table(table, &schema).await?;
+            self.ensure_properties(table).await?;
             return Ok(TableSetup::Existing { added });
         }
         if let Some(metadata) = self.retained_metadata(s3, table).await? {
@@ -210,13 +211,57 @@ impl IcebergLake {
                 .await
                 .map_err(|e| lake_error("registering a retained table", e))?;
             let added = self.migrate_table(table, &schema).await?;
+            self.ensure_properties(table).await?;
             return Ok(TableSetup::Registered { added });
         }
         self.catalog
-            .create_table(&self.namespace, table_creation(&ident, schema)?)
+            .create_table(
+                &self.namespace,
+                table_creation(&ident, schema, &self.config.commit)?,
+            )
             .await
             .map_err(|e| lake_error("creating a table", e))?;
         Ok(TableSetup::Created)
+    }
+
+    /// Brings an existing table's properties to the lake's ([`property_changes`]), in one
+    /// Iceberg properties update under the table's commit lease. Other properties are left as
+    /// they are.
+    pub async fn ensure_properties(&self, table: LakeTable) -> Result<(), PortError> {
+        let ident = self.ident(table);
+        let changes = |t: &Table| property_changes(t.metadata().properties(), &self.config.commit);
+        let (set, remove) = changes(&self.load(&ident).await?);
+        if set.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let lease = self.lease.acquire(&ident.to_string(), &self.owner).await?;
+        let result = async {
+            let current = self.load(&ident).await?;
+            let (set, remove) = changes(&current);
+            if set.is_empty() && remove.is_empty() {
+                return Ok(());
+            }
+            let tx = Transaction::new(&current);
+            let mut update = tx.update_table_properties();
+            for (k, v) in &set {
+                update = update.set(k.clone(), v.clone());
+            }
+            for k in &remove {
+                update = update.remove(k.clone());
+            }
+            update
+                .apply(tx)
+                .map_err(|e| lake_error("preparing the properties update", e))?
+                .commit(&self.catalog)
+                .await
+                .map_err(|e| lake_error("committing the properties update", e))?;
+            tracing::warn!(table = %ident, set = ?set, removed = ?remove, "table properties updated");
+            Ok(())
+        }
+        .await;
+        let released = self.lease.release(lease).await;
+        result?;
+        released
     }
 
     /// Adds to an existing table the columns of `code` it lacks ([`schema_additions`]), as
@@ -232,12 +277,16 @@ impl IcebergLake {
     ) -> Result<Vec<String>, PortError> {
         let ident = self.ident(table);
         let plan = |t: &Table| {
-            schema_additions(
-                t.metadata().current_schema(),
-                code,
-                t.metadata().last_column_id(),
-            )
-            .map_err(|m| PortError::Rejected(format!("table {ident}: {m}")))
+            let plan = schema_additions(t.metadata().current_schema(), code)
+                .map_err(|m| PortError::Rejected(format!("table {ident}: {m}")))?;
+            if !plan.foreign.is_empty() {
+                tracing::warn!(
+                    table = %ident,
+                    columns = ?plan.foreign,
+                    "the table has columns this version does not write: its rows hold null there"
+                );
+            }
+            Ok::<_, PortError>(plan.added)
         };
         if plan(&self.load(&ident).await?)?.is_empty() {
             return Ok(Vec::new());
@@ -288,10 +337,11 @@ impl IcebergLake {
 }
 
 /// A new table of `schema`: format v2, partitioned by `hour(impression_time)`, sorted by
-/// `campaign_id` then `impression_time`, zstd Parquet, no commit retries of iceberg-rust's own.
+/// `campaign_id` then `impression_time`, with the lake's [`table_properties`].
 fn table_creation(
     ident: &TableIdent,
     schema: iceberg::spec::Schema,
+    commit: &CommitSettings,
 ) -> Result<TableCreation, PortError> {
     let field_id = |name: &str| {
         schema
@@ -327,61 +377,107 @@ fn table_creation(
         .schema(schema)
         .partition_spec(spec)
         .sort_order(order)
-        .properties([
-            ("write.format.default".to_owned(), "parquet".to_owned()),
-            (
-                "write.parquet.compression-codec".to_owned(),
-                "zstd".to_owned(),
-            ),
-            // Our own commit loop retries (after checking what landed); iceberg-rust's
-            // would re-apply an append whose response was lost.
-            ("commit.retry.num-retries".to_owned(), "0".to_owned()),
-        ])
+        .properties(table_properties(commit))
         .build())
 }
 
-/// What a table's schema needs to become the code's: the code's columns it lacks, in order,
-/// each to be added as an optional column.
+/// Table properties every lake table carries, Iceberg's own names, so that every writer of
+/// the table (Glue's optimizers, Athena, Spark, pyiceberg) works by the same rules:
+/// - Parquet with zstd;
+/// - snapshots expire by age ([`CommitSettings::snapshot_max_age_ms`]), keeping at least
+///   [`CommitSettings::min_snapshots`]: what the enricher's commit does, and what Java's
+///   `ExpireSnapshots` and Glue's retention read;
+/// - a commit deletes the metadata files that fall out of the metadata log, which keeps
+///   [`CommitSettings::previous_metadata`] of them.
 ///
-/// The code's columns carry field ids 1..=N in order and new columns are only ever appended
-/// (`adpipe_core::lake`), so a table of an older version holds a prefix of them. Anything else
-/// is refused with the column named, never applied: a column of the table that the code no
-/// longer has (a removal or a rename), a changed type or nullability, a column the code
-/// declares required (old rows have no value for it), or field ids that would come out
-/// different from the code's (a table whose `last_column_id` ran ahead, e.g. a column added
-/// and dropped by hand). `last_column_id` is the table metadata's.
+/// `commit.retry.num-retries` is not set: every other writer keeps its own default (Java: 4).
+pub fn table_properties(commit: &CommitSettings) -> Vec<(String, String)> {
+    [
+        ("write.format.default", "parquet".to_owned()),
+        ("write.parquet.compression-codec", "zstd".to_owned()),
+        (
+            "history.expire.max-snapshot-age-ms",
+            commit.snapshot_max_age_ms.to_string(),
+        ),
+        (
+            "history.expire.min-snapshots-to-keep",
+            commit.min_snapshots.to_string(),
+        ),
+        (
+            "write.metadata.delete-after-commit.enabled",
+            "true".to_owned(),
+        ),
+        (
+            "write.metadata.previous-versions-max",
+            commit.previous_metadata.to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Properties earlier versions set that no table should keep: `commit.retry.num-retries=0`
+/// gave every other writer zero retries on a conflict.
+const RETIRED_PROPERTIES: &[(&str, &str)] = &[("commit.retry.num-retries", "0")];
+
+/// What to set and remove to bring `current` to the lake's properties.
+pub fn property_changes(
+    current: &HashMap<String, String>,
+    commit: &CommitSettings,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let set = table_properties(commit)
+        .into_iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .collect();
+    let remove = RETIRED_PROPERTIES
+        .iter()
+        .filter(|(k, v)| current.get(*k).map(String::as_str) == Some(*v))
+        .map(|(k, _)| (*k).to_owned())
+        .collect();
+    (set, remove)
+}
+
+/// How a table's schema relates to the code's: the code's columns it lacks (to be added) and
+/// its columns the code does not know (foreign: written as null).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SchemaPlan {
+    /// The code's columns the table lacks, in the code's order, each to be added as an
+    /// optional column (the table assigns its field id).
+    pub added: Vec<iceberg::spec::NestedFieldRef>,
+    /// The table's columns the code does not have (an analyst's `ALTER TABLE ADD COLUMNS`,
+    /// another writer's): every row the enricher writes holds null there.
+    pub foreign: Vec<String>,
+}
+
+/// What a table's schema needs to take the code's rows, columns matched by name (the table's
+/// field ids are the ones written).
+///
+/// Accepted: the code's columns the table lacks, if they come after every code column the
+/// table has (a table of an older version: new columns are only ever appended,
+/// `adpipe_core::lake`) and are optional (old rows have no value for them); and optional
+/// columns of the table the code does not know (foreign columns, null in the enricher's rows).
+/// Refused loudly, with the column named, never applied: a code column of another type or
+/// nullability in the table; a code column missing before one the table has (a column
+/// removed or renamed); a required foreign column (the enricher cannot fill it).
 pub fn schema_additions(
     table: &iceberg::spec::Schema,
     code: &iceberg::spec::Schema,
-    last_column_id: i32,
-) -> Result<Vec<iceberg::spec::NestedFieldRef>, String> {
-    let have = table.as_struct().fields();
+) -> Result<SchemaPlan, String> {
     let want = code.as_struct().fields();
-    for (i, t) in have.iter().enumerate() {
-        let Some(c) = want.get(i) else {
-            return Err(format!(
-                "the table has column {} (field id {}), which this version's schema does not: \
-                 removing a column is refused",
-                t.name, t.id
-            ));
+    let mut plan = SchemaPlan::default();
+    for t in table.as_struct().fields() {
+        let Some(c) = code.field_by_name(&t.name) else {
+            if t.required {
+                return Err(format!(
+                    "the table has a required column {} (field id {}), which this version \
+                     does not write: it cannot fill it",
+                    t.name, t.id
+                ));
+            }
+            plan.foreign.push(t.name.clone());
+            continue;
         };
-        if c.name != t.name {
-            return Err(if code.field_by_name(&t.name).is_some() {
-                format!(
-                    "column {} is at position {} in the table but not in this version's \
-                     schema (which has {} there): reordering columns is refused",
-                    t.name,
-                    i + 1,
-                    c.name
-                )
-            } else {
-                format!(
-                    "the table has column {} (field id {}), which this version's schema does \
-                     not (it has {} there): removing or renaming a column is refused",
-                    t.name, t.id, c.name
-                )
-            });
-        }
         if c.field_type != t.field_type {
             return Err(format!(
                 "column {} is {} in the table but {} in this version's schema: changing a \
@@ -399,15 +495,25 @@ pub fn schema_additions(
                 word(c.required)
             ));
         }
-        if c.id != t.id {
+    }
+    let present = |c: &iceberg::spec::NestedFieldRef| table.field_by_name(&c.name).is_some();
+    let last_present = want.iter().rposition(present);
+    for (i, c) in want.iter().enumerate() {
+        if present(c) {
+            continue;
+        }
+        if last_present.is_some_and(|last| i < last) {
+            let foreign = if plan.foreign.is_empty() {
+                String::new()
+            } else {
+                format!(" (columns only the table has: {})", plan.foreign.join(", "))
+            };
             return Err(format!(
-                "column {} has field id {} in the table but {} in this version's schema",
-                t.name, t.id, c.id
+                "the table lacks column {}, which this version writes, but has columns after \
+                 it: removing or renaming a column is refused{foreign}",
+                c.name
             ));
         }
-    }
-    let added: Vec<iceberg::spec::NestedFieldRef> = want[have.len()..].to_vec();
-    for (k, c) in added.iter().enumerate() {
         if c.required {
             return Err(format!(
                 "new column {} is required in this version's schema; a column added to a \
@@ -415,16 +521,9 @@ pub fn schema_additions(
                 c.name
             ));
         }
-        let assigned = last_column_id + 1 + k as i32;
-        if c.id != assigned {
-            return Err(format!(
-                "new column {} would get field id {assigned} in the table (its last column id \
-                 is {last_column_id}) but has {} in this version's schema",
-                c.name, c.id
-            ));
-        }
+        plan.added.push(c.clone());
     }
-    Ok(added)
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -448,23 +547,57 @@ mod tests {
             .collect()
     }
 
+    fn optional(id: i32, name: &str) -> iceberg::spec::NestedField {
+        iceberg::spec::NestedField::optional(
+            id,
+            name,
+            iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::String),
+        )
+    }
+
     #[test]
     fn a_table_of_an_older_version_gets_the_appended_columns() {
         let code = with_fields(code_fields());
         let n = code_fields().len();
         let table = with_fields(code_fields()[..n - 2].to_vec());
-        let added = schema_additions(&table, &code, (n - 2) as i32).unwrap();
-        let names: Vec<&str> = added.iter().map(|f| f.name.as_str()).collect();
+        let plan = schema_additions(&table, &code).unwrap();
+        let names: Vec<&str> = plan.added.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["platform_category", "processed_time"]);
-        assert!(schema_additions(&code, &code, n as i32).unwrap().is_empty());
+        assert!(plan.foreign.is_empty());
+        assert_eq!(
+            schema_additions(&code, &code).unwrap(),
+            SchemaPlan::default()
+        );
+    }
+
+    /// An analyst's `ALTER TABLE ADD COLUMNS` (anywhere, any id), on a table of this version
+    /// or an older one: accepted, the code's missing columns still added after it.
+    #[test]
+    fn foreign_optional_columns_are_accepted_and_named() {
+        let n = code_fields().len();
+        let code = with_fields(code_fields());
+        let mut table = code_fields();
+        table.push(optional(n as i32 + 1, "analyst_note"));
+        let plan = schema_additions(&with_fields(table), &code).unwrap();
+        assert!(plan.added.is_empty());
+        assert_eq!(plan.foreign, ["analyst_note"]);
+
+        // An older table (last column missing) with a foreign column after its own: the
+        // code's column is added (it will get the next id, not the code's).
+        let mut older = code_fields()[..n - 1].to_vec();
+        older.push(optional(n as i32, "analyst_note"));
+        let plan = schema_additions(&with_fields(older), &code).unwrap();
+        let names: Vec<&str> = plan.added.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["processed_time"]);
+        assert_eq!(plan.foreign, ["analyst_note"]);
     }
 
     #[test]
     fn every_other_schema_difference_is_refused_with_the_column_named() {
         let n = code_fields().len();
         let code = with_fields(code_fields());
-        let refused = |table: Vec<iceberg::spec::NestedField>, last: i32, words: &[&str]| {
-            let message = schema_additions(&with_fields(table), &code, last).unwrap_err();
+        let refused = |table: Vec<iceberg::spec::NestedField>, words: &[&str]| {
+            let message = schema_additions(&with_fields(table), &code).unwrap_err();
             for w in words {
                 assert!(message.contains(w), "{w:?} not in {message:?}");
             }
@@ -473,36 +606,33 @@ mod tests {
         let mut retyped = code_fields();
         *retyped[9].field_type =
             iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::String);
-        refused(retyped, n as i32, &["bid_price", "type"]);
-        // A column the code no longer has.
-        let mut extra = code_fields();
-        extra.push(iceberg::spec::NestedField::optional(
-            n as i32 + 1,
-            "dropped_later",
-            iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::Long),
-        ));
-        refused(extra, n as i32 + 1, &["dropped_later", "removing"]);
-        // A rename.
+        refused(retyped, &["bid_price", "type"]);
+        // A rename: the code's column is missing before columns the table has.
         let mut renamed = code_fields();
         renamed[1].name = "advert_id".into();
-        refused(renamed, n as i32, &["advert_id", "renaming"]);
+        refused(renamed, &["ad_id", "advert_id", "renaming"]);
+        // A removal.
+        let mut removed = code_fields();
+        removed.remove(3);
+        refused(removed, &[code_fields()[3].name.as_str(), "removing"]);
         // Nullability.
         let mut required = code_fields();
         required[1].required = true;
-        refused(required, n as i32, &["ad_id", "nullability"]);
-        // Field ids that would not match the code's (a column added and dropped by hand).
-        refused(
-            code_fields()[..n - 1].to_vec(),
-            n as i32 + 3,
-            &["processed_time", "field id"],
-        );
+        refused(required, &["ad_id", "nullability"]);
+        // A required foreign column: the enricher's rows could not be written.
+        let mut foreign_required = code_fields();
+        foreign_required.push(iceberg::spec::NestedField::required(
+            n as i32 + 1,
+            "must_fill",
+            iceberg::spec::Type::Primitive(iceberg::spec::PrimitiveType::Long),
+        ));
+        refused(foreign_required, &["must_fill", "required"]);
         // A new column the code declares required.
         let mut code_required = code_fields();
         code_required[n - 1].required = true;
         let message = schema_additions(
             &with_fields(code_fields()[..n - 1].to_vec()),
             &with_fields(code_required),
-            (n - 1) as i32,
         )
         .unwrap_err();
         assert!(message.contains("must be optional"), "{message}");

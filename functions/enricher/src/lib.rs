@@ -78,6 +78,18 @@ pub fn metrics_line(
             "CommitRetries".into(),
             u64::from(report.clicks.commit_retries + report.impressions.commit_retries),
         ),
+        (
+            "ForeignColumns".into(),
+            report.clicks.foreign_columns + report.impressions.foreign_columns,
+        ),
+        (
+            "MetadataFilesDeleted".into(),
+            report.clicks.metadata_deleted + report.impressions.metadata_deleted,
+        ),
+        (
+            "SnapshotsExpiredEarly".into(),
+            report.clicks.snapshots_expired_early + report.impressions.snapshots_expired_early,
+        ),
         ("Failed".into(), c.failed),
     ];
     for (reason, n) in &c.rejected {

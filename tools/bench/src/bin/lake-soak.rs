@@ -88,6 +88,9 @@ struct Params {
     /// Stop starting batches after this many seconds (0: none)
     #[arg(long = "time-budget-s", value_name = "S", default_value_t = 0)]
     time_budget_s: u64,
+    /// Snapshot retention of the commits, in seconds (the enricher's default: 3600)
+    #[arg(long = "snapshot-age-s", value_name = "S", default_value_t = 3600)]
+    snapshot_age_s: u64,
     /// Generator seed
     #[arg(long, value_name = "N", default_value_t = 7)]
     seed: u64,
@@ -554,6 +557,7 @@ async fn main() -> anyhow::Result<()> {
             Some("us-east-1".into()),
         );
         c.credentials = Some(("test".into(), "test".into()));
+        c.commit.snapshot_max_age_ms = (p.snapshot_age_s as i64).saturating_mul(1_000);
         c
     };
     // The bench's own reads (table state, key-check sizes) go straight to the endpoint, so the
@@ -578,10 +582,10 @@ async fn main() -> anyhow::Result<()> {
         p.shards, p.parallelization, p.campaigns, p.zipf, p.batches, p.rows, p.click_share, p.repeat_rate,
         p.repeat_rows, p.bisect_rate, p.window, p.seed
     );
-    let c = adpipe_lake::CommitSettings::default();
+    let c = lake_config(&local.endpoint).commit;
     println!(
-        "maintenance: in every commit (merge at {} manifests under {} bytes, keep {} snapshots, ledger of {} ranges and {} batch ids per shard); the stack's Glue table optimizers do not run on the local endpoint",
-        c.manifest_merge_count, c.manifest_target_bytes, c.snapshots_retained,
+        "maintenance: in every commit (merge at {} manifests under {} bytes, keep snapshots younger than {} s and the newest {}, {} previous metadata files, ledger of {} ranges and {} batch ids per shard); the stack's Glue table optimizers do not run on the local endpoint",
+        c.manifest_merge_count, c.manifest_target_bytes, c.snapshot_max_age_ms / 1000, c.min_snapshots, c.previous_metadata,
         c.ledger.ranges_per_shard, c.ledger.recent_batches
     );
     println!("{}", Window::CSV_HEADER);
