@@ -1835,3 +1835,93 @@ async fn a_stale_glue_table_version_is_refused_as_glue_refuses_it() {
         .await
         .unwrap();
 }
+
+/// Another writer changes the partition spec after the enricher wrote a batch's files and
+/// before it commits them (here: while it waits for the commit lease, which the test holds).
+/// The enricher does not list files written for the old spec under the new one: it writes the
+/// batch again for the new spec, commits that, and every row lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_spec_changed_before_the_commit_gets_the_files_written_again() {
+    let env = env().await;
+    let e = enricher(&env, "enricher").await;
+    let ident = e.lake.ident(LakeTable::Clicks);
+    let lease =
+        DynamoDbCommitLease::new(env.clients.dynamodb.clone(), &env.config.commit_lease_table);
+    let held = lease.acquire(&ident.to_string(), "test").await.unwrap();
+    let data_files = || async {
+        read_objects(&env.clients, &env.config.lake_bucket, "lake/")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k.contains("/enriched_clicks/data/") && k.ends_with(".parquet"))
+            .count()
+    };
+    let event = load_event("joined.json");
+    let writing = handle(&e, "adpipe", &event, NOW_MS);
+    let change = async {
+        // The batch's files are written; its commit waits for the lease.
+        let started = std::time::Instant::now();
+        while data_files().await == 0 {
+            assert!(started.elapsed().as_secs() < 60, "no data file written");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let written_first = data_files().await;
+        // Another writer partitions the table by campaign as well (pyiceberg's spec update).
+        let root = adpipe_it::workspace_root();
+        let script = format!(
+            "import sys; sys.path.insert(0, {tools:?}); import lake_check as l; l.aws_env(None); \
+             t = l.glue_catalog({endpoint:?}).load_table({table:?}); \
+             u = t.update_spec(); u.add_identity('campaign_id'); u.commit()",
+            tools = root.join("tools").to_str().unwrap(),
+            endpoint = env.endpoint,
+            table = format!("{}.{}", env.config.database, ident.name()),
+        );
+        let out = std::process::Command::new(root.join(".venv/bin/python"))
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lease.release(held).await.unwrap();
+        written_first
+    };
+    let ((response, report), written_first) = tokio::join!(writing, change);
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        report.failed
+    );
+    assert_eq!(report.clicks.rows_written, 2);
+    assert!(report.clicks.commit_retries >= 1, "{:?}", report.clicks);
+    // Written again, for the new spec: one file per campaign now, beside the first attempt's
+    // files (orphans, never listed).
+    let table = e.lake.catalog().load_table(&ident).await.unwrap();
+    let spec = table.metadata().default_partition_spec();
+    assert_eq!(spec.fields().len(), 2);
+    let listed: Vec<String> = table
+        .scan()
+        .build()
+        .unwrap()
+        .plan_files()
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|task| task.data_file_path.clone())
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed.iter().all(|p| p.contains("/campaign_id=")),
+        "listed under the new spec: {listed:?}"
+    );
+    assert_eq!(data_files().await, written_first + 2);
+    assert_eq!(
+        column(&rows(&e, LakeTable::Clicks).await, "click_id"),
+        ["clk-1", "clk-3"]
+    );
+}
