@@ -821,3 +821,54 @@ async fn a_warm_window_old_entries_leave_memory_and_late_events_find_them_in_the
     assert_eq!(orphans.len(), 1, "{orphans:?}");
     assert_eq!(orphans[0]["click"]["click_id"], "clk-o", "{orphans:?}");
 }
+
+/// A range idle past the deduplication horizon and the TTL grace: DynamoDB's TTL deletes its
+/// slots, but its acknowledgement (written without a TTL) stays. A new batch must not be
+/// numbered below it: it used to start again at slot 0, the acknowledgement covered it, and a
+/// crash between its slot and its own acknowledgement lost its outputs (the next environment
+/// took them as sent).
+#[tokio::test]
+async fn after_an_idle_range_lost_its_slots_to_ttl_a_new_batch_is_numbered_above_the_ack() {
+    let mut w = World::new();
+    for i in 0..3 {
+        let t = T0 + i * 1_000;
+        w.send(
+            t,
+            vec![(
+                "impressions",
+                encode_impression(&impression(&format!("imp-{i}"), t)),
+            )],
+        )
+        .await;
+    }
+    assert_eq!(w.outputs().len(), 3);
+    let idle = T0 + 100 * HOUR;
+    w.log.expire(idle / 1000);
+    assert_eq!(w.log.slot_count(), 0, "TTL deleted every slot");
+    // A fresh environment decides a pair while the output stream is down: the batch is in the
+    // log, its outputs pending, and it reports failure.
+    w.joiner.forget().await;
+    w.sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = w
+        .send(
+            idle,
+            vec![
+                ("impressions", encode_impression(&impression("imp-9", idle))),
+                ("clicks", encode_click(&click("imp-9", "clk-9", idle + 500))),
+            ],
+        )
+        .await;
+    assert!(failed.is_some());
+    // It crashes before acknowledging; the next environment gets the redelivery.
+    w.joiner.forget().await;
+    w.sink
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(w.drain(idle + 2_000).await, None);
+    let outputs = w.outputs();
+    let keys: Vec<_> = outputs.iter().map(|r| r.key()).collect();
+    assert!(
+        keys.iter().any(|k| k.1 == "clk-9"),
+        "the pair was sent: {keys:?}"
+    );
+}

@@ -69,6 +69,10 @@ impl JoinMemory {
             bodies.push((slot.n, decode_body(&slot.body)?));
         }
         memory.absorb(&bodies, true, acked);
+        // Slots are never numbered at or below the acknowledgement: once TTL has deleted an
+        // idle range's slots its acknowledgement stays, and a new batch numbered from 0 would
+        // be taken as acknowledged, its outputs as sent.
+        memory.head = memory.head.max(acked);
         memory.expire(rules);
         memory.rebuild_unmatched(rules);
         Ok(memory)
