@@ -1158,6 +1158,7 @@ ALARMS = {
     "JoinerFailedAlarm": ("EMF", "Failed", "joiner"),
     "EnricherFailedAlarm": ("EMF", "Failed", "enricher"),
     "JoinerLateAlarm": ("EMF", "Late", "joiner"),
+    "JoinerOutputsLostAlarm": ("EMF", "OutputsLost", "joiner"),
     "EnricherCommitRetriesAlarm": ("EMF", "CommitRetries", "enricher"),
     "EnricherForeignColumnsAlarm": ("EMF", "ForeignColumns", "enricher"),
     "OnFailureQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "OnFailureQueue"),

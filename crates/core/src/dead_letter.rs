@@ -183,6 +183,36 @@ pub fn orphan(
     }
 }
 
+/// The entry for an output the joined stream never took before its events left the join state
+/// (past the deduplication horizon): it cannot be rebuilt, so it is recorded here instead of
+/// vanishing. `click_id` is `None` for a forwarded impression.
+pub fn lost_output(
+    prefix: &str,
+    function: &str,
+    impression_id: &str,
+    click_id: Option<&str>,
+    now_ms: i64,
+) -> DeadLetter {
+    let key = format!(
+        "{prefix}lost-output/{}/{}/{}.json",
+        key_segment(function),
+        key_segment(impression_id),
+        key_segment(click_id.unwrap_or("impression"))
+    );
+    let body = json!({
+        "kind": "lost_output",
+        "function": function,
+        "reason": "the joined stream did not take this output before its events left the join state (past the deduplication horizon)",
+        "impression_id": impression_id,
+        "click_id": click_id,
+        "recorded_at": format_millis(now_ms),
+    });
+    DeadLetter {
+        key,
+        body: body.to_string().into_bytes(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,9 @@ pub struct Counts {
     pub skipped: u64,
     /// Impression ids whose events left memory for the cold pages (the warm window).
     pub evicted: u64,
+    /// Outputs the joined stream did not take before their events passed the deduplication
+    /// horizon: recorded under `dead-letter/lost-output/`, never sent.
+    pub outputs_lost: u64,
 }
 
 impl Counts {
@@ -79,6 +82,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
             orphaned,
             skipped,
             evicted,
+            outputs_lost,
         } = c;
         self.records_in += records_in;
         self.user_records += user_records;
@@ -100,6 +104,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
         self.orphaned += orphaned;
         self.skipped += skipped;
         self.evicted += evicted;
+        self.outputs_lost += outputs_lost;
     }
 }
 
@@ -163,6 +168,7 @@ pub fn emf_line(
         ("Orphaned".into(), counts.orphaned),
         ("RecordsSkipped".into(), counts.skipped),
         ("EntriesEvicted".into(), counts.evicted),
+        ("OutputsLost".into(), counts.outputs_lost),
     ];
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));

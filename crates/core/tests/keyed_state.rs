@@ -872,3 +872,53 @@ async fn after_an_idle_range_lost_its_slots_to_ttl_a_new_batch_is_numbered_above
         "the pair was sent: {keys:?}"
     );
 }
+
+/// The joined stream refuses a pair until its events pass the deduplication horizon: the pair
+/// can no longer be built, and it used to vanish with a log line. It is recorded, once, under
+/// `dead-letter/lost-output/` (and counted as `OutputsLost`).
+#[tokio::test]
+async fn an_output_whose_events_passed_the_horizon_unsent_is_recorded_not_dropped() {
+    let mut w = World::new();
+    w.send(
+        T0,
+        vec![("impressions", encode_impression(&impression("imp-1", T0)))],
+    )
+    .await;
+    w.sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = w
+        .send(
+            T0 + 1_000,
+            vec![("clicks", encode_click(&click("imp-1", "clk-1", T0 + 500)))],
+        )
+        .await;
+    assert!(failed.is_some());
+    // Two days and more later the stream takes records again; the pair's events have left the
+    // state by then.
+    w.sink
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let later = T0 + 50 * HOUR;
+    w.send(
+        later,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-2", later)),
+        )],
+    )
+    .await;
+    let lost = w.letters_of("lost_output");
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0]["impression_id"], "imp-1");
+    assert_eq!(lost[0]["click_id"], "clk-1");
+    assert!(!w.outputs().iter().any(|r| r.key().1 == "clk-1"));
+    // Nothing is recorded twice by the batches after.
+    w.send(
+        later + 1_000,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-3", later)),
+        )],
+    )
+    .await;
+    assert_eq!(w.letters_of("lost_output").len(), 1);
+}

@@ -4,18 +4,20 @@
 
 use std::collections::BTreeMap;
 
+use crate::dead_letter;
 use crate::join::buckets::{bucket_of, explicit_hash_key};
 use crate::join::emit;
-use crate::join::input::{flag_recovered, BatchReport};
+use crate::join::input::{flag_recovered, BatchReport, FUNCTION};
 use crate::join::state::Pending;
 use crate::metrics::Counts;
 use crate::model::{pack_impressions, ImpressionRecord, JoinedStreamRecord};
-use crate::ports::{DeadLetterSink, OutRecord, RecordSink, ShardRanges, StateLog};
+use crate::ports::{DeadLetter, DeadLetterSink, OutRecord, RecordSink, ShardRanges, StateLog};
 
-use super::{Held, KeyedJoiner};
+use super::{put_all, Held, KeyedJoiner};
 
-/// The records to put, and for each the pending outputs it carries.
-type Outputs = (Vec<OutRecord>, Vec<Vec<Pending>>);
+/// The records to put, for each the pending outputs it carries, and the pending outputs that
+/// cannot be built any more (their events passed the horizon).
+type Outputs = (Vec<OutRecord>, Vec<Vec<Pending>>, Vec<Pending>);
 
 impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<L, R, K, D> {
     /// Emits every pending output. If some were not accepted, the batch reports its last
@@ -26,7 +28,8 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             return;
         }
         let head = held.memory.head;
-        let (out, sendable) = outputs(held, pending);
+        let (out, sendable, lost) = outputs(held, pending);
+        self.record_lost(held, lost, report).await;
         let emitted =
             emit::send_all(&self.sink, &out, &self.config.emit_retry, flag_recovered).await;
         report.counts.emit_retries = u64::from(emitted.retried_entries);
@@ -54,11 +57,59 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
     }
 }
 
+impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<L, R, K, D> {
+    /// Records the outputs whose events passed the horizon before the joined stream took them
+    /// (`dead-letter/lost-output/`, counted as `OutputsLost`), then lets them go. If the
+    /// entries cannot be written they stay pending, and the next batch tries again.
+    async fn record_lost(&self, held: &mut Held, lost: Vec<Pending>, report: &mut BatchReport) {
+        if lost.is_empty() {
+            return;
+        }
+        let now_ms = held.memory.now_ms();
+        let letters: Vec<DeadLetter> = lost
+            .iter()
+            .map(|p| {
+                let (impression_id, click_id) = match p {
+                    Pending::Pair(i, c) => (i.as_str(), Some(c.as_str())),
+                    Pending::Forward(i) => (i.as_str(), None),
+                };
+                dead_letter::lost_output(
+                    &self.config.dead_letter_prefix,
+                    FUNCTION,
+                    impression_id,
+                    click_id,
+                    now_ms,
+                )
+            })
+            .collect();
+        let written = put_all(&letters, self.config.max_in_flight, |l| {
+            self.dead_letters.put(l)
+        })
+        .await;
+        match written {
+            Ok(()) => {
+                tracing::error!(
+                    outputs = lost.len(),
+                    "pending outputs passed the horizon unsent; recorded as lost"
+                );
+                report.counts.outputs_lost += lost.len() as u64;
+                for p in &lost {
+                    held.memory.accepted(p);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lost outputs not recorded; retried with the next batch")
+            }
+        }
+    }
+}
+
 /// The records of the pending outputs. Pairs travel one per record; forwarded impressions in
 /// packs, one bucket per pack, so every copy of an impression lands on its bucket's shard.
 fn outputs(held: &mut Held, pending: Vec<Pending>) -> Outputs {
     let mut sendable: Vec<Vec<Pending>> = Vec::new();
     let mut out = Vec::new();
+    let mut lost = Vec::new();
     let mut forwards: BTreeMap<u32, Vec<(Pending, ImpressionRecord)>> = BTreeMap::new();
     for p in pending {
         let recovered = held.maybe_sent.contains(&p);
@@ -75,11 +126,8 @@ fn outputs(held: &mut Held, pending: Vec<Pending>) -> Outputs {
                 });
                 sendable.push(vec![p]);
             }
-            None => {
-                // Its events left the state (past the horizon): nothing can rebuild it.
-                tracing::error!(output = ?p, "pending output's events are past the horizon; dropped");
-                held.memory.accepted(&p);
-            }
+            // Its events left the state (past the horizon): nothing can rebuild it.
+            None => lost.push(p),
         }
     }
     for (bucket, items) in forwards {
@@ -94,7 +142,7 @@ fn outputs(held: &mut Held, pending: Vec<Pending>) -> Outputs {
             sendable.push(ps.by_ref().take(count).collect());
         }
     }
-    (out, sendable)
+    (out, sendable, lost)
 }
 
 /// Takes the accepted outputs out of the pending set and counts them; the others may be on
