@@ -5,6 +5,7 @@ writes to it: the "foreign writer" of the concurrency integration test.
   foreign_writer.py --endpoint URL --database DB --table NAME --key-column impression_id
                     --until-file PATH [--max-seconds 120] [--seed 7] [--min-rounds 1]
                     [--max-retries 20] [--rows-per-append 3] [--new-column analyst_note]
+                    [--progress-file PATH]
 
 First sets the table's write isolation to `snapshot` (see `snapshot_isolation`). Then runs rounds
 until PATH exists and at least --min-rounds rounds are complete, or until
@@ -23,6 +24,11 @@ is, each operation on a freshly loaded table:
                 skipped if no partition qualifies;
   4. add column (first round only) `--new-column`, an optional string;
   5. tag        (first round only) `audit-<seed>` on the then current snapshot.
+
+Progress. With --progress-file, after every attempt of an operation the file is replaced (written
+beside it, then renamed) by one JSON object: {"rounds": complete rounds, "attempts": attempts so far,
+"last_attempt_seconds": s, "longest_recent_attempt_seconds": the longest of the last 5 attempts}.
+The integration test paces its other writers by it (see its comment).
 
 Every snapshot written here carries `foreign-writer=pyiceberg` and `foreign-writer.op=<op>` in its
 summary.
@@ -162,6 +168,8 @@ class Writer:
         self.rewrites = []
         self.tag = None
         self.new_column = None
+        self.rounds = 0
+        self.attempt_seconds = []  # every attempt's duration, in order
         self.count_commits()
 
     def count_commits(self):
@@ -193,8 +201,12 @@ class Writer:
         tried_before = stats.tried
         try:
             for attempt in range(1, self.args.max_retries + 1):
+                began = time.monotonic()
                 try:
-                    operation(self.load(overrides))
+                    try:
+                        operation(self.load(overrides))
+                    finally:
+                        self.attempted(time.monotonic() - began)
                 except Skip as skip:
                     stats.skipped += 1
                     log(f"{name}: skipped ({skip})")
@@ -225,6 +237,23 @@ class Writer:
             raise RuntimeError(f"still conflicting after {self.args.max_retries} attempts")
         finally:
             self.current = None
+
+    def attempted(self, seconds):
+        """Records one attempt's duration and publishes the progress file (if asked for)."""
+        self.attempt_seconds.append(seconds)
+        path = self.args.progress_file
+        if not path:
+            return
+        progress = {
+            "rounds": self.rounds,
+            "attempts": len(self.attempt_seconds),
+            "last_attempt_seconds": round(seconds, 3),
+            "longest_recent_attempt_seconds": round(max(self.attempt_seconds[-5:]), 3),
+        }
+        staged = f"{path}.{os.getpid()}.tmp"
+        with open(staged, "w") as f:
+            json.dump(progress, f)
+        os.replace(staged, path)
 
     # -- the operations ------------------------------------------------------------------------
 
@@ -546,6 +575,7 @@ def main(argv=None):
     )
     parser.add_argument("--rows-per-append", type=int, default=3)
     parser.add_argument("--new-column", default="analyst_note")
+    parser.add_argument("--progress-file", help="replaced by a JSON progress record after every attempt")
     args = parser.parse_args(argv)
 
     aws_env(args.endpoint)
@@ -564,6 +594,7 @@ def main(argv=None):
             if not writer.round(first=rounds == 0):
                 break
             rounds += 1
+            writer.rounds = rounds
             log(f"round {rounds} done")
             if rounds >= args.min_rounds and os.path.exists(args.until_file):
                 stopped_by = "until_file"

@@ -1476,6 +1476,15 @@ async fn a_batchs_files_and_key_check_do_not_grow_with_the_tables_history() {
 /// once, deleted rows stay deleted, the tag and the new column survive the enricher's commits
 /// (its snapshot expiry keeps refs), a new enricher environment starts on the altered table and
 /// writes null in the foreign column, and pyiceberg and DuckDB read the result.
+///
+/// Pacing. On the stack a lane commits once per batching window (60 s by default) while a
+/// foreign operation (an Athena `DELETE`, a compaction) takes seconds: the table changes several
+/// times less often than one foreign attempt lasts. The test compresses time, so it keeps that
+/// ratio on whatever machine runs it, rather than a fixed period: each lane pauses about twice
+/// the foreign writer's longest recent attempt (its progress file), at least 1 s and at most 8 s,
+/// jittered by ±50 %. At a fixed 1 s, a shared 2-core machine running the binary's other tests
+/// beside it made pyiceberg's copy-on-write delete (a scan of the whole table) slower than the
+/// lanes' commits, and the growing table slower still, until it starved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_lost() {
     use adpipe_core::enrich::{enrich_impression, EnrichRules};
@@ -1536,6 +1545,7 @@ async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_los
 
     // The foreign writer, until the enricher is done.
     let until = std::env::temp_dir().join(unique("foreign-writer-done"));
+    let progress = std::env::temp_dir().join(unique("foreign-writer-progress"));
     let root = adpipe_it::workspace_root();
     let foreign = Command::new(root.join(".venv/bin/python"))
         .arg(root.join("tools/foreign_writer.py"))
@@ -1556,10 +1566,22 @@ async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_los
             "200",
         ])
         .args(["--seed", "7", "--new-column", "analyst_note"])
+        .args(["--progress-file", progress.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    // Killed if the test fails before it ends, rather than left writing to a closed endpoint.
+    struct Reaped(Option<std::process::Child>);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut foreign = Reaped(Some(foreign));
 
     // Two lanes of one shard, each its own environment (its own writer name), until the
     // foreign writer's column and tag are in the table and each lane landed MIN_BATCHES.
@@ -1569,7 +1591,9 @@ async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_los
     let lake1 = Arc::new(lake_of(&env, "enricher-1").await);
     for (lane, lake) in [(0usize, lake0.clone()), (1, lake1.clone())] {
         let altered = altered.clone();
+        let progress = progress.clone();
         handles.push(tokio::spawn(async move {
+            let mut rng = adpipe_core::rng::Rng::new(lane as u64 + 1);
             let (mut landed, mut retries, mut foreign_columns) = (0usize, 0u32, 0u64);
             let started = std::time::Instant::now();
             let mut b = 0;
@@ -1582,9 +1606,14 @@ async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_los
                 foreign_columns = foreign_columns.max(report.foreign_columns);
                 landed += 1;
                 b += 1;
-                // A lane commits about once a second: the stack's lanes commit once per
-                // batching window (60 s by default), so this is a busy table, time compressed.
-                tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+                // Paced by the foreign writer's attempts (see the test's comment).
+                let longest = std::fs::read(&progress)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|p| p["longest_recent_attempt_seconds"].as_f64())
+                    .unwrap_or(0.0);
+                let pause = (2.0 * longest).clamp(1.0, 8.0) * (0.5 + rng.unit());
+                tokio::time::sleep(std::time::Duration::from_secs_f64(pause)).await;
             }
             (landed, retries, foreign_columns)
         }));
@@ -1640,7 +1669,7 @@ async fn a_foreign_iceberg_writer_commits_beside_the_enricher_and_nothing_is_los
     assert_eq!(report.rows_written, ROWS as u64);
     assert_eq!(report.foreign_columns, 1, "analyst_note, written as null");
     std::fs::write(&until, b"done").unwrap();
-    let output = foreign.wait_with_output().unwrap();
+    let output = foreign.0.take().unwrap().wait_with_output().unwrap();
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     println!(
         "foreign writer: {}",
