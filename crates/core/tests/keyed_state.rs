@@ -248,6 +248,7 @@ fn slots_and_pages_written_as_json_by_the_previous_version_are_still_read() {
         shard: "shardId-0".into(),
         progress: Some("10".into()),
         batch_first: 3,
+        batch_last: None,
         now_ms: T0 + 20,
         swept_ms: T0,
         events: events.clone(),
@@ -921,4 +922,216 @@ async fn an_output_whose_events_passed_the_horizon_unsent_is_recorded_not_droppe
     )
     .await;
     assert_eq!(w.letters_of("lost_output").len(), 1);
+}
+
+/// How a slot put fails in [`FaultyLog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotFault {
+    /// Throttled after the SDK's retries: nothing written.
+    ThrottledBefore,
+    /// Written, but the answer was lost (a timeout).
+    LostAnswer,
+    /// Written, and the SDK's retry of the lost answer found the number taken.
+    TakenOnRetry,
+}
+
+/// The in-memory log, failing one slot put as told.
+#[derive(Default)]
+struct FaultyLog {
+    inner: MemoryStateLog,
+    fault: std::sync::Mutex<Option<(u64, SlotFault)>>,
+}
+
+impl StateLog for FaultyLog {
+    async fn read(
+        &self,
+        log: &str,
+        from: u64,
+    ) -> Result<Vec<adpipe_core::join::state::Slot>, PortError> {
+        self.inner.read(log, from).await
+    }
+    async fn put(
+        &self,
+        log: &str,
+        slot: &adpipe_core::join::state::Slot,
+    ) -> Result<adpipe_core::join::state::PutSlot, PortError> {
+        let fault = {
+            let mut f = self.fault.lock().unwrap();
+            match *f {
+                Some((n, kind)) if n == slot.n => f.take().map(|_| kind),
+                _ => None,
+            }
+        };
+        match fault {
+            None => self.inner.put(log, slot).await,
+            Some(SlotFault::ThrottledBefore) => Err(PortError::Throttled("slot put".into())),
+            Some(SlotFault::LostAnswer) => {
+                self.inner.put(log, slot).await?;
+                Err(PortError::Unavailable("the answer was lost".into()))
+            }
+            Some(SlotFault::TakenOnRetry) => {
+                self.inner.put(log, slot).await?;
+                self.inner.put(log, slot).await
+            }
+        }
+    }
+    async fn logs(&self) -> Result<Vec<String>, PortError> {
+        self.inner.logs().await
+    }
+    async fn register(&self, log: &str) -> Result<(), PortError> {
+        self.inner.register(log).await
+    }
+    async fn ack(&self, log: &str, n: u64) -> Result<(), PortError> {
+        self.inner.ack(log, n).await
+    }
+    async fn acked(&self, log: &str) -> Result<Option<u64>, PortError> {
+        self.inner.acked(log).await
+    }
+    async fn last(&self, log: &str) -> Result<Option<adpipe_core::join::state::Slot>, PortError> {
+        self.inner.last(log).await
+    }
+    async fn put_blob(&self, blob: &adpipe_core::join::state::Blob) -> Result<(), PortError> {
+        self.inner.put_blob(blob).await
+    }
+    async fn blobs(
+        &self,
+        pk: &str,
+        lo: u128,
+        hi: u128,
+    ) -> Result<Vec<adpipe_core::join::state::Blob>, PortError> {
+        self.inner.blobs(pk, lo, hi).await
+    }
+}
+
+/// A batch too large for one item is written as several slots, one put each. A put that fails
+/// part way (throttled before writing, written with its answer lost, written and then read
+/// back as taken by the SDK's retry) used to leave the first slots' events stored with their
+/// outputs in the missing slots: the redelivery found the events stored, took them as repeats
+/// and emitted nothing for them. At every slot of the batch, with the redelivery in the same
+/// environment and in a fresh one: every impression is forwarded and every pair sent, none of
+/// them twice unflagged, and the log's readers take nothing of the batch that stopped.
+#[tokio::test]
+async fn a_batch_of_several_slots_stopped_at_any_slot_loses_no_output() {
+    const IMPRESSIONS: usize = 1_500;
+    // Strings at their 256-byte limit with random content, so the batch needs several slots.
+    let mut rng = adpipe_core::rng::Rng::new(5);
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(b'a' + rng.below(26) as u8))
+            .collect()
+    };
+    let mut records = Vec::new();
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..IMPRESSIONS {
+        let id = format!("imp-{i:05}");
+        let mut imp = impression(&id, T0);
+        imp.campaign_id = noise(200);
+        imp.publisher_id = noise(200);
+        records.push(("impressions", encode_impression(&imp)));
+        expected.insert((id.clone(), String::new()));
+        if i % 10 == 0 {
+            let c = format!("clk-{i:05}");
+            records.push(("clicks", encode_click(&click(&id, &c, T0 + 100))));
+            expected.insert((id, c));
+        }
+    }
+    // How many slots the batch takes, from a run without faults.
+    let slots_needed = {
+        let (_, log, ..) = fault_run(&records, None, false).await;
+        log.inner.slot_count() as u64
+    };
+    assert!(slots_needed >= 3, "{slots_needed} slots");
+    for fault in [
+        SlotFault::ThrottledBefore,
+        SlotFault::LostAnswer,
+        SlotFault::TakenOnRetry,
+    ] {
+        for at in 0..slots_needed {
+            for fresh in [false, true] {
+                let (outputs, _, first_failed) =
+                    fault_run(&records, Some((at, fault)), fresh).await;
+                let case = format!("{fault:?} at slot {at} of {slots_needed}, fresh {fresh}");
+                let mut unflagged = std::collections::BTreeMap::new();
+                let mut seen = std::collections::BTreeSet::new();
+                for r in &outputs {
+                    let key = (r.key().0.to_owned(), r.key().1.to_owned());
+                    seen.insert(key.clone());
+                    if !r.recovered() {
+                        *unflagged.entry(key).or_insert(0) += 1;
+                    }
+                }
+                if fault != SlotFault::TakenOnRetry {
+                    assert!(first_failed, "{case}: the fault failed the batch");
+                }
+                let missing: Vec<_> = expected.difference(&seen).take(3).collect();
+                assert!(
+                    missing.is_empty(),
+                    "{case}: {} of {} outputs missing, e.g. {missing:?}",
+                    expected.difference(&seen).count(),
+                    expected.len()
+                );
+                assert_eq!(seen.len(), expected.len(), "{case}: nothing extra");
+                let twice: Vec<_> = unflagged.iter().filter(|(_, n)| **n > 1).take(3).collect();
+                assert!(twice.is_empty(), "{case}: sent twice unflagged: {twice:?}");
+            }
+        }
+    }
+}
+
+/// Routes `records` in one batch, runs the joiner over the keyed stream with `fault` armed,
+/// then (after forgetting the environment's memory if `fresh`) over the redelivery until
+/// the stream is drained. The joined stream, the log and whether the first attempt failed.
+async fn fault_run(
+    records: &[(&str, Vec<u8>)],
+    fault: Option<(u64, SlotFault)>,
+    fresh: bool,
+) -> (
+    Vec<adpipe_core::model::JoinedStreamRecord>,
+    Arc<FaultyLog>,
+    bool,
+) {
+    let keyed = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
+    let letters = Arc::new(MemoryDeadLetterSink::default());
+    let log = Arc::new(FaultyLog::default());
+    let sink = Arc::new(MemoryRecordSink::default());
+    let router = BatchRouter::new(keyed.clone(), letters.clone(), config());
+    let joiner = KeyedJoiner::new(
+        log.clone(),
+        keyed.ranges(),
+        sink.clone(),
+        letters.clone(),
+        config(),
+    );
+    let batch: Vec<InputRecord> = records
+        .iter()
+        .enumerate()
+        .map(|(i, (stream, data))| input(stream, i as u64 + 1, data.clone(), T0 + 1_000))
+        .collect();
+    keyed.set_clock(T0 + 1_000);
+    assert_eq!(router.process(&batch, T0 + 1_000).await.first_failure, None);
+    *log.fault.lock().unwrap() = fault;
+    let mut cursor = 0;
+    let mut first_failed = false;
+    for attempt in 0..20 {
+        let batch = keyed.read(0, cursor, 10_000);
+        if batch.is_empty() {
+            break;
+        }
+        let report = joiner.process(&batch, T0 + 2_000 + attempt).await;
+        if let Some(failed) = report.first_failure {
+            first_failed |= attempt == 0;
+            cursor += failed;
+            if fresh {
+                joiner.forget().await;
+            }
+        } else {
+            cursor += batch.len();
+        }
+    }
+    assert!(
+        keyed.read(0, cursor, 1).is_empty(),
+        "the keyed stream drained"
+    );
+    assert!(letters.letters().is_empty(), "no dead letter");
+    (decode_stream(&sink.records()), log, first_failed)
 }

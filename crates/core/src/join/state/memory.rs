@@ -55,6 +55,8 @@ pub(super) struct Undo {
     pub(super) pending_added: Vec<Pending>,
     pub(super) progress: Option<String>,
     pub(super) now_ms: i64,
+    /// The head before the batch.
+    pub(super) head: Option<u64>,
 }
 
 impl JoinMemory {
@@ -91,6 +93,7 @@ impl JoinMemory {
         self.undo = Some(Undo {
             progress: self.progress.clone(),
             now_ms: self.now_ms,
+            head: self.head,
             ..Undo::default()
         });
     }
@@ -141,6 +144,12 @@ impl JoinMemory {
         }
         self.progress = undo.progress;
         self.now_ms = undo.now_ms;
+        // Slots this batch wrote before it stopped stay numbered (the head stays at them, so
+        // the redo writes after them), but they hold nothing a reader takes in (see
+        // `complete_batches`): no eviction may start its warm slots there.
+        if let Some(first_new) = undo.head.map_or(Some(0), |h| h.checked_add(1)) {
+            self.slot_times.split_off(&first_new);
+        }
     }
 
     pub(super) fn store(&mut self, event: Stored) {

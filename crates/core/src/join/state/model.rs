@@ -81,6 +81,12 @@ pub struct SlotBody {
     pub progress: Option<String>,
     /// The first slot of the batch this slot belongs to (a large batch spans several slots).
     pub batch_first: u64,
+    /// The last slot of the batch, when it spans several (absent: the batch is this slot).
+    /// The slots are written one by one, so a batch whose last slot is missing stopped part
+    /// way (a throttle, a lost answer, a crash between two puts): readers take nothing of it,
+    /// and its redo is decided again into the slots after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_last: Option<u64>,
     /// The latest record arrival (the decisions' clock) the batch saw, epoch ms.
     pub now_ms: i64,
     /// Clicks that arrived before `swept_ms − retention` have been checked for orphans.

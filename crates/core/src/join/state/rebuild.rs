@@ -26,6 +26,9 @@ impl JoinMemory {
         for slot in slots {
             bodies.push((slot.n, decode_body(&slot.body)?));
         }
+        // The slots of a batch that stopped part way are numbered, never taken in.
+        let physical_head = bodies.last().map(|(n, _)| *n);
+        let bodies = complete_batches(bodies);
         if !bodies.is_empty() {
             // The newest batch's slots carry every output still pending.
             self.pending.clear();
@@ -39,6 +42,7 @@ impl JoinMemory {
         if acked.is_some_and(|a| Some(a) >= self.head) {
             self.pending.clear();
         }
+        self.head = self.head.max(physical_head);
         self.expire(rules);
         Ok(())
     }
@@ -62,13 +66,16 @@ impl JoinMemory {
             for slot in slots {
                 bodies.push((slot.n, decode_body(&slot.body)?));
             }
-            memory.absorb(&bodies, false, *their_ack);
+            memory.absorb(&complete_batches(bodies), false, *their_ack);
         }
         let mut bodies = Vec::new();
         for slot in own {
             bodies.push((slot.n, decode_body(&slot.body)?));
         }
-        memory.absorb(&bodies, true, acked);
+        // A batch that stopped part way leaves numbered slots: the next is numbered after them.
+        let physical_head = bodies.last().map(|(n, _)| *n);
+        memory.absorb(&complete_batches(bodies), true, acked);
+        memory.head = memory.head.max(physical_head);
         // Slots are never numbered at or below the acknowledgement: once TTL has deleted an
         // idle range's slots its acknowledgement stays, and a new batch numbered from 0 would
         // be taken as acknowledged, its outputs as sent.
@@ -78,8 +85,8 @@ impl JoinMemory {
         Ok(memory)
     }
 
-    /// Takes in a log's slots (in order). Their newest batch's pending outputs are pending here
-    /// unless the log's acknowledgement covers them.
+    /// Takes in a log's slots (in order, complete batches only). Their newest batch's pending
+    /// outputs are pending here unless the log's acknowledgement covers them.
     pub(super) fn absorb(&mut self, bodies: &[(u64, SlotBody)], own: bool, acked: Option<u64>) {
         let Some((head_n, head)) = bodies.last() else {
             return;
@@ -181,5 +188,90 @@ impl JoinMemory {
             self.unmatched.remove(&key);
         }
         self.unmatched.extend(insert);
+    }
+}
+
+/// The slots of `bodies` (in order) whose batch is complete. A batch's slots are written one by
+/// one; one whose last slot (`batch_last`) is not there stopped part way and never emitted
+/// anything, so none of its events, pending outputs or progress count: its redo decides the
+/// batch again, into the slots after it. A batch cut off at the front (the read began inside
+/// it) is complete all the same if its last slot is there.
+pub(super) fn complete_batches(bodies: Vec<(u64, SlotBody)>) -> Vec<(u64, SlotBody)> {
+    let mut out: Vec<(u64, SlotBody)> = Vec::with_capacity(bodies.len());
+    let mut group: Vec<(u64, SlotBody)> = Vec::new();
+    let flush = |group: &mut Vec<(u64, SlotBody)>, out: &mut Vec<(u64, SlotBody)>| {
+        let complete = group
+            .last()
+            .is_some_and(|(n, b)| b.batch_last.is_none_or(|last| *n == last));
+        if complete {
+            out.append(group);
+        } else {
+            group.clear();
+        }
+    };
+    for (n, body) in bodies {
+        let same = group.last().is_some_and(|(prev, b)| {
+            b.batch_first == body.batch_first && *prev + 1 == n && b.batch_last == body.batch_last
+        });
+        if !same {
+            flush(&mut group, &mut out);
+        }
+        group.push((n, body));
+    }
+    flush(&mut group, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(n: u64, first: u64, last: Option<u64>) -> (u64, SlotBody) {
+        (
+            n,
+            SlotBody {
+                v: super::super::model::SLOT_FORMAT,
+                shard: "s".into(),
+                progress: None,
+                batch_first: first,
+                batch_last: last,
+                now_ms: 0,
+                swept_ms: 0,
+                events: Vec::new(),
+                pending: Vec::new(),
+                cold_from_ms: None,
+                warm_from: None,
+            },
+        )
+    }
+
+    fn numbers(bodies: Vec<(u64, SlotBody)>) -> Vec<u64> {
+        complete_batches(bodies)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_whose_last_slot_is_missing_is_left_out_wherever_it_is() {
+        // Single-slot batches, a complete three-slot batch, a stopped one, its redo.
+        let log = vec![
+            slot(0, 0, None),
+            slot(1, 1, Some(3)),
+            slot(2, 1, Some(3)),
+            slot(3, 1, Some(3)),
+            slot(4, 4, Some(6)),
+            slot(5, 4, Some(6)),
+            slot(6, 6, Some(7)),
+            slot(7, 6, Some(7)),
+            slot(8, 8, None),
+        ];
+        assert_eq!(numbers(log.clone()), vec![0, 1, 2, 3, 6, 7, 8]);
+        // Stopped at the head: nothing of it.
+        assert_eq!(numbers(log[..6].to_vec()), vec![0, 1, 2, 3]);
+        assert_eq!(numbers(log[..2].to_vec()), vec![0]);
+        // Read from inside a batch: complete if its last slot is there.
+        assert_eq!(numbers(log[2..4].to_vec()), vec![2, 3]);
+        assert_eq!(numbers(log[5..].to_vec()), vec![6, 7, 8]);
     }
 }

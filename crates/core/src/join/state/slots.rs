@@ -44,7 +44,8 @@ pub fn decode_body(bytes: &[u8]) -> Result<SlotBody, PortError> {
 
 /// Splits what a batch writes into slot bodies of at most [`MAX_SLOT_BODY_BYTES`] compressed,
 /// numbered from `first`. Only the last slot carries the batch's final progress; every slot
-/// carries `batch_first`, so a reader takes the pending outputs of all of them.
+/// carries `batch_first`, so a reader takes the pending outputs of all of them, and, when there
+/// are several, `batch_last`, so a reader knows whether all of them were written.
 #[allow(clippy::too_many_arguments)]
 pub fn slots_for_batch(
     first: u64,
@@ -91,6 +92,7 @@ pub fn slots_for_batch(
         shard: shard.to_owned(),
         progress: progress_before.map(str::to_owned),
         batch_first: first,
+        batch_last: None,
         now_ms,
         swept_ms,
         events: Vec::new(),
@@ -101,11 +103,13 @@ pub fn slots_for_batch(
     let mut chunks = Vec::new();
     split(&items, &base, &mut chunks);
     let last = chunks.len() - 1;
+    let batch_last = (last > 0).then_some(first + last as u64);
     chunks
         .into_iter()
         .enumerate()
         .map(|(i, chunk)| {
             let mut body = body_of(chunk, &base);
+            body.batch_last = batch_last;
             if i == last {
                 body.progress = progress_after.map(str::to_owned);
             }
