@@ -46,6 +46,10 @@ pub struct Counts {
     /// Outputs the joined stream did not take before their events passed the deduplication
     /// horizon: recorded under `dead-letter/lost-output/`, never sent.
     pub outputs_lost: u64,
+    /// Times a range's memory was built from the log (a cold start, a range held for the
+    /// first time or again after the memory budget dropped it, a writer too far behind to
+    /// catch up slot by slot).
+    pub rebuilds: u64,
 }
 
 impl Counts {
@@ -83,6 +87,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
             skipped,
             evicted,
             outputs_lost,
+            rebuilds,
         } = c;
         self.records_in += records_in;
         self.user_records += user_records;
@@ -105,6 +110,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
         self.skipped += skipped;
         self.evicted += evicted;
         self.outputs_lost += outputs_lost;
+        self.rebuilds += rebuilds;
     }
 }
 
@@ -169,6 +175,7 @@ pub fn emf_line(
         ("RecordsSkipped".into(), counts.skipped),
         ("EntriesEvicted".into(), counts.evicted),
         ("OutputsLost".into(), counts.outputs_lost),
+        ("StateRebuilds".into(), counts.rebuilds),
     ];
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));

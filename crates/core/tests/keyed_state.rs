@@ -1135,3 +1135,125 @@ async fn fault_run(
     assert!(letters.letters().is_empty(), "no dead letter");
     (decode_stream(&sink.records()), log, first_failed)
 }
+
+/// A throttled slot put fails the batch and takes it back in memory; the memory stays (it
+/// used to be dropped, and every throttle cost a rebuild of the warm window from one partition
+/// key, itself the likeliest to be throttled). The redelivery is decided from the same memory:
+/// no rebuild, the pair and the forward sent once.
+#[tokio::test]
+async fn a_throttled_slot_put_keeps_the_memory_and_the_redelivery_needs_no_rebuild() {
+    let keyed = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
+    let letters = Arc::new(MemoryDeadLetterSink::default());
+    let log = Arc::new(FaultyLog::default());
+    let sink = Arc::new(MemoryRecordSink::default());
+    let router = BatchRouter::new(keyed.clone(), letters.clone(), config());
+    let joiner = KeyedJoiner::new(
+        log.clone(),
+        keyed.ranges(),
+        sink.clone(),
+        letters.clone(),
+        config(),
+    );
+    let route = |seq: u64, stream: &'static str, data: Vec<u8>| {
+        let (router, keyed) = (&router, &keyed);
+        async move {
+            let at = T0 + seq as i64 * 1_000;
+            keyed.set_clock(at);
+            let batch = vec![input(stream, seq, data, at)];
+            assert_eq!(router.process(&batch, at).await.first_failure, None);
+        }
+    };
+    route(
+        1,
+        "impressions",
+        encode_impression(&impression("imp-1", T0)),
+    )
+    .await;
+    let first = joiner.process(&keyed.read(0, 0, 100), T0 + 1_000).await;
+    assert_eq!(first.first_failure, None);
+    assert_eq!(first.counts.rebuilds, 1, "the cold start");
+    route(
+        2,
+        "clicks",
+        encode_click(&click("imp-1", "clk-1", T0 + 500)),
+    )
+    .await;
+    *log.fault.lock().unwrap() = Some((1, SlotFault::ThrottledBefore));
+    let batch = keyed.read(0, 1, 100);
+    let throttled = joiner.process(&batch, T0 + 2_000).await;
+    assert_eq!(throttled.first_failure, Some(0));
+    assert_eq!(throttled.counts.rebuilds, 0);
+    let redo = joiner.process(&batch, T0 + 3_000).await;
+    assert_eq!(redo.first_failure, None);
+    assert_eq!(redo.counts.rebuilds, 0, "the memory was kept");
+    let keys: Vec<_> = decode_stream(&sink.records())
+        .iter()
+        .map(|r| (r.key().0.to_owned(), r.key().1.to_owned(), r.recovered()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("imp-1".to_owned(), String::new(), false),
+            ("imp-1".to_owned(), "clk-1".to_owned(), false)
+        ]
+    );
+}
+
+/// An environment whose memory stopped at a slot older than the log's warm slots (another
+/// environment has since written batches and moved their entries to the cold pages) loses the
+/// fence on its next batch. It rebuilds from the warm slots instead of reading every slot
+/// since its head, which after an idle environment can be hours of them.
+#[tokio::test]
+async fn a_writer_whose_head_is_older_than_the_warm_slots_rebuilds_rather_than_reading_them_all() {
+    let mut w = World::new();
+    w.joiner.rules.evict_min_entries = 1;
+    let warm = w.joiner.rules.warm_ms;
+    let mut stale = KeyedJoiner::new(
+        w.log.clone(),
+        w.keyed.ranges(),
+        w.sink.clone(),
+        w.letters.clone(),
+        config(),
+    );
+    stale.rules.evict_min_entries = 1;
+    // The stale environment writes the first batch, then sits idle.
+    let imp = |id: &str, t: i64| ("impressions", encode_impression(&impression(id, t)));
+    let batch: Vec<InputRecord> = vec![input("impressions", 1, imp("imp-a", T0).1, T0)];
+    w.seq = 1;
+    w.keyed.set_clock(T0);
+    assert_eq!(w.router.process(&batch, T0).await.first_failure, None);
+    let first = w.keyed.read(0, 0, 100);
+    assert_eq!(stale.process(&first, T0).await.first_failure, None);
+    w.cursor = first.len();
+    // The other environment writes batches two warm windows apart (each evicts the one
+    // before), then one more (its slot records where the warm slots begin): the stale
+    // environment's next slot number is before them.
+    let mid = T0 + 2 * warm;
+    let later = mid + 2 * warm;
+    w.send(mid, vec![imp("imp-b", mid)]).await;
+    w.send(later, vec![imp("imp-c", later)]).await;
+    w.send(later + 1_000, vec![imp("imp-d", later + 1_000)])
+        .await;
+    assert!(w.log.blob_count() > 0, "entries went to the cold pages");
+    // The stale environment gets the next batch.
+    let at = later + 2_000;
+    w.keyed.set_clock(at);
+    let next = vec![input("impressions", 9, imp("imp-e", at).1, at)];
+    assert_eq!(w.router.process(&next, at).await.first_failure, None);
+    let batch = w.keyed.read(0, w.cursor, 100);
+    let report = stale.process(&batch, at).await;
+    assert_eq!(report.first_failure, None);
+    assert_eq!(report.counts.rebuilds, 1, "rebuilt, not caught up");
+    let forwarded: Vec<_> = w
+        .outputs()
+        .iter()
+        .map(|r| (r.key().0.to_owned(), r.recovered()))
+        .collect();
+    let ids = ["imp-a", "imp-b", "imp-c", "imp-d", "imp-e"];
+    assert_eq!(
+        forwarded,
+        ids.iter()
+            .map(|i| (i.to_string(), false))
+            .collect::<Vec<_>>()
+    );
+}

@@ -58,9 +58,20 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         Ok(Held { memory, maybe_sent })
     }
 
-    /// Reads what other writers added to this range's log since this memory's head.
-    pub(super) async fn catch_up(&self, held: &mut Held) -> Result<(), PortError> {
+    /// Reads what other writers added to this range's log since this memory's head. A memory
+    /// whose head is older than the log's warm slots (another writer has since moved entries
+    /// to the cold pages) is rebuilt instead: the warm slots are what a rebuild reads, and
+    /// reading every slot since a stale head could be hours of them. `Ok(true)`: rebuilt.
+    pub(super) async fn catch_up(&self, held: &mut Held) -> Result<bool, PortError> {
         let from = held.memory.head.map_or(0, |h| h + 1);
+        if let Some(last) = self.log.last(&held.memory.log).await? {
+            let warm_from = decode_body(&last.body)?.warm_from.unwrap_or(0);
+            if warm_from > from {
+                let (range, shard) = (held.memory.range, held.memory.shard().to_owned());
+                *held = self.rebuild(range, &shard).await?;
+                return Ok(true);
+            }
+        }
         let mut slots = self.log.read(&held.memory.log, from).await?;
         // A batch that spans several slots is read from its first.
         if let Some(last) = slots.last() {
@@ -76,7 +87,7 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         let known = held.memory.ledger_last(&ledger_pk(&log));
         self.read_ledger(&mut held.memory, &log, known).await?;
         held.maybe_sent = held.memory.pending().cloned().collect();
-        Ok(())
+        Ok(false)
     }
 
     /// Reads the cold pages of these lookups into memory.

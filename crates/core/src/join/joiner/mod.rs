@@ -2,8 +2,9 @@
 //! batch as one fenced log slot, then emit. See [`crate::join::state`] for the state and its fence.
 //!
 //! Failure contract: nothing is emitted before the batch's slot is written. If the slot cannot
-//! be written (a throttle, another writer took the number), the memory is dropped and the batch
-//! fails from its first record; the redelivery rebuilds the state from the log. If outputs were
+//! be written (a throttle), the batch is taken back in memory and fails from its first record;
+//! the redelivery decides it again from the same memory. If another writer took the number,
+//! the memory catches up with the log (or is rebuilt from it) and the batch is decided again. If outputs were
 //! not all accepted, they stay pending (in memory and in the log) and the batch reports its
 //! last record failed: the redelivery finds every record in the log, skips them, and emits the
 //! pending outputs again, flagged `recovered` where they may be on the stream already.
@@ -131,22 +132,33 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         let mut guard = cell.lock().await;
         self.trim_other_shards(shard, guard.as_ref().map_or(0, |h| h.memory.events()))
             .await;
+        let mut rebuilds = 0;
         if guard.as_ref().is_none_or(|h| h.memory.range != range) {
             match self.rebuild(range, shard).await {
                 Ok(h) => *guard = Some(h),
                 Err(e) => {
                     report.fail_all(records.len(), format!("rebuilding the join state: {e}"));
+                    report.counts.rebuilds = 1;
                     return report;
                 }
             }
+            rebuilds += 1;
         }
         let held = guard.as_mut().expect("just built");
-        if let Err(why) = self
-            .decide_until_written(held, records, now_ms, &mut report)
-            .await
-        {
-            *guard = None;
-            report.fail_all(records.len(), why);
+        let decided = self
+            .decide_until_written(held, records, now_ms, &mut report, &mut rebuilds)
+            .await;
+        report.counts.rebuilds = rebuilds;
+        if let Err(stop) = decided {
+            // A port error (a throttle, a timeout, a dead letter not written) is taken back
+            // and the memory kept: it holds what the log holds (a batch stopped part way
+            // leaves slots no reader takes in, and the memory's head stays at them). Only a
+            // memory that lost the fence again and again, or could not catch up, is dropped.
+            if !stop.keep_memory {
+                *guard = None;
+            }
+            report.fail_all(records.len(), stop.why);
+            report.counts.rebuilds = rebuilds;
             return report;
         }
         self.sweep_orphans(held, &mut report).await;
@@ -162,14 +174,16 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
     /// Decides the batch and writes it. Another writer may have taken the slot this
     /// environment's memory expects (Lambda does not pin a shard to an environment): the
     /// attempt is taken back, the memory catches up from the log, and the batch is decided
-    /// again, three times at most. `Err`: why the batch must be redone (the memory is stale).
+    /// again, three times at most. `Err`: why the batch must be redone, and whether the
+    /// memory (taken back to before the batch) can be kept.
     async fn decide_until_written(
         &self,
         held: &mut Held,
         records: &[InputRecord],
         now_ms: i64,
         report: &mut BatchReport,
-    ) -> Result<(), String> {
+        rebuilds: &mut u64,
+    ) -> Result<(), Stop> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -185,14 +199,35 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             held.memory.rollback();
             return Err(match abort {
                 Abort::Taken(n) if attempt < 3 => match self.catch_up(held).await {
-                    Ok(()) => continue,
-                    Err(e) => format!("catching up after slot {n} was taken: {e}"),
+                    Ok(rebuilt) => {
+                        *rebuilds += u64::from(rebuilt);
+                        continue;
+                    }
+                    Err(e) => Stop::drop(format!("catching up after slot {n} was taken: {e}")),
                 },
-                Abort::Taken(n) => {
-                    format!("log slot {n} was taken by another writer {attempt} times")
-                }
-                Abort::Port(e) => format!("batch not written, will be redone: {e}"),
+                Abort::Taken(n) => Stop::drop(format!(
+                    "log slot {n} was taken by another writer {attempt} times"
+                )),
+                Abort::Port(e) => Stop {
+                    why: format!("batch not written, will be redone: {e}"),
+                    keep_memory: true,
+                },
             });
+        }
+    }
+}
+
+/// Why a batch stopped unwritten, and whether the memory stays.
+pub(super) struct Stop {
+    why: String,
+    keep_memory: bool,
+}
+
+impl Stop {
+    fn drop(why: String) -> Self {
+        Stop {
+            why,
+            keep_memory: false,
         }
     }
 }

@@ -217,6 +217,11 @@ impl JoinMemory {
         self.cold_from_ms == i64::MIN
     }
 
+    /// The keyed-stream shard this memory writes for.
+    pub fn shard(&self) -> &str {
+        &self.shard
+    }
+
     /// The keyed-stream progress of `shard` (the last sequence number fully in the log).
     pub fn progress(&self) -> Option<&str> {
         self.progress.as_deref()
