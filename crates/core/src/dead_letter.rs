@@ -183,6 +183,53 @@ pub fn orphan(
     }
 }
 
+/// One entry for every event of one keyed-stream record refused for the same reason, keyed by
+/// that record's position (so a redo rewrites the same object) and the reason. Each element of
+/// `entries` is the [`rejected`] entry the event would have had alone. Used for refusals that
+/// come in bulk: an operator's replay of traffic older than the deduplication horizon is
+/// refused event by event, and one object per event would be hundreds of millions of PUTs. A
+/// keyed record holds one input batch's events of one state bucket (at most 64 KiB, about 200
+/// events), so this is one object per (input batch size ÷ 64) events at most: 8 at the
+/// template's 500-record batches, up to 156 at 10,000. The keyed record's position is the
+/// only key a redo is sure to rebuild with the same events: a key per batch would change with
+/// Lambda's batching and lose or repeat entries.
+pub fn rejected_group(
+    prefix: &str,
+    function: &str,
+    keyed: &SourcePosition,
+    reason: &str,
+    entries: &[DeadLetter],
+    now_ms: i64,
+) -> DeadLetter {
+    let key = format!(
+        "{prefix}{}/{}/{}/{}.{}.json",
+        key_segment(function),
+        key_segment(&keyed.stream),
+        key_segment(&keyed.shard),
+        key_segment(&keyed.sequence_number),
+        key_segment(reason)
+    );
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|l| serde_json::from_slice(&l.body).expect("a dead-letter entry is JSON"))
+        .collect();
+    let body = json!({
+        "kind": "rejected_group",
+        "function": function,
+        "reason": reason,
+        "keyed_stream": keyed.stream,
+        "keyed_shard": keyed.shard,
+        "keyed_sequence_number": keyed.sequence_number,
+        "count": entries.len(),
+        "recorded_at": format_millis(now_ms),
+        "entries": entries,
+    });
+    DeadLetter {
+        key,
+        body: body.to_string().into_bytes(),
+    }
+}
+
 /// The entry for an output the joined stream never took before its events left the join state
 /// (past the deduplication horizon): it cannot be rebuilt, so it is recorded here instead of
 /// vanishing. `click_id` is `None` for a forwarded impression.

@@ -306,11 +306,14 @@ async fn an_event_past_the_deduplication_horizon_is_dead_lettered_never_emitted(
         .collect();
     assert_eq!(forwarded, vec!["imp-ok".to_owned()]);
     let refused: Vec<serde_json::Value> = w
-        .letters_of("rejected")
+        .letters_of("rejected_group")
         .into_iter()
         .filter(|l| l["reason"] == "past_dedup_horizon")
+        .flat_map(|l| l["entries"].as_array().unwrap().clone())
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["kind"], "rejected");
+    assert_eq!(refused[0]["reason"], "past_dedup_horizon");
     assert!(refused[0]["data"].as_str().unwrap().contains("imp-old"));
 }
 
@@ -352,10 +355,11 @@ async fn a_redelivery_inside_the_horizon_is_recognised_after_a_restart_and_dynam
     assert_eq!(unflagged(&w), 1);
     assert_eq!(w.outputs().len(), sent, "nothing more was emitted");
     assert_eq!(
-        w.letters_of("rejected")
+        w.letters_of("rejected_group")
             .iter()
             .filter(|l| l["reason"] == "past_dedup_horizon")
-            .count(),
+            .map(|l| l["count"].as_u64().unwrap())
+            .sum::<u64>(),
         1
     );
 }
@@ -1255,5 +1259,67 @@ async fn a_writer_whose_head_is_older_than_the_warm_slots_rebuilds_rather_than_r
         ids.iter()
             .map(|i| (i.to_string(), false))
             .collect::<Vec<_>>()
+    );
+}
+
+/// An operator replays seven days of traffic into a stack whose horizon is 48 hours: every
+/// event is past it and refused. It used to write one S3 object per event (seven days at
+/// 1,000 events/s is about 600 million PUTs); now one per keyed record, each holding every
+/// refused event of that record with its own source position. The router packs one input
+/// batch's events of one bucket into a keyed record (at most 64 KiB), so an input batch of
+/// 3,000 events makes 64 objects, not 3,000. The redelivery rewrites the same objects.
+#[tokio::test]
+async fn a_replay_past_the_horizon_writes_one_dead_letter_per_keyed_record_not_per_event() {
+    const EVENTS: usize = 3_000;
+    let mut w = World::new();
+    let now = T0 + 200 * HOUR;
+    let old = T0;
+    let records: Vec<(&str, Vec<u8>)> = (0..EVENTS)
+        .map(|i| {
+            let imp = impression(&format!("imp-{i:05}"), old + i as i64);
+            ("impressions", encode_impression(&imp))
+        })
+        .collect();
+    w.seq = 0;
+    let batch: Vec<InputRecord> = records
+        .iter()
+        .enumerate()
+        .map(|(i, (s, d))| input(s, i as u64 + 1, d.clone(), now))
+        .collect();
+    w.keyed.set_clock(now);
+    assert_eq!(w.router.process(&batch, now).await.first_failure, None);
+    let keyed = w.keyed.read(0, 0, 10_000);
+    let report = w.joiner.process(&keyed, now).await;
+    assert_eq!(report.first_failure, None);
+    assert_eq!(report.counts.rejected_total(), EVENTS as u64);
+    let objects = w.letters.letters();
+    assert_eq!(objects.len(), keyed.len(), "one object per keyed record");
+    assert_eq!(objects.len(), 64, "one per state bucket of the input batch");
+    let mut refused = std::collections::BTreeSet::new();
+    for (key, body) in &objects {
+        assert!(key.ends_with(".past_dedup_horizon.json"), "{key}");
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["kind"], "rejected_group");
+        let entries = v["entries"].as_array().unwrap();
+        assert_eq!(v["count"].as_u64().unwrap() as usize, entries.len());
+        for e in entries {
+            assert_eq!(e["reason"], "past_dedup_horizon");
+            assert_eq!(e["stream"], "impressions");
+            refused.insert(e["sequence_number"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        EVENTS,
+        "every event once, with its source position"
+    );
+    assert!(w.outputs().is_empty());
+    // The redelivery of the same keyed batch (a fresh environment) rewrites the same objects.
+    w.joiner.forget().await;
+    let again = w.joiner.process(&keyed, now + 1_000).await;
+    assert_eq!(again.first_failure, None);
+    assert_eq!(
+        w.letters.letters().keys().collect::<Vec<_>>(),
+        objects.keys().collect::<Vec<_>>()
     );
 }

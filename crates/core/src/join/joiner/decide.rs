@@ -25,6 +25,9 @@ struct Decided {
     outputs: usize,
     /// Dead letters and late pairs, by key: a key written twice is one object.
     letters: BTreeMap<String, DeadLetter>,
+    /// Events refused past the deduplication horizon, by the keyed record that carried them:
+    /// one object per keyed record (see [`dead_letter::rejected_group`]).
+    past_horizon: Vec<(SourcePosition, Vec<DeadLetter>)>,
     /// The latest arrival the batch saw (the slots' clock).
     clock: i64,
 }
@@ -32,6 +35,16 @@ struct Decided {
 impl Decided {
     fn letter(&mut self, letter: DeadLetter) {
         self.letters.insert(letter.key.clone(), letter);
+    }
+
+    /// Turns each keyed record's events refused past the horizon into one entry.
+    fn group_past_horizon(&mut self, prefix: &str, now_ms: i64) {
+        for (keyed, entries) in std::mem::take(&mut self.past_horizon) {
+            let reason = RejectReason::PastDedupHorizon.as_str();
+            self.letter(dead_letter::rejected_group(
+                prefix, FUNCTION, &keyed, reason, &entries, now_ms,
+            ));
+        }
     }
 }
 
@@ -50,7 +63,8 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         self.load_cold_for(memory, records)
             .await
             .map_err(Abort::Port)?;
-        let decided = self.decide_batch(memory, records, now_ms, &mut report.counts);
+        let mut decided = self.decide_batch(memory, records, now_ms, &mut report.counts);
+        decided.group_past_horizon(&self.config.dead_letter_prefix, decided.clock);
         // Letters first: once the slot is written these records are never redone.
         put_all(decided.letters.values(), self.config.max_in_flight, |l| {
             self.dead_letters.put(l)
@@ -100,6 +114,7 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             events: Vec::new(),
             outputs: 0,
             letters: BTreeMap::new(),
+            past_horizon: Vec::new(),
             clock: now_ms,
         };
         for record in records {
@@ -112,8 +127,18 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             memory.advance(record_now);
             match unpack(&record.data) {
                 Ok(events) => {
+                    decided
+                        .past_horizon
+                        .push((record.position.clone(), Vec::new()));
                     for keyed in &events {
                         self.decide_event(memory, keyed, record_now, counts, &mut decided);
+                    }
+                    if decided
+                        .past_horizon
+                        .last()
+                        .is_some_and(|(_, e)| e.is_empty())
+                    {
+                        decided.past_horizon.pop();
                     }
                 }
                 Err(rejection) => {
@@ -174,6 +199,21 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             _ => {}
         }
         if let Some(rejection) = self.refusal(&step.outcome, memory.now_ms()) {
+            if step.outcome == Outcome::PastHorizon {
+                counts.reject(rejection.reason);
+                let entry = dead_letter::rejected(
+                    &self.config.dead_letter_prefix,
+                    FUNCTION,
+                    &keyed.source,
+                    &encode_event(&event),
+                    &rejection,
+                    record_now,
+                );
+                if let Some((_, entries)) = decided.past_horizon.last_mut() {
+                    entries.push(entry);
+                }
+                return;
+            }
             self.refuse(
                 &event,
                 &keyed.source,
