@@ -1323,3 +1323,40 @@ async fn a_replay_past_the_horizon_writes_one_dead_letter_per_keyed_record_not_p
         objects.keys().collect::<Vec<_>>()
     );
 }
+
+/// Two attempts at one batch, one invoked as the records arrive and one ten hours later (a
+/// stream that lags), write the same slot: its clock and its TTL come from the records'
+/// arrival on the keyed stream, never from the invocation. The invocation's clock used to be
+/// the slot's clock, which a rebuild adopts for every later decision.
+#[tokio::test]
+async fn a_batch_is_written_the_same_whatever_the_invocations_clock() {
+    let mut written = Vec::new();
+    for lag in [0, 10 * HOUR] {
+        let w = World::new();
+        let batch = vec![
+            input(
+                "impressions",
+                1,
+                encode_impression(&impression("imp-1", T0)),
+                T0,
+            ),
+            input(
+                "clicks",
+                2,
+                encode_click(&click("imp-1", "clk-1", T0 + 10)),
+                T0,
+            ),
+        ];
+        w.keyed.set_clock(T0);
+        assert_eq!(w.router.process(&batch, T0).await.first_failure, None);
+        let keyed = w.keyed.read(0, 0, 100);
+        let report = w.joiner.process(&keyed, T0 + 1_000 + lag).await;
+        assert_eq!(report.first_failure, None);
+        let logs = w.log.logs().await.unwrap();
+        let slots = w.log.read(&logs[0], 0).await.unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(decode_body(&slots[0].body).unwrap().now_ms, T0);
+        written.push(slots);
+    }
+    assert_eq!(written[0], written[1]);
+}

@@ -28,7 +28,9 @@ struct Decided {
     /// Events refused past the deduplication horizon, by the keyed record that carried them:
     /// one object per keyed record (see [`dead_letter::rejected_group`]).
     past_horizon: Vec<(SourcePosition, Vec<DeadLetter>)>,
-    /// The latest arrival the batch saw (the slots' clock).
+    /// The latest arrival the batch saw, never earlier than the memory's clock (the slots'
+    /// clock and their TTL's base). Arrival times only: the invocation's own clock would make
+    /// two attempts at one batch write different slots when the stream lags.
     clock: i64,
 }
 
@@ -64,7 +66,8 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             .await
             .map_err(Abort::Port)?;
         let mut decided = self.decide_batch(memory, records, now_ms, &mut report.counts);
-        decided.group_past_horizon(&self.config.dead_letter_prefix, decided.clock);
+        let recorded_at = decided.clock.max(0);
+        decided.group_past_horizon(&self.config.dead_letter_prefix, recorded_at);
         // Letters first: once the slot is written these records are never redone.
         put_all(decided.letters.values(), self.config.max_in_flight, |l| {
             self.dead_letters.put(l)
@@ -115,7 +118,7 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             outputs: 0,
             letters: BTreeMap::new(),
             past_horizon: Vec::new(),
-            clock: now_ms,
+            clock: memory.now_ms(),
         };
         for record in records {
             if memory.is_done(&record.position.sequence_number) {
@@ -325,7 +328,7 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             events,
             memory.pending().cloned().collect(),
             memory.cold_marks(),
-            self.ttl_epoch_s(decided.clock),
+            self.ttl_epoch_s(slot_clock),
         );
         for slot in &slots {
             match self.log.put(&memory.log, slot).await {
