@@ -1360,3 +1360,74 @@ async fn a_batch_is_written_the_same_whatever_the_invocations_clock() {
     }
     assert_eq!(written[0], written[1]);
 }
+
+/// While the joined stream takes nothing, every batch used to be decided all the same, and its
+/// outputs added to the pending ones, each pinning its entry in memory, until the environment
+/// ran out of memory. Past a quarter of the memory budget of pending outputs, a batch is
+/// refused unread (after the pending ones are tried again): nothing new is decided, the log
+/// does not grow. Once the stream takes records again, the pending outputs go first, then
+/// the refused batch is decided; every output is sent, none twice unflagged.
+#[tokio::test]
+async fn pending_outputs_past_their_bound_refuse_new_input_until_the_stream_takes_them() {
+    let mut w = World::new();
+    w.joiner.rules.max_entries = 8; // at most 2 pending
+    w.sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = w
+        .send(
+            T0,
+            vec![
+                ("impressions", encode_impression(&impression("imp-1", T0))),
+                ("clicks", encode_click(&click("imp-1", "clk-1", T0 + 10))),
+            ],
+        )
+        .await;
+    assert!(failed.is_some(), "decided and written, not sent");
+    assert_eq!(w.log.slot_count(), 1);
+    w.send(
+        T0 + 1_000,
+        vec![(
+            "impressions",
+            encode_impression(&impression("imp-2", T0 + 1_000)),
+        )],
+    )
+    .await;
+    let batch = w.keyed.read(0, w.cursor, 1000);
+    let refused = w.joiner.process(&batch, T0 + 2_000).await;
+    assert_eq!(
+        refused.first_failure,
+        Some(0),
+        "refused from its first record"
+    );
+    assert!(
+        refused.failures[&0].contains("2 joined records pending, at most 2"),
+        "{:?}",
+        refused.failures
+    );
+    assert_eq!(w.log.slot_count(), 1, "nothing new decided");
+    assert!(w.outputs().is_empty());
+    w.sink
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(w.drain(T0 + 3_000).await, None);
+    let mut keys: Vec<_> = w
+        .outputs()
+        .iter()
+        .filter(|r| !r.recovered())
+        .map(|r| (r.key().0.to_owned(), r.key().1.to_owned()))
+        .collect();
+    keys.sort();
+    let all: std::collections::BTreeSet<_> = w
+        .outputs()
+        .iter()
+        .map(|r| (r.key().0.to_owned(), r.key().1.to_owned()))
+        .collect();
+    let want = [("imp-1", ""), ("imp-1", "clk-1"), ("imp-2", "")]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()));
+    assert_eq!(all.into_iter().collect::<Vec<_>>(), want.to_vec());
+    keys.dedup();
+    assert_eq!(
+        keys.len(),
+        w.outputs().iter().filter(|r| !r.recovered()).count(),
+        "none twice unflagged"
+    );
+}

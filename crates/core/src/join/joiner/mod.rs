@@ -145,6 +145,14 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             rebuilds += 1;
         }
         let held = guard.as_mut().expect("just built");
+        if let Some(why) = self
+            .refuse_while_backlogged(held, records.len(), &mut report)
+            .await
+        {
+            report.fail_all(records.len(), why);
+            report.counts.rebuilds = rebuilds;
+            return report;
+        }
         let decided = self
             .decide_until_written(held, records, now_ms, &mut report, &mut rebuilds)
             .await;
@@ -169,6 +177,47 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             self.evict(held, &mut report).await;
         }
         report
+    }
+
+    /// The most outputs a range holds pending: a quarter of the environment's entry budget
+    /// (each pins its entry in memory).
+    fn max_pending(&self) -> usize {
+        (self.rules.max_entries / 4).max(1)
+    }
+
+    /// While the joined stream does not take the outputs already pending, and they are as many
+    /// as [`KeyedJoiner::max_pending`], no new record is decided: the pending outputs are sent
+    /// again, and if they are still too many the batch fails unread (Lambda retries it; the
+    /// shard's iterator age grows, which the template alarms on). Otherwise every batch would
+    /// add outputs that pin their entries in memory, until the environment ran out of it.
+    /// `Some(why)`: refused.
+    async fn refuse_while_backlogged(
+        &self,
+        held: &mut Held,
+        records: usize,
+        report: &mut BatchReport,
+    ) -> Option<String> {
+        let limit = self.max_pending();
+        if held.memory.pending_len() < limit {
+            return None;
+        }
+        let mut sent = BatchReport::new(records);
+        self.emit_pending(held, records, &mut sent).await;
+        report.counts.emit_retries = sent.counts.emit_retries;
+        report.counts.outputs_lost = sent.counts.outputs_lost;
+        report.counts.joined = sent.counts.joined;
+        report.counts.forwarded = sent.counts.forwarded;
+        let left = held.memory.pending_len();
+        (left >= limit).then(|| {
+            tracing::warn!(
+                pending = left,
+                max_pending = limit,
+                "the joined stream is not taking the pending outputs: no new record is decided"
+            );
+            format!(
+                "{left} joined records pending, at most {limit}: the joined stream is not taking them, so no new record is decided until it does"
+            )
+        })
     }
 
     /// Decides the batch and writes it. Another writer may have taken the slot this

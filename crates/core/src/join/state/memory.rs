@@ -245,6 +245,10 @@ impl JoinMemory {
         self.pending.iter()
     }
 
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     pub fn add_pending(&mut self, p: Pending) {
         if self.pending.insert(p.clone()) {
             if let Some(undo) = self.undo.as_mut() {
