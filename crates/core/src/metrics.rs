@@ -50,6 +50,9 @@ pub struct Counts {
     /// first time or again after the memory budget dropped it, a writer too far behind to
     /// catch up slot by slot).
     pub rebuilds: u64,
+    /// Of [`Counts::evicted`], the impression ids that left memory before their warm window
+    /// ended because the memory budget was passed.
+    pub spilled_early: u64,
 }
 
 impl Counts {
@@ -88,6 +91,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
             evicted,
             outputs_lost,
             rebuilds,
+            spilled_early,
         } = c;
         self.records_in += records_in;
         self.user_records += user_records;
@@ -111,6 +115,7 @@ impl std::ops::AddAssign<&Counts> for Counts {
         self.evicted += evicted;
         self.outputs_lost += outputs_lost;
         self.rebuilds += rebuilds;
+        self.spilled_early += spilled_early;
     }
 }
 
@@ -176,6 +181,7 @@ pub fn emf_line(
         ("EntriesEvicted".into(), counts.evicted),
         ("OutputsLost".into(), counts.outputs_lost),
         ("StateRebuilds".into(), counts.rebuilds),
+        ("EntriesSpilledEarly".into(), counts.spilled_early),
     ];
     for (reason, n) in &counts.rejected {
         values.push((format!("Rejected.{}", reason.as_str()), *n));

@@ -25,7 +25,9 @@ fn config() -> JoinerConfig {
 /// about 9 minutes ahead of their arrivals; the lead bound says 700 s, so every event after
 /// the first eviction is looked up in the pages. A negative `warm_ms` keeps the horizon with
 /// an environment budget of that many entries: a joiner moving to another shard drops the
-/// memories of the shards it held, and rebuilds them when it comes back.
+/// memories of the shards it held, and rebuilds them when it comes back, and a shard's own
+/// memory spills to the pages past the budget (every batch, with a budget of a few entries),
+/// reading back only what each batch's events need.
 fn warm<L, R, K, D>(mut joiner: KeyedJoiner<L, R, K, D>, warm_ms: i64) -> KeyedJoiner<L, R, K, D> {
     if warm_ms < 0 {
         joiner.rules.warm_ms = 0;

@@ -1431,3 +1431,69 @@ async fn pending_outputs_past_their_bound_refuse_new_input_until_the_stream_take
         "none twice unflagged"
     );
 }
+
+/// Memory is bounded by the budget, not by rate × warm window. Past `max_entries` the oldest
+/// entries leave for the cold pages before their warm window ends (counted as
+/// `EntriesSpilledEarly`), and pages read back for the batch's events bring back only what
+/// those events need, so memory stays near the budget; clicks whose impressions were spilled
+/// find them in the pages and every pair is sent. Before, the budget only dropped other
+/// shards' memories, and one busy shard's warm window grew until the environment died (here:
+/// 4,000 entries held against a budget of 300).
+#[tokio::test]
+async fn past_the_memory_budget_entries_spill_to_the_pages_early_and_every_pair_is_found() {
+    const BATCHES: i64 = 40;
+    const PER_BATCH: i64 = 100;
+    const BUDGET: usize = 300;
+    let mut w = World::new();
+    w.joiner.rules.max_entries = BUDGET;
+    let mut expected = std::collections::BTreeSet::new();
+    let (mut spilled, mut peak) = (0u64, 0usize);
+    for b in 0..BATCHES {
+        let at = T0 + b * 1_000;
+        let mut records = Vec::new();
+        for i in 0..PER_BATCH {
+            let id = format!("imp-{b:03}-{i:03}");
+            records.push(("impressions", encode_impression(&impression(&id, at + i))));
+            expected.insert((id, String::new()));
+        }
+        // Clicks on impressions of ten batches before (long spilled by then), 1 s after them.
+        if b >= 10 {
+            for i in (0..PER_BATCH).step_by(10) {
+                let id = format!("imp-{:03}-{i:03}", b - 10);
+                let c = format!("clk-{:03}-{i:03}", b - 10);
+                let t = at - 10_000 + i + 1_000;
+                records.push(("clicks", encode_click(&click(&id, &c, t))));
+                expected.insert((id, c));
+            }
+        }
+        let batch: Vec<InputRecord> = records
+            .into_iter()
+            .map(|(s, d)| {
+                w.seq += 1;
+                input(s, w.seq, d, at)
+            })
+            .collect();
+        w.keyed.set_clock(at);
+        assert_eq!(w.router.process(&batch, at).await.first_failure, None);
+        let keyed = w.keyed.read(0, w.cursor, 10_000);
+        let report = w.joiner.process(&keyed, at).await;
+        assert_eq!(report.first_failure, None, "batch {b}");
+        w.cursor += keyed.len();
+        spilled += report.counts.spilled_early;
+        peak = peak.max(w.joiner.entries_in_memory().await);
+    }
+    assert!(spilled > 0, "entries spilled early");
+    // The budget, one batch's new entries and the clicks' impressions read back, and the last
+    // pass's entries, which leave with the next slot.
+    let bound = BUDGET + 3 * PER_BATCH as usize;
+    assert!(peak <= bound, "peak {peak} entries, bound {bound}");
+    let (_, _, read_units) = w.log.usage();
+    assert!(read_units > 0.0, "the spilled impressions were read back");
+    let sent: std::collections::BTreeSet<_> = w
+        .outputs()
+        .iter()
+        .map(|r| (r.key().0.to_owned(), r.key().1.to_owned()))
+        .collect();
+    assert_eq!(sent, expected);
+    assert_eq!(w.outputs().len(), expected.len(), "each once");
+}

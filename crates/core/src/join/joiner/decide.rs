@@ -1,7 +1,7 @@
 //! Deciding a batch from memory and writing it: every event's decision, the dead letters,
 //! then the batch's log slots, whose conditional write is the fence.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::dead_letter;
 use crate::join::buckets::bucket_of;
@@ -91,6 +91,7 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             return Ok(());
         }
         let mut lookups = BTreeSet::new();
+        let mut wanted = HashSet::new();
         for record in records {
             if memory.is_done(&record.position.sequence_number) {
                 continue;
@@ -98,11 +99,15 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             for keyed in unpack(&record.data).unwrap_or_default() {
                 if let Some(event) = keyed.event() {
                     let (id, t) = (event.impression_id(), event.event_time_ms());
-                    lookups.extend(memory.lookups_for(id, t, &self.rules));
+                    let needed = memory.lookups_for(id, t, &self.rules);
+                    if !needed.is_empty() {
+                        wanted.insert(id.to_owned());
+                    }
+                    lookups.extend(needed);
                 }
             }
         }
-        self.load_cold(memory, lookups).await
+        self.load_cold(memory, lookups, &wanted).await
     }
 
     /// Decides every record of the batch not yet in the log, in order.

@@ -2,7 +2,7 @@
 //! parents'), catching up with another writer's slots, and reading cold pages and the orphan
 //! ledger.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use crate::join::buckets::BucketRange;
 use crate::join::state::{decode_body, ledger_pk, JoinMemory, Lookup, Slot};
@@ -90,16 +90,18 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
         Ok(false)
     }
 
-    /// Reads the cold pages of these lookups into memory.
+    /// Reads the cold pages of these lookups into memory: whole while memory stays within its
+    /// budget, else only the events of the `wanted` impression ids.
     pub(super) async fn load_cold(
         &self,
         memory: &mut JoinMemory,
         lookups: BTreeSet<Lookup>,
+        wanted: &HashSet<String>,
     ) -> Result<(), PortError> {
         for lookup in lookups {
             let (lo, hi) = lookup.key_span();
             let pages = self.log.blobs(&lookup.pk(), lo, hi).await?;
-            memory.absorb_pages(&lookup, &pages)?;
+            memory.absorb_pages(&lookup, &pages, wanted, self.rules.max_entries)?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! After a batch is written: clicks whose retention ended without a partner are recorded,
 //! old entries move to cold pages, and the environment keeps to its memory budget.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use crate::dead_letter;
 use crate::join::input::{BatchReport, FUNCTION};
@@ -27,7 +27,11 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
                     .lookups_for(&o.click.impression_id, o.click.event_time_ms, &rules)
             })
             .collect();
-        if let Err(e) = self.load_cold(&mut held.memory, lookups).await {
+        let wanted: HashSet<String> = candidates
+            .iter()
+            .map(|o| o.click.impression_id.clone())
+            .collect();
+        if let Err(e) = self.load_cold(&mut held.memory, lookups, &wanted).await {
             tracing::warn!(error = %e, "cold pages not read; orphans are swept with the next batch");
             return;
         }
@@ -87,6 +91,15 @@ impl<L: StateLog, R: ShardRanges, K: RecordSink, D: DeadLetterSink> KeyedJoiner<
             return;
         }
         report.counts.evicted += eviction.entries() as u64;
+        if eviction.early {
+            report.counts.spilled_early += eviction.entries() as u64;
+            tracing::info!(
+                entries = held.memory.events(),
+                max_entries = self.rules.max_entries,
+                moved = eviction.entries(),
+                "memory budget passed: entries left memory for the cold pages before their warm window ended"
+            );
+        }
         held.memory.apply_eviction(eviction);
     }
 

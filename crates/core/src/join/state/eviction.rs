@@ -21,6 +21,9 @@ pub struct Eviction {
     pub(super) ids: Vec<String>,
     pub(super) ledger: Option<((u128, String), Vec<Stored>)>,
     pub(super) newly_paged: Vec<(String, Option<String>)>,
+    /// Whether the memory budget moved the boundary ahead of the warm window: entries left
+    /// memory before their warm window ended.
+    pub early: bool,
 }
 
 impl Eviction {
@@ -88,11 +91,20 @@ impl JoinMemory {
         slot: u64,
         ttl_epoch_s: i64,
     ) -> Option<Eviction> {
-        if rules.warm_ms <= 0 || self.now_ms == i64::MIN {
+        if self.now_ms == i64::MIN {
             return None;
         }
-        let boundary = self.now_ms - rules.warm_ms;
-        let ids = self.old_entries(rules, boundary)?;
+        // A warm window of 0 keeps the horizon in memory: only the budget moves entries.
+        let by_age = if rules.warm_ms > 0 {
+            self.now_ms - rules.warm_ms
+        } else {
+            i64::MIN
+        };
+        let (boundary, early) = match self.budget_boundary(rules) {
+            Some(b) if b > by_age => (b, true),
+            _ => (by_age, false),
+        };
+        let ids = self.old_entries(rules, boundary, early)?;
         let old = self.events_before(boundary);
         let writer = self.range.lo * 100 + self.range.hi;
         let mut blobs = Vec::new();
@@ -118,13 +130,28 @@ impl JoinMemory {
             ids,
             ledger,
             newly_paged: old.newly_paged,
+            early,
         })
+    }
+
+    /// Past the memory budget (`max_entries`, the environment's), the boundary that leaves
+    /// three quarters of it in memory: the arrival of the oldest entry that stays. Memory then
+    /// holds less than the warm window, and events whose partners left it read the cold pages
+    /// (see [`JoinMemory::absorb_pages`], which keeps to the budget as well). `None` while
+    /// memory is within the budget.
+    fn budget_boundary(&self, rules: &StateRules) -> Option<i64> {
+        if self.entries.len() <= rules.max_entries {
+            return None;
+        }
+        let keep = rules.max_entries - rules.max_entries / 4;
+        let excess = self.entries.len() - keep;
+        self.by_arrival.iter().nth(excess).map(|(at, _)| *at)
     }
 
     /// The entries an eviction moves: those whose latest arrival is before `boundary` and
     /// that no pending output pins. `None` while they are fewer than the rules' minimum and
-    /// the oldest is less than two warm windows old.
-    fn old_entries(&self, rules: &StateRules, boundary: i64) -> Option<Vec<String>> {
+    /// the oldest is less than two warm windows old (unless the budget moved the boundary).
+    fn old_entries(&self, rules: &StateRules, boundary: i64, early: bool) -> Option<Vec<String>> {
         let pinned: BTreeSet<&str> = self.pending.iter().map(Pending::impression_id).collect();
         let old: Vec<&(i64, String)> = self
             .by_arrival
@@ -133,7 +160,8 @@ impl JoinMemory {
             .filter(|(_, id)| !pinned.contains(id.as_str()))
             .collect();
         let oldest = old.first()?.0;
-        if old.len() < rules.evict_min_entries.max(1) && oldest >= self.now_ms - 2 * rules.warm_ms {
+        let wait = !early && old.len() < rules.evict_min_entries.max(1);
+        if wait && oldest >= self.now_ms - 2 * rules.warm_ms {
             return None;
         }
         Some(old.iter().map(|(_, id)| id.clone()).collect())

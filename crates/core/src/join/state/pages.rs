@@ -2,7 +2,7 @@
 //! page for a busy bucket-minute, an hour page otherwise), and read back when a late event
 //! needs them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use crate::join::buckets::bucket_of;
 use crate::ports::PortError;
@@ -143,34 +143,52 @@ impl JoinMemory {
 
     /// Takes in the cold pages one lookup read. Their events are stored as they were (not as
     /// new), outside any batch's undo, and are dropped without being written again when their
-    /// entry leaves memory.
-    pub fn absorb_pages(&mut self, lookup: &Lookup, pages: &[Blob]) -> Result<(), PortError> {
-        let undo = self.undo.take();
+    /// entry leaves memory. Whole pages while memory stays within `max_entries` with them (the
+    /// lookup's windows are then known, and later events of them read nothing); past it, only
+    /// the events of the impression ids in `wanted` (those being decided), and the windows stay
+    /// unread for the next lookup. So a memory the budget already holds to less than its warm
+    /// window is not filled again by the pages of one batch.
+    pub fn absorb_pages(
+        &mut self,
+        lookup: &Lookup,
+        pages: &[Blob],
+        wanted: &HashSet<String>,
+        max_entries: usize,
+    ) -> Result<(), PortError> {
+        let mut events = Vec::new();
         for page in pages {
-            for event in decode_events(&page.body)? {
-                if !self.range.contains(bucket_of(event.impression_id())) {
-                    continue;
-                }
-                let key = (
-                    event.impression_id().to_owned(),
-                    match &event {
-                        Stored::Impression(..) => None,
-                        Stored::Click(c, _) => Some(c.click_id.clone()),
-                    },
-                );
-                let known = self.entries.get(&key.0).is_some_and(|e| match &key.1 {
-                    None => e.impression.is_some(),
-                    Some(c) => e.clicks.contains_key(c),
-                });
-                if !known {
-                    self.store(event);
-                    self.paged.insert(key);
-                }
+            events.extend(decode_events(&page.body)?);
+        }
+        let whole = self.entries.len().saturating_add(events.len()) <= max_entries;
+        let undo = self.undo.take();
+        for event in events {
+            if !self.range.contains(bucket_of(event.impression_id())) {
+                continue;
+            }
+            if !whole && !wanted.contains(event.impression_id()) {
+                continue;
+            }
+            let key = (
+                event.impression_id().to_owned(),
+                match &event {
+                    Stored::Impression(..) => None,
+                    Stored::Click(c, _) => Some(c.click_id.clone()),
+                },
+            );
+            let known = self.entries.get(&key.0).is_some_and(|e| match &key.1 {
+                None => e.impression.is_some(),
+                Some(c) => e.clicks.contains_key(c),
+            });
+            if !known {
+                self.store(event);
+                self.paged.insert(key);
             }
         }
         self.undo = undo;
-        for w in lookup.first..=lookup.last {
-            self.looked_up.insert((lookup.bucket, lookup.level, w));
+        if whole {
+            for w in lookup.first..=lookup.last {
+                self.looked_up.insert((lookup.bucket, lookup.level, w));
+            }
         }
         Ok(())
     }
