@@ -91,14 +91,15 @@ impl RecordSink for Switchable {
     }
 }
 
-type Joiner =
-    KeyedJoiner<Arc<MemoryStateLog>, FixedShardRanges, Arc<Switchable>, Arc<MemoryDeadLetterSink>>;
+type Joiner<L> = KeyedJoiner<Arc<L>, FixedShardRanges, Arc<Switchable>, Arc<MemoryDeadLetterSink>>;
 
-struct World {
+/// A router and a joiner over one keyed shard, with an in-memory log (or another `L`, such as
+/// [`FaultyLog`]).
+struct World<L: StateLog = MemoryStateLog> {
     keyed: Arc<MemoryKeyedStream>,
     router: BatchRouter<Arc<MemoryKeyedStream>, Arc<MemoryDeadLetterSink>>,
-    joiner: Joiner,
-    log: Arc<MemoryStateLog>,
+    joiner: Joiner<L>,
+    log: Arc<L>,
     sink: Arc<Switchable>,
     letters: Arc<MemoryDeadLetterSink>,
     cursor: usize,
@@ -107,9 +108,15 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        World::with_log(MemoryStateLog::default())
+    }
+}
+
+impl<L: StateLog> World<L> {
+    fn with_log(log: L) -> Self {
         let keyed = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
         let letters = Arc::new(MemoryDeadLetterSink::default());
-        let log = Arc::new(MemoryStateLog::default());
+        let log = Arc::new(log);
         let sink = Arc::new(Switchable::default());
         World {
             router: BatchRouter::new(keyed.clone(), letters.clone(), config()),
@@ -1094,18 +1101,15 @@ async fn fault_run(
     Arc<FaultyLog>,
     bool,
 ) {
-    let keyed = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
-    let letters = Arc::new(MemoryDeadLetterSink::default());
-    let log = Arc::new(FaultyLog::default());
-    let sink = Arc::new(MemoryRecordSink::default());
-    let router = BatchRouter::new(keyed.clone(), letters.clone(), config());
-    let joiner = KeyedJoiner::new(
-        log.clone(),
-        keyed.ranges(),
-        sink.clone(),
-        letters.clone(),
-        config(),
-    );
+    let World {
+        keyed,
+        letters,
+        log,
+        sink,
+        router,
+        joiner,
+        ..
+    } = World::with_log(FaultyLog::default());
     let batch: Vec<InputRecord> = records
         .iter()
         .enumerate()
@@ -1137,7 +1141,7 @@ async fn fault_run(
         "the keyed stream drained"
     );
     assert!(letters.letters().is_empty(), "no dead letter");
-    (decode_stream(&sink.records()), log, first_failed)
+    (decode_stream(&sink.inner.records()), log, first_failed)
 }
 
 /// A throttled slot put fails the batch and takes it back in memory; the memory stays (it
@@ -1146,18 +1150,14 @@ async fn fault_run(
 /// no rebuild, the pair and the forward sent once.
 #[tokio::test]
 async fn a_throttled_slot_put_keeps_the_memory_and_the_redelivery_needs_no_rebuild() {
-    let keyed = Arc::new(MemoryKeyedStream::new("keyed", 1, T0));
-    let letters = Arc::new(MemoryDeadLetterSink::default());
-    let log = Arc::new(FaultyLog::default());
-    let sink = Arc::new(MemoryRecordSink::default());
-    let router = BatchRouter::new(keyed.clone(), letters.clone(), config());
-    let joiner = KeyedJoiner::new(
-        log.clone(),
-        keyed.ranges(),
-        sink.clone(),
-        letters.clone(),
-        config(),
-    );
+    let World {
+        keyed,
+        log,
+        sink,
+        router,
+        joiner,
+        ..
+    } = World::with_log(FaultyLog::default());
     let route = |seq: u64, stream: &'static str, data: Vec<u8>| {
         let (router, keyed) = (&router, &keyed);
         async move {
@@ -1190,7 +1190,7 @@ async fn a_throttled_slot_put_keeps_the_memory_and_the_redelivery_needs_no_rebui
     let redo = joiner.process(&batch, T0 + 3_000).await;
     assert_eq!(redo.first_failure, None);
     assert_eq!(redo.counts.rebuilds, 0, "the memory was kept");
-    let keys: Vec<_> = decode_stream(&sink.records())
+    let keys: Vec<_> = decode_stream(&sink.inner.records())
         .iter()
         .map(|r| (r.key().0.to_owned(), r.key().1.to_owned(), r.recovered()))
         .collect();
